@@ -1,0 +1,27 @@
+# Two commands do everything on a fresh machine with Python 3.11:
+#   make run   - the whole system (embedded Redis + web + worker when REDIS_URL is unset)
+#   make test  - the whole test suite, against a real redis-server it starts itself
+PYTHON ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: run test worker lint clean
+
+$(STAMP): requirements.txt requirements-dev.txt
+	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) on PATH (or run: make PYTHON=python3 ...)"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet -r requirements-dev.txt
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/python server.py
+
+worker: $(STAMP)
+	$(BIN)/python worker.py
+
+test: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) data .pytest_cache

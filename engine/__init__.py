@@ -1,0 +1,1 @@
+"""The order execution engine: storage, status fan-out, execution, venues."""

@@ -1,0 +1,36 @@
+"""Redis clients, configured so that an unreachable Redis fails fast instead of hanging."""
+
+from __future__ import annotations
+
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from engine.config import Config
+
+# Errors that mean "Redis is not there right now": answered with 503 on the request
+# path, retried with a delay by the background loops.
+REDIS_DOWN_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
+
+
+def connect(url: str, config: Config, *, block_ms: int = 0) -> Redis:
+    """A client for ``url``.
+
+    ``block_ms`` is the longest blocking read (XREAD/XREADGROUP BLOCK) this client
+    makes; its socket timeout is set above it so a block is not mistaken for a dead
+    connection. redis-py 8's default socket timeout is 5 s, too long for the request
+    path and too short for nothing else, so every timeout here is explicit.
+    """
+    socket_timeout = config.redis_timeout_secs + block_ms / 1000
+    return Redis.from_url(
+        url,
+        decode_responses=True,
+        socket_timeout=socket_timeout,
+        socket_connect_timeout=min(config.redis_timeout_secs, 1.0),
+        # One quick retry rides over a dropped idle connection; more would only
+        # delay the 503. Re-sent scripts are idempotent (see engine.store).
+        retry=Retry(ExponentialBackoff(cap=0.2, base=0.05), retries=1),
+        health_check_interval=30,
+    )

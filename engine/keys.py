@@ -1,0 +1,36 @@
+"""Every Redis key and stream name the service uses, in one place."""
+
+from __future__ import annotations
+
+# Stream of accepted orders, consumed by the worker's consumer group. Never trimmed
+# by length (that could drop a pending entry); the worker XDELs entries once acked.
+ORDERS_STREAM = "orders:new"
+EXECUTORS_GROUP = "executors"
+# Entries that kept failing, with the reason; for an operator to inspect.
+DEAD_LETTER_STREAM = "orders:dead"
+# Every status message of every order, for the web processes' live fan-out.
+# Approximately trimmed (MAXLEN ~): a subscriber that misses an entry refills from
+# the order's own stream.
+EVENTS_STREAM = "orders:events"
+# Ledger of transactions sent to the simulated venues, by tx_hash.
+LEDGER_PREFIX = "ledger:"
+
+
+def order(order_id: str) -> str:
+    """Hash: request, status, seq, timestamps, tx_hash, price, reason, attempts."""
+    return f"order:{order_id}"
+
+
+def order_events(order_id: str) -> str:
+    """Stream: every status message of one order, in order (replay on connect)."""
+    return f"order:{order_id}:events"
+
+
+def idempotency(key: str) -> str:
+    """String: Idempotency-Key -> "order_id|body_hash", with a TTL."""
+    return f"idem:{key}"
+
+
+def ledger(tx_hash: str) -> str:
+    """Hash: one sent transaction of the simulated venues."""
+    return f"{LEDGER_PREFIX}{tx_hash}"

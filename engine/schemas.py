@@ -1,0 +1,120 @@
+"""The JSON Schema files in ``schemas/``: loaded and compiled once, shared by all.
+
+The files are the single source of truth for every shape the API takes or sends.
+Handlers validate requests with them, tests validate every message they receive,
+and ``GET /api/schemas/{name}`` serves them unchanged to integrators.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from jsonschema import Draft202012Validator
+from jsonschema.exceptions import ValidationError
+from referencing import Registry, Resource
+from referencing.jsonschema import DRAFT202012
+
+from engine.config import PROJECT_ROOT
+
+SCHEMA_DIR = PROJECT_ROOT / "schemas"
+
+
+class Schemas:
+    """Every schema file by name (file name without ``.json``), compiled."""
+
+    def __init__(self, directory: Path = SCHEMA_DIR) -> None:
+        self.raw: dict[str, bytes] = {}
+        documents: dict[str, Any] = {}
+        for path in sorted(directory.glob("*.json")):
+            self.raw[path.stem] = path.read_bytes()
+            documents[path.stem] = json.loads(self.raw[path.stem])
+        registry: Registry[Any] = Registry().with_resources(
+            (doc["$id"], Resource.from_contents(doc, default_specification=DRAFT202012))
+            for doc in documents.values()
+        )
+        self.documents = documents
+        self.validators = {}
+        for name, doc in documents.items():
+            Draft202012Validator.check_schema(doc)
+            self.validators[name] = Draft202012Validator(doc, registry=registry)
+
+    def is_valid(self, name: str, instance: Any) -> bool:
+        return bool(self.validators[name].is_valid(instance))
+
+    def errors(self, name: str, instance: Any) -> list[dict[str, str]]:
+        """Readable problems with ``instance``: ``[{"field", "message"}]``, [] if valid."""
+        validator = self.validators[name]
+        if validator.is_valid(instance):  # the fast path for the common case
+            return []
+        details: list[dict[str, str]] = []
+        for error in sorted(validator.iter_errors(instance), key=lambda e: list(e.path)):
+            details.extend(_describe(error))
+        # One line per field and message, in a stable order.
+        unique = {(d["field"], d["message"]): d for d in details}
+        return list(unique.values())
+
+    def tokens(self) -> list[str]:
+        """The supported token symbols, as the schema lists them."""
+        return list(self.documents["common"]["$defs"]["token"]["enum"])
+
+
+def _field(path: Iterable[Any]) -> str:
+    return ".".join(str(p) for p in path)
+
+
+def _describe(error: ValidationError) -> list[dict[str, str]]:
+    field = _field(error.absolute_path)
+    instance = error.instance
+    schema = error.schema if isinstance(error.schema, dict) else {}
+    kind = error.validator
+    if kind == "required":
+        present = instance if isinstance(instance, dict) else {}
+        return [
+            {"field": _field([*error.absolute_path, name]), "message": "is required"}
+            for name in error.validator_value
+            if name not in present
+        ]
+    if kind == "additionalProperties":
+        known = schema.get("properties", {})
+        return [
+            {"field": _field([*error.absolute_path, name]), "message": "is not a known field"}
+            for name in instance
+            if name not in known
+        ]
+    if kind == "type":
+        if not field:
+            return [{"field": "", "message": "the request body must be a JSON object"}]
+        expected = error.validator_value
+        article = "an" if str(expected)[0] in "aeiou" else "a"
+        return [{"field": field, "message": f"must be {article} {expected}"}]
+    if kind in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"):
+        return [{"field": field, "message": _range_message(schema)}]
+    if kind in ("enum", "const"):
+        allowed = error.validator_value if kind == "enum" else [error.validator_value]
+        what = f"{instance!r}" if isinstance(instance, str) else json.dumps(instance)
+        return [
+            {
+                "field": field,
+                "message": f"{what} is not supported; use one of: "
+                + ", ".join(str(a) for a in allowed),
+            }
+        ]
+    if kind == "not" and not field:
+        return [{"field": "token_out", "message": "must be different from token_in"}]
+    return [{"field": field, "message": error.message}]
+
+
+def _range_message(schema: dict[str, Any]) -> str:
+    low = schema.get("minimum", schema.get("exclusiveMinimum"))
+    high = schema.get("maximum", schema.get("exclusiveMaximum"))
+    if "minimum" in schema and "maximum" in schema:
+        return f"must be between {low} and {high}"
+    parts = []
+    if low is not None:
+        parts.append(f"{'at least' if 'minimum' in schema else 'greater than'} {low}")
+    if high is not None:
+        parts.append(f"{'at most' if 'maximum' in schema else 'less than'} {high}")
+    return "must be " + " and ".join(parts)

@@ -1,0 +1,43 @@
+"""The objects a web process owns, built once at start and handed to the handlers."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from redis.asyncio import Redis
+
+from engine.config import Config
+from engine.connections import connect
+from engine.schemas import Schemas
+from engine.store import OrderStore
+from engine.updates import StatusHub
+
+
+@dataclasses.dataclass
+class Services:
+    config: Config
+    redis: Redis
+    poll_redis: Redis
+    store: OrderStore
+    hub: StatusHub
+    schemas: Schemas
+
+    @classmethod
+    def create(cls, config: Config, redis_url: str, schemas: Schemas | None = None) -> Services:
+        """Build the services; nothing connects until first use."""
+        redis = connect(redis_url, config)
+        poll_redis = connect(redis_url, config, block_ms=config.poll_block_ms)
+        store = OrderStore(redis, config)
+        return cls(
+            config=config,
+            redis=redis,
+            poll_redis=poll_redis,
+            store=store,
+            hub=StatusHub(poll_redis, store, config),
+            schemas=schemas or Schemas(),
+        )
+
+    async def close(self) -> None:
+        await self.hub.stop()
+        await self.redis.aclose()
+        await self.poll_redis.aclose()

@@ -1,0 +1,245 @@
+"""The order store: every read and atomic write of order state in Redis.
+
+Each state change is one Lua script, so a status is checked, recorded and published
+to both event streams in a single step. Scripts are safe to run twice (redis-py may
+re-send a command after a connection error): creating an order whose hash exists, or
+moving an order to the status it already has, changes nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from collections.abc import Mapping
+from datetime import datetime, timezone
+from typing import Any, Literal
+
+from redis.asyncio import Redis
+
+from engine import keys
+from engine.config import Config
+
+PENDING = "pending"
+ROUTING = "routing"
+BUILDING = "building"
+SUBMITTED = "submitted"
+CONFIRMED = "confirmed"
+FAILED = "failed"
+
+STATUSES = (PENDING, ROUTING, BUILDING, SUBMITTED, CONFIRMED, FAILED)
+TERMINAL = frozenset({CONFIRMED, FAILED})
+# The only moves an order can make. Anything else (a replay, a retry, a second worker
+# racing the first) is refused by the transition script.
+ALLOWED: Mapping[str, frozenset[str]] = {
+    PENDING: frozenset({ROUTING, FAILED}),
+    ROUTING: frozenset({BUILDING, FAILED}),
+    BUILDING: frozenset({SUBMITTED, FAILED}),
+    SUBMITTED: frozenset({CONFIRMED, FAILED}),
+    CONFIRMED: frozenset(),
+    FAILED: frozenset(),
+}
+
+
+def _lua_allowed_table() -> str:
+    rows = []
+    for src, dests in ALLOWED.items():
+        inner = ", ".join(f"[{json.dumps(d)}]=true" for d in sorted(dests))
+        rows.append(f"[{json.dumps(src)}]={{{inner}}}")
+    return "{" + ", ".join(rows) + "}"
+
+
+# KEYS: order hash, order events, all events, orders stream, idempotency key (or any
+#       placeholder when there is none)
+# ARGV: order id, event body (JSON object without seq), now, request JSON,
+#       request hash ("" = no idempotency key), idempotency TTL, events maxlen
+_CREATE_LUA = """
+if ARGV[5] ~= '' then
+  local existing = redis.call('GET', KEYS[5])
+  if existing then
+    local sep = string.find(existing, '|', 1, true)
+    local oid = string.sub(existing, 1, sep - 1)
+    -- Same id: this is a re-sent script whose first run succeeded.
+    if oid == ARGV[1] then return {'created', oid} end
+    if string.sub(existing, sep + 1) == ARGV[5] then return {'replayed', oid} end
+    return {'conflict', oid}
+  end
+end
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  -- A re-sent script whose first run succeeded.
+  return {'created', ARGV[1]}
+end
+local data = '{"seq":1,' .. string.sub(ARGV[2], 2)
+redis.call('HSET', KEYS[1], 'id', ARGV[1], 'status', 'pending', 'seq', 1,
+           'request', ARGV[4], 'created_at', ARGV[3], 'updated_at', ARGV[3], 'attempts', 0)
+redis.call('XADD', KEYS[2], '*', 'seq', 1, 'data', data)
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[7], '*', 'id', ARGV[1], 'seq', 1, 'data', data)
+redis.call('XADD', KEYS[4], '*', 'id', ARGV[1])
+if ARGV[5] ~= '' then
+  redis.call('SET', KEYS[5], ARGV[1] .. '|' .. ARGV[5], 'EX', ARGV[6])
+end
+return {'created', ARGV[1]}
+"""
+
+# KEYS: order hash, order events, all events
+# ARGV: new status, event body (JSON object without seq), now, events maxlen,
+#       TTL for a finished order, then field/value pairs to store on the hash
+_TRANSITION_LUA = (
+    "local allowed = "
+    + _lua_allowed_table()
+    + """
+local cur = redis.call('HGET', KEYS[1], 'status')
+if not cur then return {0, ''} end
+if not allowed[cur] or not allowed[cur][ARGV[1]] then return {0, cur} end
+local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
+local data = '{"seq":' .. seq .. ',' .. string.sub(ARGV[2], 2)
+redis.call('HSET', KEYS[1], 'status', ARGV[1], 'updated_at', ARGV[3])
+if #ARGV > 5 then
+  redis.call('HSET', KEYS[1], unpack(ARGV, 6))
+end
+redis.call('XADD', KEYS[2], '*', 'seq', seq, 'data', data)
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[4], '*', 'id', redis.call('HGET', KEYS[1], 'id'),
+           'seq', seq, 'data', data)
+if next(allowed[ARGV[1]]) == nil then
+  redis.call('EXPIRE', KEYS[1], ARGV[5])
+  redis.call('EXPIRE', KEYS[2], ARGV[5])
+end
+return {1, data}
+"""
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class CreateResult:
+    order_id: str
+    outcome: Literal["created", "replayed", "conflict"]
+
+
+@dataclasses.dataclass(frozen=True)
+class TransitionResult:
+    """What the transition script did.
+
+    ``applied``: the status changed and ``event`` (JSON text) was published.
+    Otherwise ``current`` is the order's status ("" for an unknown order); when it
+    equals the requested status the step had already been taken, which callers
+    resuming after a crash treat as done.
+    """
+
+    applied: bool
+    current: str
+    event: str | None = None
+
+
+def utc_timestamp(epoch: float) -> str:
+    """ISO 8601 in UTC with milliseconds, as every message carries it."""
+    return (
+        datetime.fromtimestamp(epoch, tz=timezone.utc).isoformat(timespec="milliseconds")[:-6]
+        + "Z"
+    )
+
+
+def event_body(order_id: str, status: str, epoch: float, fields: Mapping[str, Any]) -> str:
+    """A status message without its seq (the scripts add it, atomically)."""
+    message: dict[str, Any] = {"order_id": order_id, "status": status}
+    message.update(fields)
+    message["timestamp"] = utc_timestamp(epoch)
+    return json.dumps(message, separators=(",", ":"), allow_nan=False)
+
+
+class OrderStore:
+    """Owns every order key; handlers and the worker go through it."""
+
+    def __init__(self, redis: Redis, config: Config) -> None:
+        self.redis = redis
+        self.config = config
+        self._create = redis.register_script(_CREATE_LUA)
+        self._transition = redis.register_script(_TRANSITION_LUA)
+
+    async def create(
+        self,
+        order_id: str,
+        request: Mapping[str, Any],
+        idempotency_key: str | None = None,
+    ) -> CreateResult:
+        """Store a new order, its ``pending`` event and its orders-stream entry at once.
+
+        With an idempotency key, an earlier order made with the same key is returned
+        instead (``replayed``), or ``conflict`` if its request differed.
+        """
+        now = time.time()
+        request_json = json.dumps(request, separators=(",", ":"), sort_keys=True)
+        request_hash = ""
+        idem_key = keys.order(order_id)  # a placeholder the script does not touch
+        if idempotency_key:
+            idem_key = keys.idempotency(idempotency_key)
+            request_hash = hashlib.sha256(request_json.encode()).hexdigest()
+        outcome, oid = await self._create(
+            keys=[
+                keys.order(order_id),
+                keys.order_events(order_id),
+                keys.EVENTS_STREAM,
+                keys.ORDERS_STREAM,
+                idem_key,
+            ],
+            args=[
+                order_id,
+                event_body(order_id, PENDING, now, {}),
+                repr(now),
+                request_json,
+                request_hash,
+                self.config.idempotency_ttl_secs,
+                self.config.events_maxlen,
+            ],
+        )
+        return CreateResult(order_id=oid, outcome=outcome)
+
+    async def transition(self, order_id: str, status: str, **fields: Any) -> TransitionResult:
+        """Move an order to ``status`` and publish the message, if the move is allowed.
+
+        ``fields`` go both into the message and onto the order hash (``None`` values
+        are left out).
+        """
+        if status not in ALLOWED:
+            raise ValueError(f"unknown status {status!r}")
+        now = time.time()
+        clean = {k: v for k, v in fields.items() if v is not None}
+        pairs: list[Any] = []
+        for name, value in clean.items():
+            pairs.extend((name, value if isinstance(value, str) else json.dumps(value)))
+        applied, data = await self._transition(
+            keys=[keys.order(order_id), keys.order_events(order_id), keys.EVENTS_STREAM],
+            args=[
+                status,
+                event_body(order_id, status, now, clean),
+                repr(now),
+                self.config.events_maxlen,
+                self.config.order_ttl_secs,
+                *pairs,
+            ],
+        )
+        if applied:
+            return TransitionResult(applied=True, current=status, event=data)
+        return TransitionResult(applied=False, current=data)
+
+    async def get(self, order_id: str) -> dict[str, str] | None:
+        """The order hash as stored, or None for an unknown order."""
+        data: dict[str, str] = await self.redis.hgetall(keys.order(order_id))
+        return data or None
+
+    async def exists(self, order_id: str) -> bool:
+        return bool(await self.redis.exists(keys.order(order_id)))
+
+    async def set_fields(self, order_id: str, **fields: str | int | float) -> None:
+        """Record working data on an existing order (attempts, a tx_hash before sending)."""
+        await self.redis.hset(keys.order(order_id), mapping=fields)  # type: ignore[arg-type]
+
+    async def history(self, order_id: str, after_seq: int = 0) -> list[tuple[int, str]]:
+        """Every status message of an order with seq > ``after_seq``: (seq, JSON text)."""
+        entries = await self.redis.xrange(keys.order_events(order_id))
+        out = []
+        for _entry_id, fields in entries:
+            seq = int(fields["seq"])
+            if seq > after_seq:
+                out.append((seq, fields["data"]))
+        return out

@@ -1,0 +1,199 @@
+"""Live status fan-out for one web process.
+
+One poller task reads the ``orders:events`` stream and hands each message to the
+subscriptions registered for its order. A subscription guarantees its socket sees
+every status of its order exactly once and in order, however late it joined:
+
+1. it registers first, so from then on the poller offers it every live message;
+2. it reads the order's own event stream (history) and sends what it has not sent;
+3. live messages that arrived meanwhile were buffered; those with a higher ``seq``
+   follow.
+
+Each message carries ``seq`` (1, 2, 3... per order, assigned in the same atomic step
+that wrote it), so duplicates are dropped by comparing with the last seq sent, and a
+gap (the poller fell behind an approximate trim, or Redis restarted) is repaired by
+reading the history again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+from redis.asyncio import Redis
+
+from engine import keys
+from engine.config import Config
+from engine.connections import REDIS_DOWN_ERRORS
+from engine.store import OrderStore
+
+logger = logging.getLogger(__name__)
+
+# How many stream entries one XREAD may return: large enough that a burst is drained
+# in few round trips, small enough that one batch does not hold the IOLoop for long.
+POLL_BATCH = 1000
+# Delay before the poller tries Redis again after a connection error.
+RECONNECT_DELAY_SECS = 0.5
+
+# Called with (message JSON, is_terminal) for each message to send, in order.
+Sink = Callable[[str, bool], None]
+
+_TERMINAL_MARKERS = ('"status":"confirmed"', '"status":"failed"')
+
+
+def is_terminal(data: str) -> bool:
+    """Whether a status message (as written by engine.store) ends its order."""
+    return any(marker in data for marker in _TERMINAL_MARKERS)
+
+
+class Subscription:
+    """One socket's view of one order: dedups, orders and gap-fills its messages."""
+
+    def __init__(self, hub: StatusHub, order_id: str, sink: Sink) -> None:
+        self.hub = hub
+        self.order_id = order_id
+        self.sink = sink
+        self.last_seq = 0
+        self.finished = False
+        self._syncing = False
+        self._buffer: list[tuple[int, str]] = []
+        self._repair: asyncio.Task[None] | None = None
+
+    async def sync(self) -> None:
+        """Send every message after ``last_seq`` from the order's history, then the
+        live ones that arrived meanwhile. Raises Redis errors to the caller."""
+        self._syncing = True
+        try:
+            history = await self.hub.store.history(self.order_id, self.last_seq)
+        finally:
+            # On an error the buffer is kept: the next gap triggers another refill.
+            self._syncing = False
+        for seq, data in history:
+            self._emit(seq, data)
+        buffered, self._buffer = self._buffer, []
+        for seq, data in sorted(buffered):
+            self.offer(seq, data)
+
+    def offer(self, seq: int, data: str) -> None:
+        """A live message from the poller (or the buffer)."""
+        if seq <= self.last_seq or self.finished:
+            return
+        if self._syncing:
+            self._buffer.append((seq, data))
+        elif seq == self.last_seq + 1:
+            self._emit(seq, data)
+        else:
+            # A gap: some message never reached the poller. The history has it.
+            self._buffer.append((seq, data))
+            if self._repair is None or self._repair.done():
+                self._repair = asyncio.ensure_future(self._refill())
+
+    def _emit(self, seq: int, data: str) -> None:
+        if seq != self.last_seq + 1 or self.finished:
+            return
+        self.last_seq = seq
+        terminal = is_terminal(data)
+        self.finished = terminal
+        self.sink(data, terminal)
+
+    async def _refill(self) -> None:
+        try:
+            await self.sync()
+        except REDIS_DOWN_ERRORS as exc:
+            logger.warning("could not refill order %s from its history: %s", self.order_id, exc)
+
+    def close(self) -> None:
+        self.finished = True
+        if self._repair is not None:
+            self._repair.cancel()
+        self.hub.unsubscribe(self)
+
+
+class StatusHub:
+    """The subscriber registry and the poller that feeds it (one per web process)."""
+
+    def __init__(self, redis: Redis, store: OrderStore, config: Config) -> None:
+        # ``redis`` is a client whose socket timeout exceeds the poll block time.
+        self.redis = redis
+        self.store = store
+        self.config = config
+        self._by_order: dict[str, set[Subscription]] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self.last_id = ""
+        self.delivered = 0
+
+    @property
+    def subscriber_count(self) -> int:
+        return sum(len(subs) for subs in self._by_order.values())
+
+    def subscribe(self, order_id: str, sink: Sink) -> Subscription:
+        """Register a subscription; the caller then awaits ``sync()`` on it."""
+        sub = Subscription(self, order_id, sink)
+        self._by_order.setdefault(order_id, set()).add(sub)
+        return sub
+
+    def unsubscribe(self, sub: Subscription) -> None:
+        subs = self._by_order.get(sub.order_id)
+        if subs is not None:
+            subs.discard(sub)
+            if not subs:
+                del self._by_order[sub.order_id]
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.ensure_future(self._run())
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is None:
+            return
+        # The flag as well as the cancel: redis-py can turn a cancellation that lands
+        # mid-read into a ConnectionError, which the loop would take for an outage.
+        self._stopping = True
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
+
+    async def _run(self) -> None:
+        while not self.last_id and not self._stopping:
+            try:
+                newest = await self.redis.xrevrange(keys.EVENTS_STREAM, count=1)
+                self.last_id = newest[0][0] if newest else "0-0"
+            except REDIS_DOWN_ERRORS as exc:
+                logger.warning("status poller cannot reach Redis (%s); retrying", exc)
+                await asyncio.sleep(RECONNECT_DELAY_SECS)
+        logger.info("status poller started after entry %s", self.last_id)
+        failing = False
+        while not self._stopping:
+            try:
+                batches = await self.redis.xread(
+                    {keys.EVENTS_STREAM: self.last_id},
+                    count=POLL_BATCH,
+                    block=self.config.poll_block_ms,
+                )
+            except REDIS_DOWN_ERRORS as exc:
+                if not failing:
+                    logger.warning("status poller lost Redis (%s); retrying", exc)
+                failing = True
+                await asyncio.sleep(RECONNECT_DELAY_SECS)
+                continue
+            if failing:
+                logger.info("status poller reconnected to Redis")
+                failing = False
+            for _stream, entries in batches:
+                self._dispatch(entries)
+
+    def _dispatch(self, entries: list[tuple[str, dict[str, str]]]) -> None:
+        by_order = self._by_order
+        for entry_id, fields in entries:
+            self.last_id = entry_id
+            subs = by_order.get(fields["id"])
+            if subs:
+                seq = int(fields["seq"])
+                for sub in list(subs):
+                    sub.offer(seq, fields["data"])
+                    self.delivered += 1

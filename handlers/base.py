@@ -1,0 +1,106 @@
+"""The base of every HTTP handler: JSON in, JSON out, JSON errors."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from tornado.web import HTTPError, RequestHandler
+
+from engine.connections import REDIS_DOWN_ERRORS
+from engine.services import Services
+
+from typing_extensions import override
+
+logger = logging.getLogger(__name__)
+
+# Error codes for the statuses Tornado raises by itself (unknown path, bad method...).
+_DEFAULT_CODES = {
+    400: "bad_request",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "body_too_large",
+    415: "unsupported_media_type",
+    422: "unprocessable",
+    503: "unavailable",
+}
+
+
+class APIError(HTTPError):
+    """An error answered to the client as ``{"error", "message", "details"?}``."""
+
+    def __init__(
+        self,
+        status_code: int,
+        error: str,
+        message: str,
+        details: list[dict[str, str]] | None = None,
+        **extra: Any,
+    ) -> None:
+        super().__init__(status_code, "%s: %s", error, message)
+        self.body: dict[str, Any] = {"error": error, "message": message, **extra}
+        if details:
+            self.body["details"] = details
+
+
+class APIHandler(RequestHandler):
+    """Answers JSON only; every error, expected or not, is a JSON body."""
+
+    services: Services
+
+    @override
+    def initialize(self, services: Services) -> None:
+        self.services = services
+
+    @override
+    def set_default_headers(self) -> None:
+        self.set_header("Content-Type", "application/json")
+        self.set_header("Cache-Control", "no-store")
+
+    def write_json(self, body: Any, status: int = 200) -> None:
+        self.set_status(status)
+        self.finish(json.dumps(body, separators=(",", ":")))
+
+    @override
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        exc = kwargs.get("exc_info", (None, None, None))[1]
+        if isinstance(exc, APIError):
+            body = exc.body
+        else:
+            # Tornado's own errors, and anything unexpected (logged by Tornado with its
+            # traceback): a JSON body with no internals in it.
+            code = _DEFAULT_CODES.get(
+                status_code, "internal_error" if status_code >= 500 else "error"
+            )
+            message = self._reason
+            if isinstance(exc, HTTPError) and exc.reason:
+                message = exc.reason
+            body = {"error": code, "message": message}
+        self.set_header("Content-Type", "application/json")
+        if status_code == 503:
+            self.set_header("Retry-After", "1")
+        self.finish(json.dumps(body, separators=(",", ":")))
+
+    @contextlib.asynccontextmanager
+    async def redis_guard(self) -> AsyncIterator[None]:
+        """Turn an unreachable or stalled Redis into a prompt 503 (never a hang or 500)."""
+        try:
+            async with asyncio.timeout(self.services.config.redis_timeout_secs):
+                yield
+        except (*REDIS_DOWN_ERRORS, TimeoutError) as exc:
+            logger.warning("%s %s: Redis unavailable: %s", self.request.method, self.request.path, exc)
+            raise APIError(
+                503, "unavailable", "the order store is unavailable; retry shortly"
+            ) from None
+
+
+class NotFoundHandler(APIHandler):
+    """Every path the service does not serve."""
+
+    @override
+    def prepare(self) -> None:
+        raise APIError(404, "not_found", f"no resource at {self.request.path}")

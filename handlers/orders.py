@@ -1,0 +1,133 @@
+"""POST /api/orders/execute and GET /api/orders/{order_id}."""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from typing import Any
+
+from tornado.web import stream_request_body
+
+from engine import strict_json
+from engine.store import utc_timestamp
+from handlers.base import APIError, APIHandler, override
+
+# A request body larger than this is refused with 413 before it is read in full:
+# a valid order is well under 200 bytes.
+MAX_BODY_BYTES = 16 * 1024
+# Idempotency keys: printable ASCII, as an HTTP header value can carry it.
+_IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
+ORDER_ID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+
+
+def parse_order_id(text: str) -> str | None:
+    """The canonical (lower-case) order id in ``text``, or None if it is not one."""
+    candidate = text.strip().lower()
+    return candidate if ORDER_ID.match(candidate) else None
+
+
+@stream_request_body
+class ExecuteOrderHandler(APIHandler):
+    """Accept a market order: validate it, store it and queue it for the worker."""
+
+    _chunks: list[bytes]
+    _size: int
+
+    @override
+    def prepare(self) -> None:
+        self._chunks, self._size = [], 0
+        if self.request.method != "POST":
+            return
+        content_type = self.request.headers.get("Content-Type", "application/json")
+        media_type = content_type.split(";", 1)[0].strip().lower()
+        if media_type != "application/json" and not media_type.endswith("+json"):
+            raise APIError(
+                415, "unsupported_media_type", "Content-Type must be application/json"
+            )
+        declared = self.request.headers.get("Content-Length")
+        if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+            raise APIError(
+                413, "body_too_large", f"the body must be at most {MAX_BODY_BYTES} bytes"
+            )
+
+    @override
+    def data_received(self, chunk: bytes) -> None:
+        # A chunked body has no Content-Length to check up front. Past the limit the
+        # rest is read and dropped (the server's max_body_size bounds it), then post()
+        # answers 413: an exception raised here would only drop the connection.
+        self._size += len(chunk)
+        if self._size <= MAX_BODY_BYTES:
+            self._chunks.append(chunk)
+
+    async def post(self) -> None:
+        if self._size > MAX_BODY_BYTES:
+            raise APIError(413, "body_too_large", f"the body must be at most {MAX_BODY_BYTES} bytes")
+        body = b"".join(self._chunks)
+        try:
+            order = strict_json.loads(body)
+        except strict_json.InvalidJSON as exc:
+            raise APIError(400, "invalid_json", f"the body is not valid JSON: {exc}") from None
+        schemas = self.services.schemas
+        details = schemas.errors("order_request", order)
+        if details:
+            raise APIError(400, "invalid_order", "the order is not valid", details)
+        idempotency_key = self.request.headers.get("Idempotency-Key")
+        if idempotency_key is not None and not _IDEMPOTENCY_KEY.match(idempotency_key):
+            raise APIError(
+                400,
+                "invalid_idempotency_key",
+                "Idempotency-Key must be 1 to 255 printable ASCII characters",
+            )
+        async with self.redis_guard():
+            result = await self.services.store.create(str(uuid.uuid4()), order, idempotency_key)
+        if result.outcome == "conflict":
+            raise APIError(
+                422,
+                "idempotency_key_reused",
+                "this Idempotency-Key was used for a different order",
+                order_id=result.order_id,
+            )
+        if result.outcome == "replayed":
+            self.set_header("Idempotent-Replayed", "true")
+        self.set_header("Location", f"/api/orders/{result.order_id}")
+        self.write_json({"order_id": result.order_id, "status": "pending"}, status=202)
+
+
+class OrderHandler(APIHandler):
+    """One order: its request, current state and status history."""
+
+    async def get(self, raw_id: str) -> None:
+        order_id = parse_order_id(raw_id)
+        if order_id is None:
+            raise APIError(404, "not_found", f"{raw_id[:64]!r} is not an order id")
+        async with self.redis_guard():
+            stored = await self.services.store.get(order_id)
+            history = await self.services.store.history(order_id) if stored else []
+        if stored is None:
+            raise APIError(404, "not_found", f"no order {order_id}", order_id=order_id)
+        self.write_json(order_view(order_id, stored, history))
+
+
+# Hash fields published as they are (strings) or decoded (numbers stored as JSON).
+_TEXT_FIELDS = ("venue", "tx_hash", "reason")
+_NUMBER_FIELDS = ("execution_price", "amount_out")
+
+
+def order_view(order_id: str, stored: dict[str, str], history: list[tuple[int, str]]) -> dict[str, Any]:
+    """The public shape of an order (schemas/order.json) from its stored hash."""
+    view: dict[str, Any] = {
+        "order_id": order_id,
+        "status": stored["status"],
+        "request": json.loads(stored["request"]),
+        "created_at": utc_timestamp(float(stored["created_at"])),
+        "updated_at": utc_timestamp(float(stored["updated_at"])),
+    }
+    for name in _TEXT_FIELDS:
+        if name in stored:
+            view[name] = stored[name]
+    for name in _NUMBER_FIELDS:
+        if name in stored:
+            view[name] = json.loads(stored[name])
+    view["history"] = [json.loads(data) for _seq, data in history]
+    return view

@@ -1,0 +1,131 @@
+"""Web entry point (Procfile ``web``): the order API and the status WebSocket.
+
+With ``REDIS_URL`` unset this is the whole system on one machine: it starts an
+embedded redis-server (AOF under DATA_DIR) and a worker process beside itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import subprocess
+import sys
+
+from tornado.httpserver import HTTPServer
+from tornado.web import Application
+
+from engine.config import PROJECT_ROOT, Config, ConfigError
+from engine.logs import setup_logging
+from engine.redis_server import RedisServer, RedisServerError
+from engine.services import Services
+from handlers.base import NotFoundHandler
+from handlers.health import HealthHandler, ReadyHandler
+from handlers.orders import ExecuteOrderHandler, OrderHandler
+from handlers.status import OrderStatusSocket
+
+logger = logging.getLogger("server")
+
+# WebSocket keep-alive: a ping every 20 s finds dead peers (and keeps proxies, such
+# as a Procfile host's router with its 55 s idle limit, from cutting the socket).
+WS_PING_INTERVAL_SECS = 20
+WS_PING_TIMEOUT_SECS = 20
+# The only message a client sends is an order id (36 characters).
+WS_MAX_MESSAGE_BYTES = 1024
+# Hard cap for any request body; the order endpoint enforces 16 KiB itself, as JSON.
+MAX_BODY_BYTES = 1024 * 1024
+SHUTDOWN_GRACE_SECS = 5.0
+
+
+def make_app(services: Services) -> Application:
+    """The Tornado application; no side effects (the caller starts the poller)."""
+    deps = {"services": services}
+    return Application(
+        [
+            (r"/api/orders/execute", ExecuteOrderHandler, deps),
+            (r"/api/orders/status", OrderStatusSocket, deps),
+            (r"/api/orders/([^/]+)", OrderHandler, deps),
+            (r"/healthz", HealthHandler, deps),
+            (r"/readyz", ReadyHandler, deps),
+        ],
+        default_handler_class=NotFoundHandler,
+        default_handler_args=deps,
+        websocket_ping_interval=WS_PING_INTERVAL_SECS,
+        websocket_ping_timeout=WS_PING_TIMEOUT_SECS,
+        websocket_max_message_size=WS_MAX_MESSAGE_BYTES,
+    )
+
+
+async def serve(config: Config, redis_url: str) -> None:
+    """Serve until SIGTERM or SIGINT, then shut down gracefully."""
+    services = Services.create(config, redis_url)
+    app = make_app(services)
+    server = HTTPServer(app, max_body_size=MAX_BODY_BYTES, xheaders=True)
+    server.listen(config.port, config.host)
+    services.hub.start()
+    logger.info("listening on http://%s:%s (redis %s)", config.host, config.port, redis_url)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    logger.info("shutting down")
+    server.stop()
+    try:
+        await asyncio.wait_for(server.close_all_connections(), SHUTDOWN_GRACE_SECS)
+    except TimeoutError:
+        logger.warning("connections still open after %s s; closing anyway", SHUTDOWN_GRACE_SECS)
+    await services.close()
+
+
+def start_worker(redis_url: str) -> subprocess.Popen[bytes]:
+    """Embedded mode: run worker.py beside the web process, against the same Redis."""
+    env = {**os.environ, "REDIS_URL": redis_url}
+    return subprocess.Popen([sys.executable, str(PROJECT_ROOT / "worker.py")], env=env)
+
+
+def stop_worker(proc: subprocess.Popen[bytes], grace_secs: float) -> None:
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(grace_secs + 5)
+    except subprocess.TimeoutExpired:
+        logger.warning("worker did not stop in time; killing it")
+        proc.kill()
+        proc.wait()
+
+
+def main() -> int:
+    try:
+        config = Config.from_env()
+    except ConfigError as exc:
+        print(f"server: configuration error: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(config, "web")
+    embedded: RedisServer | None = None
+    worker: subprocess.Popen[bytes] | None = None
+    redis_url = config.redis_url
+    try:
+        if redis_url is None:
+            embedded = RedisServer(config.data_dir / "redis")
+            try:
+                redis_url = embedded.start()
+            except RedisServerError as exc:
+                print(f"server: cannot start the embedded Redis: {exc}", file=sys.stderr)
+                return 1
+            logger.info("embedded mode: Redis at %s, starting a worker", redis_url)
+            worker = start_worker(redis_url)
+        asyncio.run(serve(config, redis_url))
+    finally:
+        if worker is not None:
+            stop_worker(worker, config.shutdown_grace_secs)
+        if embedded is not None:
+            embedded.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

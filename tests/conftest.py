@@ -1,0 +1,98 @@
+"""Fixtures: one real redis-server for the session, the app built by the same factory."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis as sync_redis
+from redis.asyncio import Redis
+from tornado.ioloop import IOLoop
+from tornado.web import Application
+
+from engine.config import Config
+from engine.connections import connect
+from engine.redis_server import RedisServer
+from engine.schemas import Schemas
+from engine.services import Services
+from engine.store import OrderStore
+from server import make_app
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A real redis-server on a free loopback port, for the whole session."""
+    # fsync once a second: the suite runs many writes, and no test here crashes the
+    # machine; the crash tests start their own server with appendfsync always.
+    server = RedisServer(tmp_path_factory.mktemp("redis"), appendfsync="everysec")
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def schemas() -> Schemas:
+    return Schemas()
+
+
+@pytest.fixture
+def config(redis_server: RedisServer, tmp_path: Path) -> Config:
+    """Settings for a test: the session's Redis, zero-latency, never-failing venues."""
+    return dataclasses.replace(
+        Config(),
+        redis_url=redis_server.url,
+        data_dir=tmp_path,
+        quote_latency_ms=0.0,
+        confirm_latency_min_ms=0.0,
+        confirm_latency_max_ms=0.0,
+        venue_failure_rate=0.0,
+        poll_block_ms=200,
+        claim_idle_ms=500,
+        shutdown_grace_secs=2.0,
+    )
+
+
+@pytest.fixture
+def clean_redis(redis_server: RedisServer) -> None:
+    """Every test starts from an empty database (tests run one at a time)."""
+    client = sync_redis.Redis(port=redis_server.port)
+    client.flushall()
+    client.close()
+
+
+@pytest.fixture
+def redis(config: Config, clean_redis: None, io_loop: IOLoop) -> Iterator[Redis]:
+    """An asyncio client for the test's own reads and writes."""
+    assert config.redis_url is not None
+    client = connect(config.redis_url, config)
+    yield client
+    io_loop.run_sync(client.aclose)
+
+
+@pytest.fixture
+def store(redis: Redis, config: Config) -> OrderStore:
+    return OrderStore(redis, config)
+
+
+@pytest.fixture
+def services(config: Config, clean_redis: None, schemas: Schemas, io_loop: IOLoop) -> Iterator[Services]:
+    """The web process's services, with the status poller running on the test's loop."""
+    assert config.redis_url is not None
+    services = Services.create(config, config.redis_url, schemas)
+    io_loop.run_sync(_start_hub(services))
+    yield services
+    io_loop.run_sync(services.close)
+
+
+def _start_hub(services: Services):  # type: ignore[no-untyped-def]
+    async def start() -> None:
+        services.hub.start()
+
+    return start
+
+
+@pytest.fixture
+def app(services: Services) -> Application:
+    return make_app(services)

@@ -1,0 +1,78 @@
+"""Helpers shared by the tests: waiting with a deadline, HTTP and WebSocket clients."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from tornado.httpclient import HTTPResponse
+from tornado.websocket import WebSocketClientConnection, websocket_connect
+
+VALID_ORDER: dict[str, Any] = {
+    "token_in": "SOL",
+    "token_out": "USDC",
+    "amount": 12.5,
+    "order_type": "market",
+    "max_slippage": 0.05,
+}
+
+
+async def eventually(
+    check: Callable[[], Awaitable[Any]] | Callable[[], Any],
+    timeout: float = 10.0,
+    interval: float = 0.01,
+    message: str = "condition",
+) -> Any:
+    """Poll ``check`` until it returns something truthy; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if asyncio.iscoroutine(result) or isinstance(result, asyncio.Future):
+            result = await result
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{message} not met within {timeout} s")
+        await asyncio.sleep(interval)
+
+
+async def post_order(
+    client: Any,
+    body: Any = None,
+    *,
+    raw: bytes | None = None,
+    headers: dict[str, str] | None = None,
+) -> tuple[HTTPResponse, dict[str, Any]]:
+    """POST to /api/orders/execute; returns the response and its decoded JSON body."""
+    payload = raw if raw is not None else json.dumps(VALID_ORDER if body is None else body).encode()
+    response = await client.fetch(
+        "/api/orders/execute",
+        method="POST",
+        body=payload,
+        headers={"Content-Type": "application/json", **(headers or {})},
+        raise_error=False,
+    )
+    return response, json.loads(response.body)
+
+
+async def open_socket(client: Any, headers: dict[str, str] | None = None) -> WebSocketClientConnection:
+    """A WebSocket to /api/orders/status of the test server."""
+    from tornado.httpclient import HTTPRequest
+
+    url = client.get_url("/api/orders/status").replace("http://", "ws://")
+    return await websocket_connect(HTTPRequest(url, headers=headers or {}))
+
+
+async def read_until_closed(ws: WebSocketClientConnection, timeout: float = 10.0) -> list[str]:
+    """Every message until the server closes the socket."""
+    messages = []
+    while True:
+        message = await asyncio.wait_for(ws.read_message(), timeout)
+        if message is None:
+            ws.close()  # releases the client side (else a ResourceWarning at GC)
+            return messages
+        assert isinstance(message, str)
+        messages.append(message)

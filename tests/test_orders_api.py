@@ -1,0 +1,284 @@
+"""POST /api/orders/execute and GET /api/orders/{id}: validation, storage, idempotency."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from typing import Any
+
+import pytest
+from redis.asyncio import Redis
+
+from engine import keys
+from engine.schemas import Schemas
+from tests.helpers import VALID_ORDER, post_order
+
+
+def with_(**changes: Any) -> dict[str, Any]:
+    order = dict(VALID_ORDER)
+    for name, value in changes.items():
+        if value is ...:
+            del order[name]
+        else:
+            order[name] = value
+    return order
+
+
+async def test_valid_order_is_accepted_stored_and_queued(
+    http_server_client: Any, redis: Redis, schemas: Schemas
+) -> None:
+    response, body = await post_order(http_server_client)
+    assert response.code == 202
+    assert schemas.errors("order_accepted", body) == []
+    order_id = body["order_id"]
+    assert uuid.UUID(order_id).version == 4
+    assert response.headers["Location"] == f"/api/orders/{order_id}"
+    assert response.headers["Content-Type"] == "application/json"
+
+    stored = await redis.hgetall(keys.order(order_id))
+    assert stored["status"] == "pending"
+    assert json.loads(stored["request"]) == VALID_ORDER
+    queued = await redis.xrange(keys.ORDERS_STREAM)
+    assert [fields["id"] for _id, fields in queued] == [order_id]
+    events = await redis.xrange(keys.order_events(order_id))
+    assert len(events) == 1
+    first = json.loads(events[0][1]["data"])
+    assert first["status"] == "pending" and first["seq"] == 1
+    assert schemas.errors("status_message", first) == []
+
+
+@pytest.mark.parametrize("slippage", [0.01, 0.5, 0.25])
+async def test_slippage_bounds_are_inclusive(http_server_client: Any, slippage: float) -> None:
+    response, _ = await post_order(http_server_client, with_(max_slippage=slippage))
+    assert response.code == 202
+
+
+@pytest.mark.parametrize(
+    ("order", "field", "fragment"),
+    [
+        (with_(max_slippage=0.009), "max_slippage", "must be between 0.01 and 0.5"),
+        (with_(max_slippage=0.51), "max_slippage", "must be between 0.01 and 0.5"),
+        (with_(max_slippage=-1), "max_slippage", "must be between 0.01 and 0.5"),
+        (with_(max_slippage="0.05"), "max_slippage", "must be a number"),
+        (with_(max_slippage=...), "max_slippage", "is required"),
+        (with_(amount=0), "amount", "greater than 0"),
+        (with_(amount=-3), "amount", "greater than 0"),
+        (with_(amount=1e10), "amount", "at most 1000000000"),
+        (with_(amount=True), "amount", "must be a number"),
+        (with_(amount=None), "amount", "must be a number"),
+        (with_(amount="12.5"), "amount", "must be a number"),
+        (with_(amount=...), "amount", "is required"),
+        (with_(token_in="DOGE"), "token_in", "'DOGE' is not supported"),
+        (with_(token_out="usdc"), "token_out", "'usdc' is not supported"),
+        (with_(token_in=7), "token_in", "must be a string"),
+        (with_(token_out="SOL"), "token_out", "must be different from token_in"),
+        (with_(token_in=...), "token_in", "is required"),
+        (with_(order_type="limit"), "order_type", "'limit' is not supported; use one of: market"),
+        (with_(order_type="sniper"), "order_type", "not supported"),
+        (with_(order_type=...), "order_type", "is required"),
+        (with_(price=220), "price", "is not a known field"),
+    ],
+)
+async def test_invalid_order_is_a_400_naming_the_field(
+    http_server_client: Any, redis: Redis, schemas: Schemas, order: Any, field: str, fragment: str
+) -> None:
+    response, body = await post_order(http_server_client, order)
+    assert response.code == 400
+    assert schemas.errors("error", body) == []
+    assert body["error"] == "invalid_order"
+    matching = [d for d in body["details"] if d["field"] == field]
+    assert matching, body
+    assert any(fragment in d["message"] for d in matching), body
+    assert await redis.xlen(keys.ORDERS_STREAM) == 0
+
+
+@pytest.mark.parametrize(
+    ("raw", "fragment"),
+    [
+        (b'{"token_in":"SOL","token_out":"USDC","amount":NaN,"order_type":"market","max_slippage":0.05}', "NaN"),
+        (b'{"token_in":"SOL","token_out":"USDC","amount":Infinity,"order_type":"market","max_slippage":0.05}', "Infinity"),
+        (b'{"token_in":"SOL","token_out":"USDC","amount":-Infinity,"order_type":"market","max_slippage":0.05}', "Infinity"),
+        (b'{"token_in":"SOL","token_out":"USDC","amount":1e999,"order_type":"market","max_slippage":0.05}', "too large"),
+        (b'{"token_in":"SOL","token_in":"BONK","token_out":"USDC","amount":1,"order_type":"market","max_slippage":0.05}', "duplicate key 'token_in'"),
+        (b'{"token_in":"SOL"', "Expecting"),
+        (b"", "Expecting value"),
+        (b"\xff\xfe{}", "UTF-8"),
+        (b'{"token_in":"SOL\xc3"}', "UTF-8"),
+        (b"\xef\xbb\xbf{}", "byte order mark"),
+        (b"1" * 5000, "could not be decoded"),
+        (b"[" * 5000 + b"]" * 5000, "could not be decoded"),
+    ],
+)
+async def test_bodies_that_are_not_strict_json_are_400(
+    http_server_client: Any, schemas: Schemas, raw: bytes, fragment: str
+) -> None:
+    response, body = await post_order(http_server_client, raw=raw)
+    assert response.code == 400, body
+    assert body["error"] == "invalid_json"
+    assert fragment in body["message"]
+    assert schemas.errors("error", body) == []
+
+
+@pytest.mark.parametrize("document", [[VALID_ORDER], "SOL", 12.5, None, True])
+async def test_non_object_bodies_are_400(http_server_client: Any, document: Any) -> None:
+    response, body = await post_order(http_server_client, raw=json.dumps(document).encode())
+    assert response.code == 400
+    assert body["error"] == "invalid_order"
+    assert body["details"] == [{"field": "", "message": "the request body must be a JSON object"}]
+
+
+async def test_large_integers_are_range_checked_not_crashed(http_server_client: Any) -> None:
+    raw = json.dumps(with_(amount=1)).replace('"amount": 1', '"amount": ' + "9" * 400).encode()
+    response, body = await post_order(http_server_client, raw=raw)
+    assert response.code == 400
+    assert body["details"][0]["field"] == "amount"
+
+
+async def test_body_over_16_kib_is_413(http_server_client: Any, redis: Redis) -> None:
+    padded = json.dumps(VALID_ORDER) + " " * (16 * 1024)
+    response, body = await post_order(http_server_client, raw=padded.encode())
+    assert response.code == 413
+    assert body["error"] == "body_too_large"
+    assert await redis.xlen(keys.ORDERS_STREAM) == 0
+
+
+async def test_body_of_exactly_16_kib_is_read(http_server_client: Any) -> None:
+    text = json.dumps(VALID_ORDER)
+    padded = text + " " * (16 * 1024 - len(text))
+    response, _ = await post_order(http_server_client, raw=padded.encode())
+    assert response.code == 202
+
+
+async def test_chunked_body_over_the_limit_is_413(http_server_client: Any) -> None:
+    async def produce(write: Any) -> None:
+        for _ in range(20):
+            await write(b" " * 1024)
+
+    response = await http_server_client.fetch(
+        "/api/orders/execute",
+        method="POST",
+        body_producer=produce,
+        headers={"Content-Type": "application/json"},
+        raise_error=False,
+    )
+    assert response.code == 413
+    assert json.loads(response.body)["error"] == "body_too_large"
+
+
+@pytest.mark.parametrize(
+    "content_type", ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x"]
+)
+async def test_non_json_content_type_is_415(http_server_client: Any, content_type: str) -> None:
+    response, body = await post_order(http_server_client, headers={"Content-Type": content_type})
+    assert response.code == 415
+    assert body["error"] == "unsupported_media_type"
+
+
+async def test_json_content_type_with_charset_is_accepted(http_server_client: Any) -> None:
+    response, _ = await post_order(
+        http_server_client, headers={"Content-Type": "application/json; charset=utf-8"}
+    )
+    assert response.code == 202
+
+
+async def test_same_idempotency_key_and_body_returns_the_same_order(
+    http_server_client: Any, redis: Redis
+) -> None:
+    headers = {"Idempotency-Key": "client-42"}
+    first, body1 = await post_order(http_server_client, headers=headers)
+    # The same order, its keys in another order: the same request.
+    reordered = dict(reversed(list(VALID_ORDER.items())))
+    second, body2 = await post_order(http_server_client, reordered, headers=headers)
+    assert first.code == second.code == 202
+    assert body1 == body2
+    assert second.headers.get("Idempotent-Replayed") == "true"
+    assert "Idempotent-Replayed" not in first.headers
+    assert await redis.xlen(keys.ORDERS_STREAM) == 1
+    assert 0 < await redis.ttl(keys.idempotency("client-42")) <= 24 * 3600
+
+
+async def test_same_idempotency_key_with_another_body_is_422(
+    http_server_client: Any, redis: Redis
+) -> None:
+    headers = {"Idempotency-Key": "client-43"}
+    first, body1 = await post_order(http_server_client, headers=headers)
+    second, body2 = await post_order(http_server_client, with_(amount=99), headers=headers)
+    assert second.code == 422
+    assert body2["error"] == "idempotency_key_reused"
+    assert body2["order_id"] == body1["order_id"]
+    assert await redis.xlen(keys.ORDERS_STREAM) == 1
+
+
+async def test_concurrent_duplicates_create_exactly_one_order(
+    http_server_client: Any, redis: Redis
+) -> None:
+    headers = {"Idempotency-Key": "burst-1"}
+    results = await asyncio.gather(
+        *(post_order(http_server_client, headers=headers) for _ in range(25))
+    )
+    assert {response.code for response, _ in results} == {202}
+    assert len({body["order_id"] for _, body in results}) == 1
+    assert await redis.xlen(keys.ORDERS_STREAM) == 1
+    assert len(await redis.keys("order:*:events")) == 1
+
+
+@pytest.mark.parametrize("key", ["", "x" * 256, "has space", "caf\u00e9"])
+async def test_malformed_idempotency_key_is_400(http_server_client: Any, key: str) -> None:
+    response = await http_server_client.fetch(
+        "/api/orders/execute",
+        method="POST",
+        body=json.dumps(VALID_ORDER).encode(),
+        headers={"Content-Type": "application/json", "Idempotency-Key": key},
+        raise_error=False,
+    )
+    assert response.code == 400
+    assert json.loads(response.body)["error"] == "invalid_idempotency_key"
+
+
+async def test_get_order_returns_state_and_history(
+    http_server_client: Any, schemas: Schemas
+) -> None:
+    _, accepted = await post_order(http_server_client)
+    response = await http_server_client.fetch(f"/api/orders/{accepted['order_id']}")
+    body = json.loads(response.body)
+    assert response.code == 200
+    assert schemas.errors("order", body) == []
+    assert body["order_id"] == accepted["order_id"]
+    assert body["status"] == "pending"
+    assert body["request"] == VALID_ORDER
+    assert [m["status"] for m in body["history"]] == ["pending"]
+
+
+@pytest.mark.parametrize("path", [f"/api/orders/{uuid.uuid4()}", "/api/orders/not-an-id"])
+async def test_get_unknown_order_is_404_json(http_server_client: Any, path: str) -> None:
+    response = await http_server_client.fetch(path, raise_error=False)
+    assert response.code == 404
+    assert json.loads(response.body)["error"] == "not_found"
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "code"),
+    [
+        ("GET", "/nowhere", 404),
+        ("GET", "/api/orders/execute", 405),
+        ("PUT", "/api/orders/execute", 405),
+        ("DELETE", "/healthz", 405),
+    ],
+)
+async def test_unknown_paths_and_methods_are_json(
+    http_server_client: Any, schemas: Schemas, method: str, path: str, code: int
+) -> None:
+    body = b"{}" if method in ("PUT", "POST") else None
+    response = await http_server_client.fetch(path, method=method, body=body, raise_error=False)
+    assert response.code == code
+    payload = json.loads(response.body)
+    assert schemas.errors("error", payload) == []
+    assert response.headers["Content-Type"] == "application/json"
+
+
+async def test_health_and_readiness(http_server_client: Any) -> None:
+    health = await http_server_client.fetch("/healthz")
+    ready = await http_server_client.fetch("/readyz")
+    assert json.loads(health.body) == {"status": "ok"}
+    assert json.loads(ready.body) == {"status": "ready"}

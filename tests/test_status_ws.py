@@ -1,0 +1,317 @@
+"""WebSocket /api/orders/status: replay, live fan-out, exactly-once ordering, closes."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import os
+import signal
+import time
+import uuid
+from typing import Any
+
+import pytest
+from tornado.httpclient import HTTPClientError
+from tornado.ioloop import IOLoop
+from tornado.websocket import WebSocketClientConnection
+
+from engine.config import Config
+from engine.redis_server import RedisServer, free_port
+from engine.schemas import Schemas
+from engine.services import Services
+from engine.store import OrderStore
+from engine.updates import Subscription
+from server import make_app
+from tests.helpers import eventually, open_socket, post_order, read_until_closed
+
+TX = "0x" + "ab" * 32
+
+
+async def drive_to_confirmed(store: OrderStore, order_id: str, start: int = 0) -> None:
+    """The worker's path, through the same transition step the worker uses."""
+    steps: list[tuple[str, dict[str, Any]]] = [
+        ("routing", {"venue": "raydium", "quoted_price": 220.1}),
+        ("building", {"min_amount_out": 2600.0}),
+        ("submitted", {"tx_hash": TX}),
+        ("confirmed", {"tx_hash": TX, "execution_price": 220.45, "amount_out": 2755.6}),
+    ]
+    for status, fields in steps[start:]:
+        result = await store.transition(order_id, status, **fields)
+        assert result.applied, (status, result)
+
+
+def statuses(messages: list[str], schemas: Schemas) -> list[str]:
+    decoded = [json.loads(m) for m in messages]
+    for message in decoded:
+        assert schemas.errors("status_message", message) == [], message
+    assert [m["seq"] for m in decoded] == list(range(1, len(decoded) + 1))
+    return [m["status"] for m in decoded]
+
+
+async def subscribe(client: Any, order_id: str) -> WebSocketClientConnection:
+    ws = await open_socket(client)
+    await ws.write_message(order_id)
+    return ws
+
+
+async def test_late_subscriber_gets_history_then_live_then_close(
+    http_server_client: Any, services: Services, schemas: Schemas
+) -> None:
+    _, accepted = await post_order(http_server_client)
+    order_id = accepted["order_id"]
+    await drive_to_confirmed(services.store, order_id)  # everything happens before
+    ws = await subscribe(http_server_client, order_id)
+    messages = await read_until_closed(ws)
+    assert statuses(messages, schemas) == ["pending", "routing", "building", "submitted", "confirmed"]
+    assert ws.close_code == 1000
+    final = json.loads(messages[-1])
+    assert final["tx_hash"] == TX and final["execution_price"] == 220.45
+    assert services.hub.subscriber_count == 0
+
+
+async def test_two_live_subscribers_see_every_status_once_in_order(
+    http_server_client: Any, services: Services, schemas: Schemas
+) -> None:
+    _, accepted = await post_order(http_server_client)
+    order_id = accepted["order_id"]
+    first = await subscribe(http_server_client, order_id)
+    second = await subscribe(http_server_client, order_id)
+    # Both have received the replayed "pending" before anything else happens.
+    for ws in (first, second):
+        assert json.loads(await asyncio.wait_for(ws.read_message(), 5))["status"] == "pending"
+    assert services.hub.subscriber_count == 2
+    await drive_to_confirmed(services.store, order_id)
+    for ws in (first, second):
+        rest = await read_until_closed(ws)
+        assert [json.loads(m)["status"] for m in rest] == ["routing", "building", "submitted", "confirmed"]
+        assert [json.loads(m)["seq"] for m in rest] == [2, 3, 4, 5]
+        for m in rest:
+            assert schemas.errors("status_message", json.loads(m)) == []
+        assert ws.close_code == 1000
+    await eventually(lambda: services.hub.subscriber_count == 0, message="subscribers removed")
+
+
+@pytest.mark.parametrize("history_includes_new_events", [False, True])
+async def test_events_arriving_while_history_is_read_are_sent_exactly_once(
+    http_server_client: Any,
+    services: Services,
+    schemas: Schemas,
+    monkeypatch: pytest.MonkeyPatch,
+    history_includes_new_events: bool,
+) -> None:
+    _, accepted = await post_order(http_server_client)
+    order_id = accepted["order_id"]
+    store = services.store
+    real_history = store.history
+
+    async def racing_history(oid: str, after_seq: int = 0) -> list[tuple[int, str]]:
+        # Read the history, then let two transitions land and reach the poller
+        # before the subscription has sent anything.
+        before = await real_history(oid, after_seq)
+        delivered = services.hub.delivered
+        await store.transition(oid, "routing", venue="meteora", quoted_price=219.9)
+        await store.transition(oid, "building", min_amount_out=2600.0)
+        await eventually(lambda: services.hub.delivered >= delivered + 2, message="poller")
+        if history_includes_new_events:
+            return await real_history(oid, after_seq)
+        return before
+
+    monkeypatch.setattr(store, "history", racing_history)
+    ws = await subscribe(http_server_client, order_id)
+    first_three = [await asyncio.wait_for(ws.read_message(), 5) for _ in range(3)]
+    monkeypatch.setattr(store, "history", real_history)
+    await drive_to_confirmed(store, order_id, start=2)
+    rest = await read_until_closed(ws)
+    assert statuses([*first_three, *rest], schemas) == [  # type: ignore[list-item]
+        "pending", "routing", "building", "submitted", "confirmed"
+    ]
+
+
+async def test_a_gap_in_live_messages_is_refilled_from_history(
+    http_server_client: Any, services: Services
+) -> None:
+    _, accepted = await post_order(http_server_client)
+    order_id = accepted["order_id"]
+    await drive_to_confirmed(services.store, order_id)
+    history = await services.store.history(order_id)
+    received: list[tuple[str, bool]] = []
+    # Not registered with the hub: this test plays a poller that lost seq 1 and 2.
+    sub = Subscription(services.hub, order_id, lambda data, end: received.append((data, end)))
+    sub.offer(*history[2])
+    sub.offer(*history[2])  # a duplicate while the refill runs
+    await eventually(lambda: len(received) == 5, message="gap refilled")
+    assert [json.loads(m)["seq"] for m, _ in received] == [1, 2, 3, 4, 5]
+    assert [end for _, end in received] == [False, False, False, False, True]
+    sub.offer(*history[4])  # after the end, nothing more is sent
+    assert len(received) == 5
+
+
+@pytest.mark.parametrize(
+    "first_message", ["not-a-uuid", "", "12345678-1234-1234-1234-1234567890123", "x" * 1000]
+)
+async def test_malformed_order_id_gets_error_then_close_4400(
+    http_server_client: Any, schemas: Schemas, first_message: str
+) -> None:
+    ws = await subscribe(http_server_client, first_message)
+    messages = await read_until_closed(ws)
+    assert len(messages) == 1
+    error = json.loads(messages[0])
+    assert schemas.errors("error", error) == []
+    assert error["error"] == "invalid_order_id"
+    assert ws.close_code == 4400
+
+
+async def test_binary_first_message_is_refused(http_server_client: Any) -> None:
+    ws = await open_socket(http_server_client)
+    await ws.write_message(str(uuid.uuid4()).encode(), binary=True)
+    messages = await read_until_closed(ws)
+    assert json.loads(messages[0])["error"] == "invalid_order_id"
+    assert ws.close_code == 4400
+
+
+async def test_unknown_order_gets_error_then_close_4404(
+    http_server_client: Any, services: Services
+) -> None:
+    order_id = str(uuid.uuid4())
+    ws = await subscribe(http_server_client, order_id.upper())  # ids are case-insensitive
+    messages = await read_until_closed(ws)
+    error = json.loads(messages[0])
+    assert error["error"] == "not_found" and error["order_id"] == order_id
+    assert ws.close_code == 4404
+    assert services.hub.subscriber_count == 0
+
+
+async def test_oversized_first_message_closes_1009(http_server_client: Any) -> None:
+    ws = await open_socket(http_server_client)
+    await ws.write_message("x" * 4096)
+    assert await read_until_closed(ws) == []
+    assert ws.close_code == 1009
+
+
+async def test_silence_after_connect_closes_the_socket(
+    http_server_client: Any, services: Services, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(
+        services, "config", dataclasses.replace(services.config, ws_first_message_timeout_secs=0.2)
+    )
+    ws = await open_socket(http_server_client)
+    messages = await read_until_closed(ws, timeout=5)
+    assert json.loads(messages[0])["error"] == "timeout"
+    assert ws.close_code == 4408
+
+
+async def test_messages_after_the_order_id_are_ignored(
+    http_server_client: Any, services: Services
+) -> None:
+    _, accepted = await post_order(http_server_client)
+    ws = await subscribe(http_server_client, accepted["order_id"])
+    await ws.write_message(str(uuid.uuid4()))
+    assert json.loads(await asyncio.wait_for(ws.read_message(), 5))["status"] == "pending"
+    await drive_to_confirmed(services.store, accepted["order_id"])
+    rest = await read_until_closed(ws)
+    assert [json.loads(m)["order_id"] for m in rest] == [accepted["order_id"]] * 4
+
+
+async def test_closing_the_socket_unregisters_the_subscriber(
+    http_server_client: Any, services: Services
+) -> None:
+    _, accepted = await post_order(http_server_client)
+    ws = await subscribe(http_server_client, accepted["order_id"])
+    await asyncio.wait_for(ws.read_message(), 5)
+    assert services.hub.subscriber_count == 1
+    ws.close()
+    await eventually(lambda: services.hub.subscriber_count == 0, message="unsubscribed")
+
+
+@pytest.mark.parametrize(
+    ("origin", "allowed"),
+    [
+        ("https://evil.example", False),
+        ("https://app.example", True),
+        ("SAME", True),
+    ],
+)
+async def test_origin_allow_list(
+    http_server_client: Any,
+    services: Services,
+    monkeypatch: pytest.MonkeyPatch,
+    origin: str,
+    allowed: bool,
+) -> None:
+    monkeypatch.setattr(
+        services,
+        "config",
+        dataclasses.replace(services.config, allowed_origins=("https://app.example",)),
+    )
+    if origin == "SAME":
+        origin = http_server_client.get_url("")
+    if allowed:
+        ws = await open_socket(http_server_client, headers={"Origin": origin})
+        ws.close()
+    else:
+        with pytest.raises(HTTPClientError) as refused:
+            await open_socket(http_server_client, headers={"Origin": origin})
+        assert refused.value.code == 403
+
+
+@pytest.fixture
+def lonely_redis(tmp_path: Any) -> Any:
+    """A redis-server of the test's own, to stop and freeze."""
+    server = RedisServer(tmp_path / "lonely", appendfsync="no")
+    server.start()
+    yield server
+    if server.process is not None:
+        os.kill(server.process.pid, signal.SIGCONT)
+    server.stop()
+
+
+def services_for(url: str, config: Config, schemas: Schemas) -> Services:
+    return Services.create(dataclasses.replace(config, redis_url=url), url, schemas)
+
+
+@pytest.mark.parametrize("fault", ["refused", "frozen"])
+async def test_redis_unavailable_gives_503_json_promptly(
+    lonely_redis: RedisServer, config: Config, schemas: Schemas, fault: str, io_loop: IOLoop
+) -> None:
+    from tornado.httpserver import HTTPServer
+    from tornado.testing import bind_unused_port
+
+    url = f"redis://127.0.0.1:{free_port()}/0" if fault == "refused" else lonely_redis.url
+    services = services_for(url, config, schemas)
+    sock, port = bind_unused_port()
+    server = HTTPServer(make_app(services))
+    server.add_sockets([sock])
+    if fault == "frozen":
+        assert lonely_redis.process is not None
+        os.kill(lonely_redis.process.pid, signal.SIGSTOP)
+    try:
+
+        class Client:
+            def __init__(self) -> None:
+                from tornado.httpclient import AsyncHTTPClient
+
+                self.http = AsyncHTTPClient()
+
+            async def fetch(self, path: str, **kw: Any) -> Any:
+                return await self.http.fetch(f"http://127.0.0.1:{port}{path}", **kw)
+
+        client = Client()
+        started = time.monotonic()
+        response, body = await post_order(client)
+        elapsed = time.monotonic() - started
+        assert response.code == 503
+        assert body["error"] == "unavailable"
+        assert response.headers["Retry-After"] == "1"
+        assert schemas.errors("error", body) == []
+        # "Promptly": bounded by the configured Redis timeout, not redis-py's 5 s.
+        assert elapsed < config.redis_timeout_secs + 1.0
+        ready = await client.fetch("/readyz", raise_error=False)
+        assert ready.code == 503
+        health = await client.fetch("/healthz", raise_error=False)
+        assert health.code == 200
+    finally:
+        server.stop()
+        if fault == "frozen" and lonely_redis.process is not None:
+            os.kill(lonely_redis.process.pid, signal.SIGCONT)
+        await services.close()
