@@ -18,7 +18,7 @@ from tornado.web import Application
 
 from engine.config import PROJECT_ROOT, Config, ConfigError
 from engine.logs import setup_logging
-from engine.redis_server import RedisServer, RedisServerError
+from engine.redis_server import RedisServer, RedisServerError, die_with_parent
 from engine.services import Services
 from handlers.base import NotFoundHandler
 from handlers.health import HealthHandler, ReadyHandler
@@ -83,7 +83,14 @@ async def serve(config: Config, redis_url: str) -> None:
 def start_worker(redis_url: str) -> subprocess.Popen[bytes]:
     """Embedded mode: run worker.py beside the web process, against the same Redis."""
     env = {**os.environ, "REDIS_URL": redis_url}
-    return subprocess.Popen([sys.executable, str(PROJECT_ROOT / "worker.py")], env=env)
+    # Its own session: a Ctrl-C in the terminal reaches only this process, which then
+    # stops the worker (gracefully) before Redis.
+    return subprocess.Popen(
+        [sys.executable, str(PROJECT_ROOT / "worker.py")],
+        env=env,
+        start_new_session=True,
+        preexec_fn=die_with_parent,
+    )
 
 
 def stop_worker(proc: subprocess.Popen[bytes], grace_secs: float) -> None:

