@@ -1,0 +1,91 @@
+"""The atomic store: creation, transitions, idempotent re-sends, history."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import pytest
+from redis.asyncio import Redis
+
+from engine import keys
+from engine.schemas import Schemas
+from engine.store import ALLOWED, OrderStore
+from tests.helpers import VALID_ORDER
+
+
+async def new_order(store: OrderStore) -> str:
+    order_id = str(uuid.uuid4())
+    assert (await store.create(order_id, VALID_ORDER)).outcome == "created"
+    return order_id
+
+
+async def test_a_resent_create_makes_no_second_order(store: OrderStore, redis: Redis) -> None:
+    order_id = await new_order(store)
+    # What a redis-py retry after a lost reply does: the same script, the same id.
+    again = await store.create(order_id, VALID_ORDER)
+    assert again.outcome == "created" and again.order_id == order_id
+    assert await redis.xlen(keys.ORDERS_STREAM) == 1
+    assert await redis.xlen(keys.order_events(order_id)) == 1
+    assert await redis.xlen(keys.EVENTS_STREAM) == 1
+
+
+async def test_a_resent_create_with_idempotency_key_is_not_a_conflict(store: OrderStore, redis: Redis) -> None:
+    order_id = str(uuid.uuid4())
+    first = await store.create(order_id, VALID_ORDER, "k1")
+    again = await store.create(order_id, VALID_ORDER, "k1")
+    assert first.outcome == again.outcome == "created"
+    assert await redis.xlen(keys.ORDERS_STREAM) == 1
+
+
+async def test_transitions_follow_the_status_path_once(
+    store: OrderStore, redis: Redis, schemas: Schemas
+) -> None:
+    order_id = await new_order(store)
+    result = await store.transition(order_id, "routing", venue="raydium", quoted_price=220.5)
+    assert result.applied and result.event is not None
+    message = json.loads(result.event)
+    assert message["seq"] == 2 and message["venue"] == "raydium" and message["quoted_price"] == 220.5
+    assert schemas.errors("status_message", message) == []
+
+    duplicate = await store.transition(order_id, "routing", venue="meteora")
+    assert not duplicate.applied and duplicate.current == "routing"
+    skipping = await store.transition(order_id, "confirmed", tx_hash="0x" + "0" * 64, execution_price=1.0)
+    assert not skipping.applied and skipping.current == "routing"
+    backwards = await store.transition(order_id, "pending")
+    assert not backwards.applied
+
+    stored = await redis.hgetall(keys.order(order_id))
+    assert stored["status"] == "routing" and stored["seq"] == "2" and stored["venue"] == "raydium"
+    assert await redis.xlen(keys.order_events(order_id)) == 2
+
+
+async def test_failed_is_terminal_and_the_order_expires(store: OrderStore, redis: Redis) -> None:
+    order_id = await new_order(store)
+    failed = await store.transition(order_id, "failed", reason="no route")
+    assert failed.applied
+    for status in ALLOWED:
+        assert not (await store.transition(order_id, status, reason="x")).applied
+    assert 0 < await redis.ttl(keys.order(order_id)) <= store.config.order_ttl_secs
+    assert 0 < await redis.ttl(keys.order_events(order_id)) <= store.config.order_ttl_secs
+    history = await store.history(order_id)
+    assert [seq for seq, _ in history] == [1, 2]
+    assert json.loads(history[-1][1])["reason"] == "no route"
+
+
+async def test_unknown_orders_and_statuses(store: OrderStore) -> None:
+    missing = await store.transition(str(uuid.uuid4()), "routing")
+    assert not missing.applied and missing.current == ""
+    with pytest.raises(ValueError):
+        await store.transition(str(uuid.uuid4()), "teleported")
+
+
+async def test_events_stream_is_trimmed_approximately(store: OrderStore, redis: Redis) -> None:
+    import dataclasses
+
+    small = OrderStore(redis, dataclasses.replace(store.config, events_maxlen=10))
+    for _ in range(300):
+        await new_order(small)
+    # MAXLEN ~ trims whole macro-nodes only: bounded, never below the limit.
+    assert 10 <= await redis.xlen(keys.EVENTS_STREAM) < 300
+    assert await redis.xlen(keys.ORDERS_STREAM) == 300  # the work queue is never trimmed
