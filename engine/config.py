@@ -172,7 +172,7 @@ def _number(kind: Callable[[str], T], raw: str) -> T:
     except ValueError:
         noun = "a whole number" if kind is int else "a number"
         raise ValueError(f"must be {noun}") from None
-    if value != value or value in (float("inf"), float("-inf")):  # type: ignore[comparison-overlap]
+    if value != value or value in (float("inf"), float("-inf")):
         raise ValueError("must be a finite number")
     return value
 

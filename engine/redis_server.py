@@ -127,6 +127,7 @@ class RedisServer:
         return self.url
 
     def wait_ready(self) -> None:
+        assert self.port is not None
         client = redis.Redis(port=self.port, socket_connect_timeout=0.5, socket_timeout=1.0)
         deadline = time.monotonic() + START_TIMEOUT_SECS
         try:

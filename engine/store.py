@@ -14,7 +14,7 @@ import json
 import time
 from collections.abc import Mapping
 from datetime import datetime, timezone
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from redis.asyncio import Redis
 
@@ -40,6 +40,10 @@ ALLOWED: Mapping[str, frozenset[str]] = {
     CONFIRMED: frozenset(),
     FAILED: frozenset(),
 }
+
+
+# A stream read, as the decoding client returns it: [(entry id, {field: value})].
+StreamEntries = list[tuple[str, dict[str, str]]]
 
 
 def _lua_allowed_table() -> str:
@@ -224,7 +228,8 @@ class OrderStore:
 
     async def get(self, order_id: str) -> dict[str, str] | None:
         """The order hash as stored, or None for an unknown order."""
-        data: dict[str, str] = await self.redis.hgetall(keys.order(order_id))
+        # The client decodes responses, so every key and value is a str.
+        data = cast(dict[str, str], await self.redis.hgetall(keys.order(order_id)))
         return data or None
 
     async def exists(self, order_id: str) -> bool:
@@ -236,7 +241,7 @@ class OrderStore:
 
     async def history(self, order_id: str, after_seq: int = 0) -> list[tuple[int, str]]:
         """Every status message of an order with seq > ``after_seq``: (seq, JSON text)."""
-        entries = await self.redis.xrange(keys.order_events(order_id))
+        entries = cast(StreamEntries, await self.redis.xrange(keys.order_events(order_id)))
         out = []
         for _entry_id, fields in entries:
             seq = int(fields["seq"])

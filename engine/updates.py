@@ -20,13 +20,14 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from typing import cast
 
 from redis.asyncio import Redis
 
 from engine import keys
 from engine.config import Config
 from engine.connections import REDIS_DOWN_ERRORS
-from engine.store import OrderStore
+from engine.store import OrderStore, StreamEntries
 
 logger = logging.getLogger(__name__)
 
@@ -161,7 +162,9 @@ class StatusHub:
     async def _run(self) -> None:
         while not self.last_id and not self._stopping:
             try:
-                newest = await self.redis.xrevrange(keys.EVENTS_STREAM, count=1)
+                newest = cast(
+                    StreamEntries, await self.redis.xrevrange(keys.EVENTS_STREAM, count=1)
+                )
                 self.last_id = newest[0][0] if newest else "0-0"
             except REDIS_DOWN_ERRORS as exc:
                 logger.warning("status poller cannot reach Redis (%s); retrying", exc)
@@ -170,7 +173,7 @@ class StatusHub:
         failing = False
         while not self._stopping:
             try:
-                batches = await self.redis.xread(
+                batches: list[tuple[str, StreamEntries]] = await self.redis.xread(  # type: ignore[assignment]
                     {keys.EVENTS_STREAM: self.last_id},
                     count=POLL_BATCH,
                     block=self.config.poll_block_ms,
@@ -187,7 +190,7 @@ class StatusHub:
             for _stream, entries in batches:
                 self._dispatch(entries)
 
-    def _dispatch(self, entries: list[tuple[str, dict[str, str]]]) -> None:
+    def _dispatch(self, entries: StreamEntries) -> None:
         by_order = self._by_order
         for entry_id, fields in entries:
             self.last_id = entry_id

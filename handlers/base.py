@@ -16,6 +16,8 @@ from engine.services import Services
 
 from typing_extensions import override
 
+__all__ = ["APIError", "APIHandler", "NotFoundHandler", "override"]
+
 logger = logging.getLogger(__name__)
 
 # Error codes for the statuses Tornado raises by itself (unknown path, bad method...).
