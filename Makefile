@@ -23,5 +23,8 @@ worker: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+lint: $(STAMP)
+	$(BIN)/mypy --strict --ignore-missing-imports server.py worker.py handlers engine
+
 clean:
 	rm -rf $(VENV) data .pytest_cache

@@ -23,6 +23,7 @@ from engine.services import Services
 from handlers.base import NotFoundHandler
 from handlers.health import HealthHandler, ReadyHandler
 from handlers.orders import ExecuteOrderHandler, OrderHandler
+from handlers.schemas import SchemaHandler, SchemaIndexHandler
 from handlers.status import OrderStatusSocket
 
 logger = logging.getLogger("server")
@@ -46,6 +47,8 @@ def make_app(services: Services) -> Application:
             (r"/api/orders/execute", ExecuteOrderHandler, deps),
             (r"/api/orders/status", OrderStatusSocket, deps),
             (r"/api/orders/([^/]+)", OrderHandler, deps),
+            (r"/api/schemas", SchemaIndexHandler, deps),
+            (r"/api/schemas/([A-Za-z0-9_.-]+)", SchemaHandler, deps),
             (r"/healthz", HealthHandler, deps),
             (r"/readyz", ReadyHandler, deps),
         ],
