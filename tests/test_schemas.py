@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from jsonschema import Draft202012Validator
 
 from engine.schemas import SCHEMA_DIR, Schemas
@@ -44,3 +46,43 @@ async def test_schema_files_are_served_byte_for_byte(http_server_client: Any) ->
     missing = await http_server_client.fetch("/api/schemas/nope", raise_error=False)
     assert missing.code == 404
     assert json.loads(missing.body)["error"] == "not_found"
+
+
+# Values near every rule of the order schema, and some far from all of them.
+_near = st.one_of(
+    st.sampled_from(["SOL", "USDC", "USDT", "BONK", "JUP", "RAY", "sol", "DOGE", "", "market", "limit"]),
+    st.sampled_from([0, 0.01, 0.0099999, 0.5, 0.5000001, 1e9, 1e9 + 1, -1, 12.5, True, False, None]),
+    st.integers(min_value=-(10**30), max_value=10**30),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.text(max_size=5),
+    st.lists(st.integers(), max_size=2),
+    st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
+)
+_fields = st.sampled_from(["token_in", "token_out", "amount", "order_type", "max_slippage", "extra"])
+
+
+@settings(max_examples=600, deadline=None)
+@given(
+    base=st.fixed_dictionaries(
+        {
+            "token_in": st.sampled_from(["SOL", "USDC", "BONK"]),
+            "token_out": st.sampled_from(["USDC", "USDT", "SOL"]),
+            "amount": st.floats(min_value=1e-9, max_value=1e9),
+            "order_type": st.just("market"),
+            "max_slippage": st.floats(min_value=0.01, max_value=0.5),
+        }
+    ),
+    changes=st.dictionaries(_fields, _near, max_size=3),
+    removed=st.sets(_fields, max_size=2),
+    whole=st.one_of(st.none(), _near),
+)
+def test_the_fast_validator_agrees_with_jsonschema(
+    schemas: Schemas, base: dict[str, Any], changes: dict[str, Any], removed: set[str], whole: Any
+) -> None:
+    document: Any = {k: v for k, v in {**base, **changes}.items() if k not in removed}
+    if whole is not None:
+        document = whole
+    reference = schemas.validators["order_request"].is_valid(document)
+    assert schemas.is_valid("order_request", document) == reference
+    # And an invalid document is always explained.
+    assert (schemas.errors("order_request", document) == []) == reference
