@@ -239,6 +239,10 @@ class OrderStore:
         """Record working data on an existing order (attempts, a tx_hash before sending)."""
         await self.redis.hset(keys.order(order_id), mapping=fields)  # type: ignore[arg-type]
 
+    async def count_attempt(self, order_id: str) -> int:
+        """Count one more execution attempt of an order; the new count."""
+        return int(await self.redis.hincrby(keys.order(order_id), "attempts", 1))
+
     async def history(self, order_id: str, after_seq: int = 0) -> list[tuple[int, str]]:
         """Every status message of an order with seq > ``after_seq``: (seq, JSON text)."""
         entries = cast(StreamEntries, await self.redis.xrange(keys.order_events(order_id)))

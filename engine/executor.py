@@ -1,0 +1,709 @@
+"""The execution worker: takes orders from the consumer group and drives each to the end.
+
+Per order: ``pending`` -> ``routing`` (quote every venue) -> ``building`` (chosen venue,
+quoted price, min_amount_out from max_slippage) -> ``submitted`` (tx_hash) ->
+``confirmed`` or ``failed``. Every status change goes through OrderStore.transition,
+which refuses duplicates, so two workers (or one worker replaying its own work after
+a crash) can never publish a status twice.
+
+Each step is decided by the order's stored status, not by what this process
+remembers, so a worker that picks up an order someone else started continues where
+it stopped:
+
+* An order's tx_hash is a pure function of what the ``building`` message recorded, and
+  is written to the order before the transaction is sent. A worker resuming a
+  ``building`` order asks the venue about that tx_hash before sending, and the venue
+  ledger records a tx_hash once however often it is sent: an order executes at most
+  once.
+* The orders-stream entry is acknowledged (and deleted) only after a terminal status.
+  Until then it sits in the group's pending list: a worker's own entries are resumed
+  when it starts, entries of a dead worker are taken over with XAUTOCLAIM once idle for
+  ``claim_idle_ms``, and a live worker keeps its entries fresh (XCLAIM JUSTID) so they
+  are not taken from it while it waits for a slow confirmation.
+* An entry delivered more than ``max_deliveries`` times, or one that names no order,
+  goes to the dead-letter stream; its order (if any) is failed with a reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import os
+import secrets
+import socket
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import ResponseError
+
+from engine import keys
+from engine.config import Config
+from engine.connections import REDIS_DOWN_ERRORS
+from engine.router import QUOTE_TIMEOUT_SECS, Router
+from engine.store import (
+    BUILDING,
+    CONFIRMED,
+    FAILED,
+    PENDING,
+    ROUTING,
+    SUBMITTED,
+    TERMINAL,
+    OrderStore,
+)
+from engine.venues import (
+    SLIPPAGE,
+    RejectedSwapError,
+    SimulatedMarket,
+    SwapTx,
+    TransientVenueError,
+    TxState,
+    TxStatus,
+    UnsupportedPairError,
+    Venue,
+    make_simulated_venues,
+)
+
+logger = logging.getLogger(__name__)
+
+# Tries per order when venues fail transiently (the first try included).
+MAX_ATTEMPTS = 3
+# Wait before the second try; doubles for each further one, up to the cap.
+RETRY_BACKOFF_SECS = 0.5
+RETRY_BACKOFF_MAX_SECS = 30.0
+# XREADGROUP BLOCK: short enough that a stop request or an XAUTOCLAIM round is never
+# far away, and well below the client's socket timeout (redis_timeout_secs + block).
+READ_BLOCK_MS = 1000
+# Asking a venue whether a transaction landed: first after this long, then twice as
+# long each time, up to the cap (simulated confirmations take 0.4-1 s).
+STATUS_POLL_SECS = 0.05
+STATUS_POLL_MAX_SECS = 0.5
+# After a Redis connection error, wait this long before trying again.
+REDIS_RETRY_SECS = 1.0
+# XAUTOCLAIM at least this often, whatever claim_idle_ms is.
+CLAIM_INTERVAL_MAX_SECS = 5.0
+# Burst mode: how often to look again while other workers still hold pending entries.
+BURST_POLL_SECS = 0.05
+# The dead-letter stream is for an operator to read; keep it from growing forever.
+DEAD_LETTER_MAXLEN = 100_000
+
+
+class PoisonEntry(Exception):
+    """An orders-stream entry that cannot be processed: it goes to the dead-letter stream."""
+
+
+class InvalidOrderError(Exception):
+    """The stored order request cannot be executed; the order fails without a retry."""
+
+
+@dataclasses.dataclass(frozen=True)
+class OrderRequest:
+    """The parts of a stored order request the executor needs."""
+
+    token_in: str
+    token_out: str
+    amount: float
+    max_slippage: float
+
+    @classmethod
+    def from_order(cls, order: Mapping[str, str]) -> OrderRequest:
+        """Parse the ``request`` field of an order hash; raise InvalidOrderError."""
+        try:
+            data = json.loads(order.get("request") or "")
+            request = cls(
+                token_in=str(data["token_in"]),
+                token_out=str(data["token_out"]),
+                amount=float(data["amount"]),
+                max_slippage=float(data["max_slippage"]),
+            )
+        except (ValueError, TypeError, KeyError) as exc:
+            raise InvalidOrderError(f"The order request is unreadable ({exc!r})") from None
+        if not (math.isfinite(request.amount) and request.amount > 0):
+            raise InvalidOrderError("The order amount must be a positive number")
+        if not 0 < request.max_slippage < 1:
+            raise InvalidOrderError("max_slippage must be between 0 and 1")
+        return request
+
+
+def consumer_name() -> str:
+    """A consumer name unique to this process: hostname-pid-random."""
+    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+def slippage_reason(moved: float, max_slippage: float) -> str:
+    """The failure reason for a price move, e.g. ``Price moved 1.8% (max allowed: 1.0%)``."""
+    moved_pct = round(moved * 100, 1)
+    max_pct = round(max_slippage * 100, 1)
+    if moved_pct <= max_pct:
+        # The move did exceed the limit; rounding must not make it read as within it.
+        moved_pct = max_pct + 0.1
+    return f"Price moved {moved_pct:.1f}% (max allowed: {max_pct:.1f}%)"
+
+
+def _round_sig(value: float, digits: int = 10) -> float:
+    return float(f"{value:.{digits}g}")
+
+
+def _stored(value: Any) -> str:
+    """A field as OrderStore.transition stores it on the order hash."""
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+class Executor:
+    """Consumes ``keys.ORDERS_STREAM`` as one member of ``keys.EXECUTORS_GROUP``.
+
+    ``run()`` works until ``stop()`` (or, with ``burst=True``, until the group has
+    nothing left to do), then lets in-flight orders finish within
+    ``config.shutdown_grace_secs`` and cancels the rest: their entries stay pending, so
+    another worker or the next start takes them over. The Redis client is the
+    caller's: ``run()`` does not close it.
+    """
+
+    def __init__(
+        self,
+        redis: Redis,
+        config: Config,
+        *,
+        venues: Mapping[str, Venue] | None = None,
+        market: SimulatedMarket | None = None,
+        store: OrderStore | None = None,
+        consumer: str | None = None,
+        retry_backoff_secs: float = RETRY_BACKOFF_SECS,
+        status_poll_secs: float = STATUS_POLL_SECS,
+    ) -> None:
+        self.redis = redis
+        self.config = config
+        self.store = store or OrderStore(redis, config)
+        self.venues: dict[str, Venue] = dict(
+            venues if venues is not None else make_simulated_venues(redis, config, market)
+        )
+        quote_timeout = max(QUOTE_TIMEOUT_SECS, 3 * config.quote_latency_ms / 1000)
+        self.router = Router(self.venues, timeout_secs=quote_timeout)
+        self.consumer = consumer or consumer_name()
+        self.concurrency = config.worker_concurrency
+        self.retry_backoff_secs = retry_backoff_secs
+        self.status_poll_secs = status_poll_secs
+        self._claim_interval_secs = min(config.claim_idle_ms / 2000, CLAIM_INTERVAL_MAX_SECS)
+        self._block_ms = max(1, min(READ_BLOCK_MS, int(self._claim_interval_secs * 1000)))
+        self._stop = asyncio.Event()
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._group_ready = False
+        # Own pending entries are read (from this cursor) before new ones: at start,
+        # and again after a connection error may have lost a delivery.
+        self._read_history = True
+        self._history_cursor = "0"
+        self._claim_cursor = "0-0"
+        self._next_claim_at = 0.0
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    @property
+    def in_flight(self) -> int:
+        """Orders being worked on right now."""
+        return len(self._tasks)
+
+    def stop(self) -> None:
+        """Stop taking new work; ``run()`` then drains and returns."""
+        if not self._stop.is_set():
+            logger.info("worker %s: stopping", self.consumer)
+            self._stop.set()
+
+    async def run(self, *, burst: bool = False) -> None:
+        """Work until stopped (or, in burst mode, until there is no work left)."""
+        logger.info(
+            "worker %s: consuming %s as group %s (concurrency %s%s)",
+            self.consumer,
+            keys.ORDERS_STREAM,
+            keys.EXECUTORS_GROUP,
+            self.concurrency,
+            ", burst" if burst else "",
+        )
+        heartbeat = asyncio.create_task(self._heartbeat(), name=f"heartbeat-{self.consumer}")
+        try:
+            await self._loop(burst)
+            # The heartbeat goes on meanwhile: orders finishing in the grace period
+            # must not look abandoned to the other workers.
+            await self._drain()
+        except asyncio.CancelledError:
+            # Cancelled from outside (a test's crash, a second signal): no grace.
+            await self._cancel_in_flight()
+            raise
+        finally:
+            heartbeat.cancel()
+            await asyncio.gather(heartbeat, return_exceptions=True)
+        logger.info("worker %s: stopped", self.consumer)
+
+    async def _drain(self) -> None:
+        if not self._tasks:
+            return
+        grace = self.config.shutdown_grace_secs
+        logger.info("worker %s: waiting up to %s s for %s orders in flight",
+                    self.consumer, grace, len(self._tasks))
+        _done, pending = await asyncio.wait(set(self._tasks.values()), timeout=grace)
+        if pending:
+            logger.warning(
+                "worker %s: %s orders still in flight after %s s; cancelling them "
+                "(they stay pending for another worker)",
+                self.consumer, len(pending), grace,
+            )
+            await self._cancel_in_flight()
+
+    async def _cancel_in_flight(self) -> None:
+        tasks = list(self._tasks.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    # -- reading the stream ---------------------------------------------------------
+
+    async def _loop(self, burst: bool) -> None:
+        while not self._stop.is_set():
+            try:
+                if not self._group_ready:
+                    await self._ensure_group()
+                if await self._read_once(burst):
+                    continue
+                if burst:
+                    if not self._tasks and await self._group_idle():
+                        logger.info("worker %s: burst done, no work left", self.consumer)
+                        return
+                    await self._wait_for_tasks(BURST_POLL_SECS)
+            except REDIS_DOWN_ERRORS as exc:
+                logger.warning("worker %s: Redis unavailable (%s); retrying in %s s",
+                               self.consumer, exc, REDIS_RETRY_SECS)
+                # A reply lost with the connection may have delivered entries to us.
+                self._read_history = True
+                self._history_cursor = "0"
+                await self._sleep_unless_stopped(REDIS_RETRY_SECS)
+            except ResponseError as exc:
+                if "NOGROUP" in str(exc):
+                    # The stream or group vanished (Redis restarted without its data).
+                    logger.warning("worker %s: consumer group missing; creating it again",
+                                   self.consumer)
+                    self._group_ready = False
+                else:
+                    # E.g. OOM or a read-only replica: an operator's problem, not a
+                    # reason to exit and lose the orders in flight.
+                    logger.warning("worker %s: Redis refused a command (%s); retrying in %s s",
+                                   self.consumer, exc, REDIS_RETRY_SECS)
+                    await self._sleep_unless_stopped(REDIS_RETRY_SECS)
+
+    async def _read_once(self, burst: bool) -> bool:
+        """Take whatever work fits in the free slots; False if there was none."""
+        capacity = self.concurrency - len(self._tasks)
+        if capacity <= 0:
+            await self._wait_for_tasks(self._block_ms / 1000)
+            return True
+        if self._read_history and await self._resume_own(capacity):
+            return True
+        if time.monotonic() >= self._next_claim_at:
+            self._next_claim_at = time.monotonic() + self._claim_interval_secs
+            if await self._claim_stale(capacity):
+                return True
+        response = await self.redis.xreadgroup(
+            keys.EXECUTORS_GROUP,
+            self.consumer,
+            {keys.ORDERS_STREAM: ">"},
+            count=capacity,
+            block=None if burst else self._block_ms,
+        )
+        entries = _stream_entries(response)
+        for entry_id, fields in entries:
+            self._dispatch(entry_id, fields, deliveries=1)
+        return bool(entries)
+
+    async def _resume_own(self, capacity: int) -> bool:
+        """Read this consumer's own pending entries (delivered, never acknowledged)."""
+        response = await self.redis.xreadgroup(
+            keys.EXECUTORS_GROUP,
+            self.consumer,
+            {keys.ORDERS_STREAM: self._history_cursor},
+            count=capacity,
+        )
+        entries = _stream_entries(response)
+        if not entries:
+            self._read_history = False
+            self._history_cursor = "0"
+            return False
+        self._history_cursor = entries[-1][0]
+        for entry_id, fields in entries:
+            if entry_id not in self._tasks:
+                logger.info("worker %s: resuming own pending entry %s", self.consumer, entry_id)
+                self._dispatch(entry_id, fields, await self._deliveries(entry_id))
+        return True
+
+    async def _claim_stale(self, capacity: int) -> bool:
+        """XAUTOCLAIM entries idle longer than claim_idle_ms (their worker is gone)."""
+        response = await self.redis.xautoclaim(
+            keys.ORDERS_STREAM,
+            keys.EXECUTORS_GROUP,
+            self.consumer,
+            min_idle_time=self.config.claim_idle_ms,
+            start_id=self._claim_cursor,
+            count=capacity,
+        )
+        # Redis 6.2 answers [cursor, entries]; 7+ adds a list of deleted ids.
+        self._claim_cursor = response[0]
+        claimed = False
+        for entry_id, fields in response[1]:
+            if entry_id is None:
+                # Redis 6.2 returns a deleted entry as nil; reading our own pending
+                # list shows its id, so it can be dead-lettered and acknowledged.
+                self._read_history = True
+                continue
+            if entry_id in self._tasks:
+                continue  # ours and still in flight: the heartbeat was late
+            deliveries = await self._deliveries(entry_id)
+            logger.info("worker %s: claimed stale entry %s (delivery %s)",
+                        self.consumer, entry_id, deliveries)
+            self._dispatch(entry_id, fields, deliveries)
+            claimed = True
+        if self._claim_cursor != "0-0":
+            # More to scan: do not wait a whole interval for the next round.
+            self._next_claim_at = 0.0
+        return claimed
+
+    async def _deliveries(self, entry_id: str) -> int:
+        rows = await self.redis.xpending_range(
+            keys.ORDERS_STREAM, keys.EXECUTORS_GROUP, min=entry_id, max=entry_id, count=1
+        )
+        return int(rows[0]["times_delivered"]) if rows else 1
+
+    async def _group_idle(self) -> bool:
+        """Nothing pending in the whole group (burst mode's end)."""
+        summary = await self.redis.xpending(keys.ORDERS_STREAM, keys.EXECUTORS_GROUP)
+        return int(summary["pending"]) == 0
+
+    async def _ensure_group(self) -> None:
+        try:
+            await self.redis.xgroup_create(
+                keys.ORDERS_STREAM, keys.EXECUTORS_GROUP, id="0", mkstream=True
+            )
+            logger.info("created consumer group %s on %s", keys.EXECUTORS_GROUP, keys.ORDERS_STREAM)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+        self._group_ready = True
+
+    async def _heartbeat(self) -> None:
+        """Keep in-flight entries from looking idle, so no one claims them from us."""
+        interval = self.config.claim_idle_ms / 3000
+        while True:
+            await asyncio.sleep(interval)
+            ids: list[Any] = list(self._tasks)
+            if not ids:
+                continue
+            try:
+                # JUSTID: resets the idle time without counting a delivery.
+                await self.redis.xclaim(
+                    keys.ORDERS_STREAM,
+                    keys.EXECUTORS_GROUP,
+                    self.consumer,
+                    min_idle_time=0,
+                    message_ids=ids,
+                    justid=True,
+                )
+            except (*REDIS_DOWN_ERRORS, ResponseError) as exc:
+                logger.warning("worker %s: heartbeat failed: %s", self.consumer, exc)
+
+    async def _wait_for_tasks(self, timeout: float) -> None:
+        if self._tasks:
+            await asyncio.wait(
+                set(self._tasks.values()), timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+        else:
+            await self._sleep_unless_stopped(timeout)
+
+    async def _sleep_unless_stopped(self, secs: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stop.wait(), secs)
+
+    def _dispatch(self, entry_id: str, fields: Mapping[str, str] | None, deliveries: int) -> None:
+        task = asyncio.create_task(
+            self._process(entry_id, dict(fields or {}), deliveries), name=f"entry-{entry_id}"
+        )
+        self._tasks[entry_id] = task
+        task.add_done_callback(lambda t: self._forget(entry_id, t))
+
+    def _forget(self, entry_id: str, task: asyncio.Task[None]) -> None:
+        if self._tasks.get(entry_id) is task:
+            del self._tasks[entry_id]
+
+    # -- one entry ------------------------------------------------------------------
+
+    async def _process(self, entry_id: str, fields: dict[str, str], deliveries: int) -> None:
+        """Drive one entry's order to a terminal status, then acknowledge the entry."""
+        order_id = fields.get("id", "")
+        try:
+            while True:
+                try:
+                    if not order_id:
+                        raise PoisonEntry("the entry names no order id")
+                    if deliveries > self.config.max_deliveries:
+                        await self._give_up(entry_id, order_id, fields, deliveries)
+                        return
+                    await self._execute(order_id)
+                    await self._ack(entry_id)
+                    return
+                except PoisonEntry as exc:
+                    await self._dead_letter(entry_id, fields, str(exc), deliveries)
+                    return
+                except REDIS_DOWN_ERRORS as exc:
+                    # Every step is resumable from the stored status: just go again.
+                    logger.warning("order %s: Redis unavailable (%s); retrying in %s s",
+                                   order_id, exc, REDIS_RETRY_SECS)
+                    await asyncio.sleep(REDIS_RETRY_SECS)
+        except asyncio.CancelledError:
+            logger.info("order %s: interrupted; entry %s stays pending", order_id, entry_id)
+            raise
+        except Exception:
+            # The task boundary: the entry stays pending, is claimed again once idle,
+            # and is dead-lettered after max_deliveries.
+            logger.exception("order %s: unexpected error; entry %s stays pending", order_id, entry_id)
+
+    async def _ack(self, entry_id: str) -> None:
+        # Deleting the entry with its acknowledgement keeps orders:new short without
+        # ever trimming an entry that is still pending.
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.xack(keys.ORDERS_STREAM, keys.EXECUTORS_GROUP, entry_id)
+            pipe.xdel(keys.ORDERS_STREAM, entry_id)
+            await pipe.execute()
+
+    async def _dead_letter(
+        self, entry_id: str, fields: Mapping[str, str], reason: str, deliveries: int
+    ) -> None:
+        logger.warning("entry %s (order %s): dead-lettered: %s",
+                       entry_id, fields.get("id", "-"), reason)
+        record = {
+            "entry_id": entry_id,
+            "order_id": fields.get("id", ""),
+            "reason": reason,
+            "deliveries": str(deliveries),
+            "consumer": self.consumer,
+            "fields": json.dumps(dict(fields), sort_keys=True),
+        }
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.xadd(keys.DEAD_LETTER_STREAM, record,  # type: ignore[arg-type]
+                      maxlen=DEAD_LETTER_MAXLEN, approximate=True)
+            pipe.xack(keys.ORDERS_STREAM, keys.EXECUTORS_GROUP, entry_id)
+            pipe.xdel(keys.ORDERS_STREAM, entry_id)
+            await pipe.execute()
+
+    async def _give_up(
+        self, entry_id: str, order_id: str, fields: Mapping[str, str], deliveries: int
+    ) -> None:
+        """An entry that keeps coming back: fail its order, dead-letter the entry."""
+        reason = (
+            f"Order could not be processed: delivered {deliveries} times "
+            f"(limit {self.config.max_deliveries}); set aside for an operator"
+        )
+        order = await self.store.get(order_id)
+        if order is not None and order["status"] not in TERMINAL:
+            await self._advance(order, FAILED, reason=reason)
+        await self._dead_letter(entry_id, fields, reason, deliveries)
+
+    # -- one order ------------------------------------------------------------------
+
+    async def _execute(self, order_id: str) -> None:
+        """Run the order to a terminal status, retrying transient venue failures."""
+        order = await self._load(order_id)
+        last_error: TransientVenueError | None = None
+        while order["status"] not in TERMINAL:
+            attempts = int(order.get("attempts") or 0)
+            if attempts >= MAX_ATTEMPTS and await self._may_fail(order):
+                # Used up here (failing was not safe until now), or by a worker
+                # before us that then died.
+                order = await self._fail_exhausted(order, attempts, last_error)
+                break
+            attempts = await self.store.count_attempt(order_id)
+            try:
+                order = await self._drive(order)
+            except (InvalidOrderError, RejectedSwapError) as exc:
+                order = await self._load(order_id)
+                if order["status"] not in TERMINAL:
+                    order = await self._advance(order, FAILED, reason=_rejection_reason(exc))
+            except TransientVenueError as exc:
+                last_error = exc
+                order = await self._load(order_id)
+                if order["status"] in TERMINAL:
+                    break
+                if attempts >= MAX_ATTEMPTS and await self._may_fail(order):
+                    order = await self._fail_exhausted(order, attempts, exc)
+                    break
+                delay = min(self.retry_backoff_secs * 2 ** (attempts - 1), RETRY_BACKOFF_MAX_SECS)
+                logger.warning("order %s: attempt %s of %s failed (%s); retrying in %.2f s",
+                               order_id, attempts, MAX_ATTEMPTS, exc, delay)
+                await asyncio.sleep(delay)
+                order = await self._load(order_id)
+
+    async def _drive(self, order: dict[str, str]) -> dict[str, str]:
+        """Take the steps from the order's stored status up to a terminal one."""
+        while True:
+            status = order["status"]
+            if status in TERMINAL:
+                return order
+            if status == PENDING:
+                order = await self._advance(order, ROUTING)
+            elif status == ROUTING:
+                order = await self._route(order)
+            elif status == BUILDING:
+                order = await self._send(order)
+            elif status == SUBMITTED:
+                order = await self._settle(order)
+            else:
+                raise PoisonEntry(f"order {order['id']} has an unknown status {status!r}")
+
+    async def _route(self, order: dict[str, str]) -> dict[str, str]:
+        request = OrderRequest.from_order(order)
+        quote = await self.router.best_quote(request.token_in, request.token_out, request.amount)
+        return await self._advance(
+            order,
+            BUILDING,
+            venue=quote.venue,
+            quoted_price=_round_sig(quote.price),
+            expected_amount_out=quote.amount_out,
+            min_amount_out=_round_sig(quote.amount_out * (1.0 - request.max_slippage)),
+        )
+
+    def _transaction(self, order: Mapping[str, str]) -> tuple[SwapTx, Venue]:
+        """The order's one transaction, rebuilt from what the ``building`` step stored."""
+        request = OrderRequest.from_order(order)
+        venue = self.venues.get(order.get("venue", ""))
+        if venue is None:
+            # Not a failure of the order: a worker that knows the venue can finish it.
+            raise RuntimeError(f"order {order['id']} was routed to unknown venue {order.get('venue')!r}")
+        tx = SwapTx.build(
+            order_id=order["id"],
+            venue=venue.name,
+            token_in=request.token_in,
+            token_out=request.token_out,
+            amount_in=request.amount,
+            min_amount_out=float(order["min_amount_out"]),
+        )
+        return tx, venue
+
+    async def _send(self, order: dict[str, str]) -> dict[str, str]:
+        tx, venue = self._transaction(order)
+        recorded = order.get("tx_hash")
+        if recorded and recorded != tx.tx_hash:
+            raise RuntimeError(f"order {order['id']} records tx {recorded}, expected {tx.tx_hash}")
+        if recorded:
+            # Someone (perhaps a worker that died) got this far: did the tx go out?
+            if (await venue.status(tx.tx_hash)).state is TxState.UNKNOWN:
+                await venue.send(tx)
+        else:
+            # Recorded before sending, so whoever resumes this order knows the tx_hash.
+            await self.store.set_fields(order["id"], tx_hash=tx.tx_hash)
+            order = {**order, "tx_hash": tx.tx_hash}
+            await venue.send(tx)
+        return await self._advance(order, SUBMITTED, tx_hash=tx.tx_hash, venue=venue.name)
+
+    async def _settle(self, order: dict[str, str]) -> dict[str, str]:
+        """Wait for the venue's verdict on the order's transaction."""
+        tx, venue = self._transaction(order)
+        delay = self.status_poll_secs
+        while True:
+            status: TxStatus | None
+            try:
+                status = await venue.status(tx.tx_hash)
+            except TransientVenueError as exc:
+                # The tx is out: failing the order now could be a lie. Keep asking.
+                logger.warning("order %s: status of %s unavailable (%s)", order["id"], tx.tx_hash, exc)
+                status = None
+            if status is not None:
+                if status.state is TxState.CONFIRMED:
+                    assert status.amount_out is not None and status.execution_price is not None
+                    return await self._advance(
+                        order,
+                        CONFIRMED,
+                        tx_hash=tx.tx_hash,
+                        execution_price=status.execution_price,
+                        amount_out=status.amount_out,
+                        venue=venue.name,
+                    )
+                if status.state is TxState.REVERTED:
+                    return await self._advance(
+                        order,
+                        FAILED,
+                        reason=self._revert_reason(order, status),
+                        tx_hash=tx.tx_hash,
+                        venue=venue.name,
+                    )
+                if status.state is TxState.UNKNOWN:
+                    # The venue lost it (or never got it): sending is idempotent.
+                    logger.warning("order %s: venue %s does not know %s; sending it again",
+                                   order["id"], venue.name, tx.tx_hash)
+                    await venue.send(tx)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, STATUS_POLL_MAX_SECS)
+
+    @staticmethod
+    def _revert_reason(order: Mapping[str, str], status: TxStatus) -> str:
+        if status.reason == SLIPPAGE and status.execution_price is not None:
+            request = OrderRequest.from_order(order)
+            quoted = float(order["quoted_price"])
+            moved = (quoted - status.execution_price) / quoted
+            return slippage_reason(moved, request.max_slippage)
+        return f"Transaction reverted: {status.reason or 'no reason given'}"
+
+    async def _may_fail(self, order: Mapping[str, str]) -> bool:
+        """Whether failing the order now is certain not to hide an executed trade."""
+        if order["status"] == SUBMITTED:
+            return False
+        if order["status"] != BUILDING or not order.get("tx_hash"):
+            return True
+        tx, venue = self._transaction(order)
+        try:
+            return (await venue.status(tx.tx_hash)).state is TxState.UNKNOWN
+        except TransientVenueError:
+            return False
+
+    async def _fail_exhausted(
+        self, order: dict[str, str], attempts: int, error: TransientVenueError | None
+    ) -> dict[str, str]:
+        detail = f": {error}" if error is not None else ""
+        return await self._advance(
+            order, FAILED, reason=f"Retries exhausted after {attempts} attempts{detail}"
+        )
+
+    async def _load(self, order_id: str) -> dict[str, str]:
+        order = await self.store.get(order_id)
+        if order is None:
+            raise PoisonEntry(f"unknown order id {order_id!r}")
+        return order
+
+    async def _advance(self, order: dict[str, str], status: str, **fields: Any) -> dict[str, str]:
+        """Transition the order; the order as it now is (whoever moved it)."""
+        order_id = order["id"]
+        result = await self.store.transition(order_id, status, **fields)
+        if result.applied:
+            details = "".join(f" {k}={v}" for k, v in fields.items() if v is not None)
+            logger.info("order %s: %s -> %s%s", order_id, order["status"], status, details)
+            updated = dict(order, status=status)
+            updated.update({k: _stored(v) for k, v in fields.items() if v is not None})
+            return updated
+        current = await self._load(order_id)
+        if current["status"] == order["status"]:
+            raise RuntimeError(f"order {order_id}: {order['status']} -> {status} was refused")
+        # Another worker took the step (or a further one): carry on from there.
+        logger.info("order %s: already %s (wanted %s)", order_id, current["status"], status)
+        return current
+
+
+def _rejection_reason(error: Exception) -> str:
+    if isinstance(error, (InvalidOrderError, UnsupportedPairError)):
+        return str(error)
+    return f"The venue refused the swap: {error}"
+
+
+def _stream_entries(response: Any) -> list[tuple[str, dict[str, str] | None]]:
+    """The entries of an XREADGROUP answer (RESP2: [[stream, [(id, fields), ...]]])."""
+    entries: list[tuple[str, dict[str, str] | None]] = []
+    for _stream, batch in response or ():
+        entries.extend(batch)
+    return entries

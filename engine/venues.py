@@ -1,0 +1,652 @@
+"""Trading venues: the interface the executor talks to, and the simulated default market.
+
+A venue quotes a swap, accepts a signed transaction and answers "did it land?" for a
+tx_hash. A real adapter (an RPC client for a DEX) implements the same three calls;
+the executor and the router never look behind the ``Venue`` protocol.
+
+The simulated market has real mechanics rather than canned answers:
+
+* Reference USD prices move as a seeded random walk that is a pure function of
+  (seed, token, time bucket), so every worker process sees the same prices at the
+  same time and tests are reproducible.
+* Each venue has a constant-product pool (x·y = k) per pair, re-derived from the
+  reference prices at a given time, with its own fee, depth and a small deterministic
+  offset from the reference price: the best venue changes over time, and price impact
+  grows with the size of the order.
+* Sent transactions are recorded in a ledger in Redis, keyed by tx_hash. Sending the
+  same transaction twice records and executes it once. A transaction executes at its
+  confirmation time, at that time's pool price: if the price moved beyond what the
+  transaction's ``min_amount_out`` allows, it reverts (slippage).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import enum
+import hashlib
+import logging
+import math
+import random
+import struct
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from typing import Protocol, cast
+
+from redis.asyncio import Redis
+
+from engine import keys
+from engine.config import Config
+
+logger = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------------
+# The interface
+
+
+class VenueError(Exception):
+    """Something a venue refused or could not do."""
+
+
+class TransientVenueError(VenueError):
+    """The venue did not answer (outage, timeout, rate limit): trying again may work."""
+
+
+class RejectedSwapError(VenueError):
+    """The venue will never accept this swap as asked: retrying cannot help."""
+
+
+class UnsupportedPairError(RejectedSwapError):
+    """The venue has no pool for this pair of tokens."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Quote:
+    """What a venue would pay now for ``amount_in`` of ``token_in``."""
+
+    venue: str
+    token_in: str
+    token_out: str
+    amount_in: float
+    # Net of the venue's fee and of the price impact of this size on the pool.
+    amount_out: float
+    fee: float  # fraction of amount_in kept by the pool
+    price_impact: float  # fraction lost to the pool's curve, against its mid price
+    quoted_at: float  # epoch seconds, on the venue's clock
+
+    @property
+    def price(self) -> float:
+        """token_out per token_in, after fees and price impact."""
+        return self.amount_out / self.amount_in
+
+
+@dataclasses.dataclass(frozen=True)
+class SwapTx:
+    """A swap transaction, ready to send. Its hash is a pure function of its content."""
+
+    tx_hash: str
+    order_id: str
+    venue: str
+    token_in: str
+    token_out: str
+    amount_in: float
+    # The transaction reverts rather than pay less than this.
+    min_amount_out: float
+
+    @classmethod
+    def build(
+        cls,
+        order_id: str,
+        venue: str,
+        token_in: str,
+        token_out: str,
+        amount_in: float,
+        min_amount_out: float,
+    ) -> SwapTx:
+        """The transaction for an order; the same inputs always give the same tx_hash."""
+        return cls(
+            tx_hash=tx_hash_for(order_id, venue, token_in, token_out, amount_in, min_amount_out),
+            order_id=order_id,
+            venue=venue,
+            token_in=token_in,
+            token_out=token_out,
+            amount_in=amount_in,
+            min_amount_out=min_amount_out,
+        )
+
+
+def tx_hash_for(
+    order_id: str,
+    venue: str,
+    token_in: str,
+    token_out: str,
+    amount_in: float,
+    min_amount_out: float,
+) -> str:
+    """``0x`` + 64 lowercase hex digits, deterministic in the transaction's content.
+
+    Deterministic so that a worker resuming an order after a crash rebuilds the very
+    transaction the first worker may already have sent, and the ledger dedupes it.
+    """
+    # repr() round-trips floats exactly, so the hash does not depend on formatting.
+    material = "|".join(
+        ("swap-v1", order_id, venue, token_in, token_out, repr(amount_in), repr(min_amount_out))
+    )
+    return "0x" + hashlib.sha256(material.encode()).hexdigest()
+
+
+class TxState(enum.StrEnum):
+    PENDING = "pending"  # sent, not yet executed
+    CONFIRMED = "confirmed"
+    REVERTED = "reverted"
+    UNKNOWN = "unknown"  # the venue never received this transaction
+
+
+@dataclasses.dataclass(frozen=True)
+class TxStatus:
+    """What a venue knows about a transaction."""
+
+    state: TxState
+    # CONFIRMED: what was received. REVERTED for slippage: what the swap would have
+    # paid at execution time (so the caller can say by how much the price moved).
+    amount_out: float | None = None
+    execution_price: float | None = None
+    # REVERTED: a short machine-readable cause, e.g. SLIPPAGE.
+    reason: str | None = None
+
+
+SLIPPAGE = "slippage"
+
+
+class Venue(Protocol):
+    """A place to swap tokens. Implementations must make ``send`` idempotent by tx_hash."""
+
+    @property
+    def name(self) -> str: ...
+
+    async def quote(self, token_in: str, token_out: str, amount: float) -> Quote:
+        """Raise TransientVenueError, or RejectedSwapError for a swap it cannot do."""
+        ...
+
+    async def send(self, tx: SwapTx) -> str:
+        """Submit ``tx``; sending one already received is a no-op. Returns its tx_hash."""
+        ...
+
+    async def status(self, tx_hash: str) -> TxStatus:
+        """Where ``tx_hash`` stands; UNKNOWN if the venue never received it."""
+        ...
+
+
+# ---------------------------------------------------------------------------------
+# The simulated market
+
+# Reference prices in USD at the start of the walk. The keys must be exactly the
+# token enum of schemas/common.json (a test checks).
+REFERENCE_PRICES_USD: Mapping[str, float] = {
+    "SOL": 220.0,
+    "USDC": 1.0,
+    "USDT": 1.0,
+    "BONK": 0.000025,
+    "JUP": 0.85,
+    "RAY": 3.2,
+}
+STABLECOINS = frozenset({"USDC", "USDT"})
+
+# Standard deviation of the log price per bucket. SOL at 0.04% a second is a
+# typical crypto day; USDC is the unit everything else is measured against.
+_VOLATILITY_PER_BUCKET: Mapping[str, float] = {
+    "SOL": 0.0004,
+    "USDC": 0.0,
+    "USDT": 0.00002,
+    "BONK": 0.0009,
+    "JUP": 0.0006,
+    "RAY": 0.0006,
+}
+PRICE_BUCKET_SECS = 1.0
+# A price is the starting price moved by the last WALK_WINDOW_BUCKETS steps only
+# (a moving sum of increments). Locally it is a random walk; globally it cannot
+# drift away forever, so a long-running demo keeps sensible prices.
+WALK_WINDOW_BUCKETS = 900
+# Rare jumps (news, liquidations): the reason real orders sometimes fail on slippage.
+JUMP_PROBABILITY_PER_BUCKET = 0.0005
+JUMP_MIN = 0.01
+JUMP_MAX = 0.04
+# Log-price increments are kept as integers in these units, so a price is an exact
+# sum and every process (and every order of summation) agrees to the last bit.
+_LOG_UNIT = 1e-9
+_PRICE_CACHE_SIZE = 256
+
+# USD value of each side of a pool, per pair, before a venue's depth factor.
+PAIR_DEPTH_USD: Mapping[tuple[str, str], float] = {
+    ("SOL", "USDC"): 6_000_000.0,
+    ("SOL", "USDT"): 1_500_000.0,
+    ("USDC", "USDT"): 8_000_000.0,
+    ("BONK", "SOL"): 1_200_000.0,
+    ("JUP", "SOL"): 900_000.0,
+    ("RAY", "SOL"): 700_000.0,
+    ("BONK", "USDC"): 600_000.0,
+    ("JUP", "USDC"): 1_500_000.0,
+    ("RAY", "USDC"): 900_000.0,
+    ("BONK", "USDT"): 150_000.0,
+    ("JUP", "USDT"): 200_000.0,
+    ("RAY", "USDT"): 150_000.0,
+    ("BONK", "JUP"): 100_000.0,
+    ("BONK", "RAY"): 80_000.0,
+    ("JUP", "RAY"): 120_000.0,
+}
+# Pools drift from the reference price between arbitrage rounds of this length.
+OFFSET_BUCKET_SECS = 5.0
+
+
+def pair_key(token_a: str, token_b: str) -> tuple[str, str]:
+    """The pair in canonical (sorted) order."""
+    a, b = sorted((token_a, token_b))
+    return (a, b)
+
+
+@dataclasses.dataclass(frozen=True)
+class VenueProfile:
+    """What makes one simulated venue differ from another."""
+
+    name: str
+    fee: float  # base fee, fraction of the input
+    stable_fee: float  # base fee on a stablecoin/stablecoin pool
+    dynamic_fee_max: float  # extra fee that varies over time (Meteora's DLMM style)
+    depth_factor: float  # pool depth relative to PAIR_DEPTH_USD
+    max_offset: float  # largest deviation of the pool price from the reference
+    # Pairs the venue has pools for; None means every pair in PAIR_DEPTH_USD.
+    pairs: frozenset[tuple[str, str]] | None = None
+
+    def supports(self, token_in: str, token_out: str) -> bool:
+        key = pair_key(token_in, token_out)
+        if key not in PAIR_DEPTH_USD or token_in == token_out:
+            return False
+        return self.pairs is None or key in self.pairs
+
+
+RAYDIUM = VenueProfile(
+    name="raydium",
+    fee=0.0025,
+    stable_fee=0.0005,
+    dynamic_fee_max=0.0,
+    depth_factor=1.0,
+    max_offset=0.0015,
+)
+# Cheaper base fee plus a dynamic part, shallower pools, and no pools for the
+# thinnest pairs: it wins small orders at quiet times, Raydium wins big ones.
+METEORA = VenueProfile(
+    name="meteora",
+    fee=0.0020,
+    stable_fee=0.0001,
+    dynamic_fee_max=0.0015,
+    depth_factor=0.6,
+    max_offset=0.0015,
+    pairs=frozenset(PAIR_DEPTH_USD) - {("BONK", "RAY"), ("JUP", "RAY"), ("BONK", "USDT")},
+)
+DEFAULT_PROFILES = (RAYDIUM, METEORA)
+
+
+@dataclasses.dataclass(frozen=True)
+class Pool:
+    """A constant-product pool, seen from the side of one swap direction."""
+
+    reserve_in: float
+    reserve_out: float
+    fee: float
+
+    @property
+    def mid_price(self) -> float:
+        """token_out per token_in for an infinitesimal trade, before fees."""
+        return self.reserve_out / self.reserve_in
+
+    def amount_out(self, amount_in: float) -> float:
+        """x·y = k: what ``amount_in`` buys, after the fee."""
+        effective = amount_in * (1.0 - self.fee)
+        return self.reserve_out * effective / (self.reserve_in + effective)
+
+
+class ManualClock:
+    """A clock that only moves when told to, for deterministic tests."""
+
+    def __init__(self, start: float = 1_700_000_000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, secs: float) -> None:
+        self.now += secs
+
+
+def _hash_units(*parts: object) -> tuple[float, float, float]:
+    """Three independent uniforms in (0, 1], a pure function of ``parts``."""
+    digest = hashlib.blake2b("|".join(map(str, parts)).encode(), digest_size=24).digest()
+    a, b, c = struct.unpack("<QQQ", digest)
+    scale = 1.0 / 2.0**64
+    return ((a + 1) * scale, (b + 1) * scale, (c + 1) * scale)
+
+
+class SimulatedMarket:
+    """Reference prices and pools for the simulated venues, at any time.
+
+    ``clock`` (epoch seconds) is injectable: tests pass a ManualClock. ``shock`` moves
+    a token's price from a given time on, deterministically; shocks are local to this
+    object (a test and demo hook, not shared between processes).
+    """
+
+    def __init__(
+        self,
+        seed: int,
+        clock: Callable[[], float] = time.time,
+        *,
+        volatility: float = 1.0,
+    ) -> None:
+        self.seed = seed
+        self.clock = clock
+        # Multiplies every token's volatility; 0 gives constant prices (for tests).
+        self.volatility = volatility
+        self._shocks: dict[str, list[tuple[float, float]]] = {}
+        self._walk_cache: OrderedDict[tuple[str, int], int] = OrderedDict()
+
+    def now(self) -> float:
+        return self.clock()
+
+    @property
+    def tokens(self) -> list[str]:
+        return list(REFERENCE_PRICES_USD)
+
+    def shock(self, token: str, factor: float, from_time: float | None = None) -> None:
+        """Multiply ``token``'s price by ``factor`` for every time >= ``from_time`` (default now)."""
+        if token not in REFERENCE_PRICES_USD:
+            raise ValueError(f"unknown token {token!r}")
+        if not factor > 0:
+            raise ValueError("factor must be greater than 0")
+        at = self.now() if from_time is None else from_time
+        self._shocks.setdefault(token, []).append((at, factor))
+
+    def reference_price(self, token: str, at: float | None = None) -> float:
+        """USD price of ``token`` at time ``at`` (default now)."""
+        if token not in REFERENCE_PRICES_USD:
+            raise ValueError(f"unknown token {token!r}")
+        at = self.now() if at is None else at
+        price = REFERENCE_PRICES_USD[token]
+        sigma = _VOLATILITY_PER_BUCKET[token] * self.volatility
+        if sigma > 0:
+            bucket = math.floor(at / PRICE_BUCKET_SECS)
+            price *= math.exp(self._walk(token, bucket) * _LOG_UNIT * self.volatility)
+        for from_time, factor in self._shocks.get(token, ()):
+            if at >= from_time:
+                price *= factor
+        return price
+
+    def pool(self, profile: VenueProfile, token_in: str, token_out: str, at: float) -> Pool:
+        """``profile``'s pool for the pair at time ``at``, oriented token_in -> token_out."""
+        if not profile.supports(token_in, token_out):
+            raise UnsupportedPairError(f"{profile.name} has no {token_in}/{token_out} pool")
+        key = pair_key(token_in, token_out)
+        stable = set(key) <= STABLECOINS
+        offset_bucket = math.floor(at / OFFSET_BUCKET_SECS)
+        u_offset, u_fee, _ = _hash_units(self.seed, "pool", profile.name, *key, offset_bucket)
+        # Stable pools are arbitraged much tighter.
+        max_offset = profile.max_offset * (0.1 if stable else 1.0)
+        offset = max_offset * (2.0 * u_offset - 1.0)
+        fee = (profile.stable_fee if stable else profile.fee) + profile.dynamic_fee_max * u_fee
+        depth = PAIR_DEPTH_USD[key] * profile.depth_factor
+        reserve_a = depth / self.reference_price(key[0], at)
+        reserve_b = depth / self.reference_price(key[1], at) * (1.0 + offset)
+        if token_in == key[0]:
+            return Pool(reserve_in=reserve_a, reserve_out=reserve_b, fee=fee)
+        return Pool(reserve_in=reserve_b, reserve_out=reserve_a, fee=fee)
+
+    def _increment(self, token: str, bucket: int) -> int:
+        """One step of the walk, in _LOG_UNITs (before the volatility multiplier)."""
+        u1, u2, u3 = _hash_units(self.seed, "walk", token, bucket)
+        step = _VOLATILITY_PER_BUCKET[token] * math.sqrt(-2.0 * math.log(u1)) * math.cos(
+            2.0 * math.pi * u2
+        )
+        if u3 < JUMP_PROBABILITY_PER_BUCKET:
+            # u3 is uniform below the threshold too: reuse it for size and sign.
+            v = u3 / JUMP_PROBABILITY_PER_BUCKET
+            size = JUMP_MIN + (JUMP_MAX - JUMP_MIN) * abs(2.0 * v - 1.0)
+            step += size if v >= 0.5 else -size
+        return round(step / _LOG_UNIT)
+
+    def _walk(self, token: str, bucket: int) -> int:
+        """Sum of the last WALK_WINDOW_BUCKETS increments up to ``bucket``, cached."""
+        cached = self._walk_cache.get((token, bucket))
+        if cached is not None:
+            return cached
+        # Step from a nearby cached bucket when there is one (the common case: the
+        # clock moved on by a second or two), else sum the whole window.
+        total: int | None = None
+        for (cached_token, cached_bucket), value in reversed(self._walk_cache.items()):
+            distance = bucket - cached_bucket
+            if cached_token == token and abs(distance) < WALK_WINDOW_BUCKETS // 4:
+                total = value
+                if distance > 0:
+                    for b in range(cached_bucket + 1, bucket + 1):
+                        total += self._increment(token, b)
+                        total -= self._increment(token, b - WALK_WINDOW_BUCKETS)
+                else:
+                    for b in range(cached_bucket, bucket, -1):
+                        total -= self._increment(token, b)
+                        total += self._increment(token, b - WALK_WINDOW_BUCKETS)
+                break
+        if total is None:
+            total = sum(
+                self._increment(token, b) for b in range(bucket - WALK_WINDOW_BUCKETS + 1, bucket + 1)
+            )
+        self._walk_cache[(token, bucket)] = total
+        if len(self._walk_cache) > _PRICE_CACHE_SIZE:
+            self._walk_cache.popitem(last=False)
+        return total
+
+
+# ---------------------------------------------------------------------------------
+# The simulated venues and their shared ledger
+
+# KEYS: ledger key. ARGV: TTL secs, then field/value pairs.
+# Records a transaction once; a second send of the same tx_hash only counts itself.
+_SEND_LUA = """
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('HINCRBY', KEYS[1], 'duplicate_sends', 1)
+  return 0
+end
+redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+return 1
+"""
+
+# KEYS: ledger key. ARGV: field/value pairs of the outcome.
+# The first process to execute a due transaction writes its outcome; everyone else
+# reads that outcome, so a transaction executes once whoever asks.
+_SETTLE_LUA = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if not state then return -1 end
+if state ~= 'pending' then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV))
+return 1
+"""
+
+
+def _round_sig(value: float, digits: int = 10) -> float:
+    """Round to significant digits: messages read 220.45, not 220.45000000000002."""
+    return float(f"{value:.{digits}g}")
+
+
+class SimulatedVenue:
+    """A simulated DEX: pools from a SimulatedMarket, transactions in a Redis ledger."""
+
+    def __init__(
+        self,
+        profile: VenueProfile,
+        market: SimulatedMarket,
+        redis: Redis,
+        *,
+        latency_secs: float = 0.0,
+        confirm_latency_secs: tuple[float, float] = (0.0, 0.0),
+        failure_rate: float = 0.0,
+        ledger_ttl_secs: int = 7 * 24 * 3600,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.profile = profile
+        self.market = market
+        self.redis = redis
+        self.latency_secs = latency_secs
+        self.confirm_latency_secs = confirm_latency_secs
+        self.failure_rate = failure_rate
+        self.ledger_ttl_secs = ledger_ttl_secs
+        self._rng = rng or random.Random()
+        self._send = redis.register_script(_SEND_LUA)
+        self._settle = redis.register_script(_SETTLE_LUA)
+
+    @property
+    def name(self) -> str:
+        return self.profile.name
+
+    async def quote(self, token_in: str, token_out: str, amount: float) -> Quote:
+        await self._network("quote")
+        if not (math.isfinite(amount) and amount > 0):
+            raise RejectedSwapError(f"amount must be a positive number, not {amount!r}")
+        at = self.market.now()
+        pool = self.market.pool(self.profile, token_in, token_out, at)
+        amount_out = pool.amount_out(amount)
+        if not amount_out > 0 or not math.isfinite(amount_out):
+            raise RejectedSwapError(f"{amount} {token_in} is too small to swap")
+        no_impact = amount * (1.0 - pool.fee) * pool.mid_price
+        return Quote(
+            venue=self.name,
+            token_in=token_in,
+            token_out=token_out,
+            amount_in=amount,
+            amount_out=_round_sig(amount_out),
+            fee=pool.fee,
+            price_impact=1.0 - amount_out / no_impact,
+            quoted_at=at,
+        )
+
+    async def send(self, tx: SwapTx) -> str:
+        if tx.venue != self.name:
+            raise RejectedSwapError(f"transaction for {tx.venue} sent to {self.name}")
+        if not self.profile.supports(tx.token_in, tx.token_out):
+            raise UnsupportedPairError(f"{self.name} has no {tx.token_in}/{tx.token_out} pool")
+        # A failed send never reached the venue: nothing is recorded.
+        await self._network("send")
+        sent_at = self.market.now()
+        confirm_at = sent_at + self._confirm_latency(tx.tx_hash)
+        record = {
+            "tx_hash": tx.tx_hash,
+            "order_id": tx.order_id,
+            "venue": tx.venue,
+            "token_in": tx.token_in,
+            "token_out": tx.token_out,
+            "amount_in": repr(tx.amount_in),
+            "min_amount_out": repr(tx.min_amount_out),
+            "sent_at": repr(sent_at),
+            "confirm_at": repr(confirm_at),
+            "state": TxState.PENDING.value,
+        }
+        args: list[str | int] = [self.ledger_ttl_secs]
+        for field, value in record.items():
+            args.extend((field, value))
+        created = await self._send(keys=[keys.ledger(tx.tx_hash)], args=args)
+        if created:
+            logger.debug("%s: recorded %s for order %s", self.name, tx.tx_hash, tx.order_id)
+        else:
+            logger.info("%s: %s was already sent; not sending it again", self.name, tx.tx_hash)
+        return tx.tx_hash
+
+    async def status(self, tx_hash: str) -> TxStatus:
+        await self._network("status")
+        record = await self._record(tx_hash)
+        if not record or record.get("venue") != self.name:
+            return TxStatus(TxState.UNKNOWN)
+        if record["state"] == TxState.PENDING.value:
+            confirm_at = float(record["confirm_at"])
+            if self.market.now() < confirm_at:
+                return TxStatus(TxState.PENDING)
+            outcome = self._execute(record, confirm_at)
+            args: list[str] = []
+            for field, value in outcome.items():
+                args.extend((field, value))
+            settled = await self._settle(keys=[keys.ledger(tx_hash)], args=args)
+            if settled == 1:
+                logger.debug("%s: %s executed: %s", self.name, tx_hash, outcome["state"])
+                record.update(outcome)
+            else:
+                record = await self._record(tx_hash)
+                if not record:
+                    return TxStatus(TxState.UNKNOWN)
+        return _status_from_record(record)
+
+    async def _record(self, tx_hash: str) -> dict[str, str]:
+        # decode_responses=True: every key and value is a str.
+        return cast("dict[str, str]", await self.redis.hgetall(keys.ledger(tx_hash)))
+
+    def _execute(self, record: Mapping[str, str], at: float) -> dict[str, str]:
+        """Run the swap on the pool as it is at ``at``: the outcome to record."""
+        amount_in = float(record["amount_in"])
+        pool = self.market.pool(self.profile, record["token_in"], record["token_out"], at)
+        amount_out = _round_sig(pool.amount_out(amount_in))
+        state = TxState.CONFIRMED
+        outcome = {"amount_out": repr(amount_out), "executed_at": repr(at)}
+        outcome["execution_price"] = repr(_round_sig(amount_out / amount_in))
+        if amount_out < float(record["min_amount_out"]):
+            state = TxState.REVERTED
+            outcome["reason"] = SLIPPAGE
+        outcome["state"] = state.value
+        return outcome
+
+    def _confirm_latency(self, tx_hash: str) -> float:
+        low, high = self.confirm_latency_secs
+        # From the hash, so the same transaction always takes the same time to land.
+        u, _, _ = _hash_units("latency", tx_hash)
+        return low + (high - low) * u
+
+    async def _network(self, operation: str) -> None:
+        if self.latency_secs > 0:
+            await asyncio.sleep(self.latency_secs)
+        if self.failure_rate > 0 and self._rng.random() < self.failure_rate:
+            raise TransientVenueError(f"{self.name}: {operation} failed (simulated outage)")
+
+
+def _status_from_record(record: Mapping[str, str]) -> TxStatus:
+    state = TxState(record["state"])
+    if state is TxState.PENDING:
+        return TxStatus(state)
+    return TxStatus(
+        state,
+        amount_out=float(record["amount_out"]),
+        execution_price=float(record["execution_price"]),
+        reason=record.get("reason"),
+    )
+
+
+def make_simulated_venues(
+    redis: Redis,
+    config: Config,
+    market: SimulatedMarket | None = None,
+    profiles: tuple[VenueProfile, ...] = DEFAULT_PROFILES,
+) -> dict[str, SimulatedVenue]:
+    """The default venues, configured from ``config``, by name."""
+    market = market or SimulatedMarket(config.price_seed)
+    return {
+        profile.name: SimulatedVenue(
+            profile,
+            market,
+            redis,
+            # QUOTE_LATENCY_MS is the venue's round trip, for every call.
+            latency_secs=config.quote_latency_ms / 1000,
+            confirm_latency_secs=(
+                config.confirm_latency_min_ms / 1000,
+                config.confirm_latency_max_ms / 1000,
+            ),
+            failure_rate=config.venue_failure_rate,
+            # The ledger answers "did this land?" for as long as an order is kept.
+            ledger_ttl_secs=config.order_ttl_secs,
+        )
+        for profile in profiles
+    }
+

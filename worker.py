@@ -1,0 +1,74 @@
+"""Worker entry point (Procfile ``worker``): executes orders from the Redis stream.
+
+Needs ``REDIS_URL``: embedded mode is the web process's job (``server.py`` starts a
+local Redis and runs this file as its child with ``REDIS_URL`` set). Runs until
+SIGTERM or SIGINT, then finishes the orders in flight within SHUTDOWN_GRACE_SECS and
+exits 0; a second signal stops at once (unfinished orders stay pending and are
+resumed by another worker or the next start).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+
+from engine.config import Config, ConfigError
+from engine.connections import connect
+from engine.executor import READ_BLOCK_MS, Executor
+from engine.logs import setup_logging
+
+logger = logging.getLogger("worker")
+
+
+async def work(config: Config, redis_url: str) -> None:
+    """Run one executor until a signal, then shut it down gracefully."""
+    redis = connect(redis_url, config, block_ms=READ_BLOCK_MS)
+    executor = Executor(redis, config)
+    runner = asyncio.create_task(executor.run(), name="executor")
+    signals = 0
+
+    def on_signal(signum: int) -> None:
+        nonlocal signals
+        signals += 1
+        if signals == 1:
+            logger.info("%s received; finishing orders in flight", signal.Signals(signum).name)
+            executor.stop()
+        else:
+            logger.warning("second signal; stopping now")
+            runner.cancel()
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)
+    try:
+        await runner
+    except asyncio.CancelledError:
+        if signals < 2:
+            raise
+    finally:
+        await redis.aclose()
+
+
+def main() -> int:
+    try:
+        config = Config.from_env()
+    except ConfigError as exc:
+        print(f"worker: configuration error: {exc}", file=sys.stderr)
+        return 2
+    if config.redis_url is None:
+        print(
+            "worker: REDIS_URL is not set. Point it at the Redis the web process uses "
+            "(e.g. REDIS_URL=redis://localhost:6379/0); for a local run, start "
+            "`python server.py`, which starts Redis and a worker itself.",
+            file=sys.stderr,
+        )
+        return 2
+    setup_logging(config, "worker")
+    asyncio.run(work(config, config.redis_url))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
