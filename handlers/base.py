@@ -87,6 +87,14 @@ class APIHandler(RequestHandler):
             self.set_header("Retry-After", "1")
         self.finish(json.dumps(body, separators=(",", ":")))
 
+    @override
+    def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
+        # An APIError is an answer, not an incident: the access log already records
+        # it (503s are logged where Redis failed). Everything else: Tornado's default.
+        if isinstance(value, APIError):
+            return
+        super().log_exception(typ, value, tb)
+
     @contextlib.asynccontextmanager
     async def redis_guard(self) -> AsyncIterator[None]:
         """Turn an unreachable or stalled Redis into a prompt 503 (never a hang or 500)."""
