@@ -12,6 +12,8 @@ DEAD_LETTER_STREAM = "orders:dead"
 # Approximately trimmed (MAXLEN ~): a subscriber that misses an entry refills from
 # the order's own stream.
 EVENTS_STREAM = "orders:events"
+# Hash: how many orders have reached each status since the data began (metrics).
+STATUS_COUNTS = "orders:status_counts"
 # Ledger of transactions sent to the simulated venues, by tx_hash.
 LEDGER_PREFIX = "ledger:"
 

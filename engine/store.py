@@ -12,7 +12,7 @@ import dataclasses
 import hashlib
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from datetime import datetime, timezone
 from typing import Any, Literal, cast
 
@@ -55,7 +55,7 @@ def _lua_allowed_table() -> str:
 
 
 # KEYS: order hash, order events, all events, orders stream, idempotency key (or any
-#       placeholder when there is none)
+#       placeholder when there is none), status counters
 # ARGV: order id, event body (JSON object without seq), now, request JSON,
 #       request hash ("" = no idempotency key), idempotency TTL, events maxlen
 _CREATE_LUA = """
@@ -80,15 +80,17 @@ redis.call('HSET', KEYS[1], 'id', ARGV[1], 'status', 'pending', 'seq', 1,
 redis.call('XADD', KEYS[2], '*', 'seq', 1, 'data', data)
 redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[7], '*', 'id', ARGV[1], 'seq', 1, 'data', data)
 redis.call('XADD', KEYS[4], '*', 'id', ARGV[1])
+redis.call('HINCRBY', KEYS[6], 'pending', 1)
 if ARGV[5] ~= '' then
   redis.call('SET', KEYS[5], ARGV[1] .. '|' .. ARGV[5], 'EX', ARGV[6])
 end
 return {'created', ARGV[1]}
 """
 
-# KEYS: order hash, order events, all events
+# KEYS: order hash, order events, all events, status counters
 # ARGV: new status, event body (JSON object without seq), now, events maxlen,
-#       TTL for a finished order, then field/value pairs to store on the hash
+#       TTL for a finished order, statuses the order must be in (comma-separated,
+#       "" = any it may leave), then field/value pairs to store on the hash
 _TRANSITION_LUA = (
     "local allowed = "
     + _lua_allowed_table()
@@ -96,12 +98,16 @@ _TRANSITION_LUA = (
 local cur = redis.call('HGET', KEYS[1], 'status')
 if not cur then return {0, ''} end
 if not allowed[cur] or not allowed[cur][ARGV[1]] then return {0, cur} end
+if ARGV[6] ~= '' and not string.find(',' .. ARGV[6] .. ',', ',' .. cur .. ',', 1, true) then
+  return {0, cur}
+end
 local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
 local data = '{"seq":' .. seq .. ',' .. string.sub(ARGV[2], 2)
 redis.call('HSET', KEYS[1], 'status', ARGV[1], 'updated_at', ARGV[3])
-if #ARGV > 5 then
-  redis.call('HSET', KEYS[1], unpack(ARGV, 6))
+if #ARGV > 6 then
+  redis.call('HSET', KEYS[1], unpack(ARGV, 7))
 end
+redis.call('HINCRBY', KEYS[4], ARGV[1], 1)
 redis.call('XADD', KEYS[2], '*', 'seq', seq, 'data', data)
 redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[4], '*', 'id', redis.call('HGET', KEYS[1], 'id'),
            'seq', seq, 'data', data)
@@ -185,6 +191,7 @@ class OrderStore:
                 keys.EVENTS_STREAM,
                 keys.ORDERS_STREAM,
                 idem_key,
+                keys.STATUS_COUNTS,
             ],
             args=[
                 order_id,
@@ -198,8 +205,16 @@ class OrderStore:
         )
         return CreateResult(order_id=oid, outcome=outcome)
 
-    async def transition(self, order_id: str, status: str, **fields: Any) -> TransitionResult:
-        """Move an order to ``status`` and publish the message, if the move is allowed.
+    async def transition(
+        self,
+        order_id: str,
+        status: str,
+        *,
+        only_from: Collection[str] = (),
+        **fields: Any,
+    ) -> TransitionResult:
+        """Move an order to ``status`` and publish the message, if the move is allowed
+        (and, with ``only_from``, if the order is in one of those statuses).
 
         ``fields`` go both into the message and onto the order hash (``None`` values
         are left out).
@@ -212,19 +227,30 @@ class OrderStore:
         for name, value in clean.items():
             pairs.extend((name, value if isinstance(value, str) else json.dumps(value)))
         applied, data = await self._transition(
-            keys=[keys.order(order_id), keys.order_events(order_id), keys.EVENTS_STREAM],
+            keys=[
+                keys.order(order_id),
+                keys.order_events(order_id),
+                keys.EVENTS_STREAM,
+                keys.STATUS_COUNTS,
+            ],
             args=[
                 status,
                 event_body(order_id, status, now, clean),
                 repr(now),
                 self.config.events_maxlen,
                 self.config.order_ttl_secs,
+                ",".join(only_from),
                 *pairs,
             ],
         )
         if applied:
             return TransitionResult(applied=True, current=status, event=data)
         return TransitionResult(applied=False, current=data)
+
+    async def status_counts(self) -> dict[str, int]:
+        """How many orders have reached each status."""
+        counts = cast(dict[str, str], await self.redis.hgetall(keys.STATUS_COUNTS))
+        return {status: int(counts.get(status, 0)) for status in STATUSES}
 
     async def get(self, order_id: str) -> dict[str, str] | None:
         """The order hash as stored, or None for an unknown order."""

@@ -26,6 +26,7 @@ _DEFAULT_CODES = {
     404: "not_found",
     405: "method_not_allowed",
     413: "body_too_large",
+    409: "conflict",
     415: "unsupported_media_type",
     422: "unprocessable",
     503: "unavailable",

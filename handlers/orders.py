@@ -10,7 +10,7 @@ from typing import Any
 from tornado.web import stream_request_body
 
 from engine import strict_json
-from engine.store import utc_timestamp
+from engine.store import FAILED, PENDING, ROUTING, utc_timestamp
 from handlers.base import APIError, APIHandler, override
 
 # A request body larger than this is refused with 413 before it is read in full:
@@ -108,6 +108,36 @@ class OrderHandler(APIHandler):
             raise APIError(404, "not_found", f"no order {order_id}", order_id=order_id)
         self.write_json(order_view(order_id, stored, history))
 
+
+    async def delete(self, raw_id: str) -> None:
+        """Cancel an order that no worker has begun to build a transaction for."""
+        order_id = parse_order_id(raw_id)
+        if order_id is None:
+            raise APIError(404, "not_found", f"{raw_id[:64]!r} is not an order id")
+        async with self.redis_guard():
+            result = await self.services.store.transition(
+                order_id, FAILED, only_from=CANCELLABLE, reason=CANCEL_REASON
+            )
+            stored = None if result.applied else await self.services.store.get(order_id)
+        if not result.applied:
+            if stored is None:
+                raise APIError(404, "not_found", f"no order {order_id}", order_id=order_id)
+            if stored.get("reason") != CANCEL_REASON:  # a repeated DELETE is answered again
+                raise APIError(
+                    409,
+                    "too_late",
+                    f"the order is {stored['status']}: only pending or routing orders "
+                    "can be cancelled",
+                    order_id=order_id,
+                )
+        self.write_json({"order_id": order_id, "status": FAILED, "reason": CANCEL_REASON})
+
+
+# Once an order is ``building`` a worker may be sending its transaction, so cancelling
+# it could report "failed" for a trade that executes. Before that, the worker's own
+# next transition is refused and it drops the order: nothing is sent.
+CANCELLABLE = (PENDING, ROUTING)
+CANCEL_REASON = "cancelled by client"
 
 # Hash fields published as they are (strings) or decoded (numbers stored as JSON).
 _TEXT_FIELDS = ("venue", "tx_hash", "reason")

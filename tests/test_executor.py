@@ -715,3 +715,54 @@ async def test_a_killed_worker_process_is_replaced_and_every_order_executes_once
         ], (first.output(), second.output())
     await assert_executed_once(redis, order_ids)
     await assert_stream_drained(redis)
+
+
+# -- cancelled by the client -----------------------------------------------------------
+
+
+async def cancel(store: OrderStore, order_id: str) -> bool:
+    from handlers.orders import CANCEL_REASON, CANCELLABLE
+
+    result = await store.transition(order_id, "failed", only_from=CANCELLABLE, reason=CANCEL_REASON)
+    return result.applied
+
+
+async def test_a_cancelled_pending_order_is_dropped_unsent(
+    redis: Redis, store: OrderStore, config: Config
+) -> None:
+    order_id = await new_order(store)
+    assert await cancel(store, order_id)
+    await burst(executor_for(redis, config))
+    assert await statuses(store, order_id) == ["pending", "failed"]
+    assert await ledger(redis) == {}
+    await assert_stream_drained(redis)
+
+
+class QuoteGate(WrappedVenue):
+    """Holds every quote until released: the order sits in ``routing``."""
+
+    async def quote(self, token_in: str, token_out: str, amount: float) -> Quote:
+        self.blocked.set()
+        await self.release.wait()
+        return await self.inner.quote(token_in, token_out, amount)
+
+
+async def test_an_order_cancelled_while_routing_is_never_sent(
+    redis: Redis, store: OrderStore, config: Config
+) -> None:
+    venues = {name: QuoteGate(v) for name, v in make_simulated_venues(redis, config).items()}
+    gate = venues["raydium"]
+    for venue in venues.values():
+        venue.blocked, venue.release = gate.blocked, gate.release
+    order_id = await new_order(store)
+    worker = asyncio.create_task(burst(executor_for(redis, config, venues=dict(venues))))
+    await asyncio.wait_for(gate.blocked.wait(), RUN_TIMEOUT_SECS)
+    assert await status_of(store, order_id) == "routing"
+    assert await cancel(store, order_id)
+    gate.release.set()
+    await worker
+    history = await messages(store, order_id)
+    assert [m["status"] for m in history] == ["pending", "routing", "failed"]
+    assert history[-1]["reason"] == "cancelled by client"
+    assert await ledger(redis) == {}
+    await assert_stream_drained(redis)

@@ -282,3 +282,52 @@ async def test_health_and_readiness(http_server_client: Any) -> None:
     ready = await http_server_client.fetch("/readyz")
     assert json.loads(health.body) == {"status": "ok"}
     assert json.loads(ready.body) == {"status": "ready"}
+
+
+async def test_cancel_a_pending_order(http_server_client: Any, redis: Redis, schemas: Schemas) -> None:
+    _, accepted = await post_order(http_server_client)
+    path = f"/api/orders/{accepted['order_id']}"
+    for _ in range(2):  # a repeated DELETE gets the same answer
+        response = await http_server_client.fetch(path, method="DELETE")
+        assert response.code == 200
+        assert json.loads(response.body) == {
+            "order_id": accepted["order_id"], "status": "failed", "reason": "cancelled by client"
+        }
+    order = json.loads((await http_server_client.fetch(path)).body)
+    assert [m["status"] for m in order["history"]] == ["pending", "failed"]
+    assert order["history"][-1]["reason"] == "cancelled by client"
+    assert schemas.errors("order", order) == []
+    assert await redis.hget(keys.STATUS_COUNTS, "failed") == "1"
+
+
+@pytest.mark.parametrize("reached", ["building", "submitted", "confirmed"])
+async def test_cancel_is_409_once_a_transaction_may_be_sent(
+    http_server_client: Any, store: Any, reached: str
+) -> None:
+    _, accepted = await post_order(http_server_client)
+    order_id = accepted["order_id"]
+    tx = "0x" + "cd" * 32
+    path_so_far = {
+        "routing": {},
+        "building": {"venue": "raydium", "min_amount_out": 1.0},
+        "submitted": {"tx_hash": tx},
+        "confirmed": {"tx_hash": tx, "execution_price": 220.0},
+    }
+    for status, fields in path_so_far.items():
+        assert (await store.transition(order_id, status, **fields)).applied
+        if status == reached:
+            break
+    response = await http_server_client.fetch(
+        f"/api/orders/{order_id}", method="DELETE", raise_error=False
+    )
+    assert response.code == 409
+    body = json.loads(response.body)
+    assert body["error"] == "too_late" and reached in body["message"]
+    assert (await store.get(order_id))["status"] == reached
+
+
+async def test_cancel_an_unknown_order_is_404(http_server_client: Any) -> None:
+    response = await http_server_client.fetch(
+        f"/api/orders/{uuid.uuid4()}", method="DELETE", raise_error=False
+    )
+    assert response.code == 404
