@@ -1,0 +1,146 @@
+"""A small command-line client: submit an order and watch it to the end.
+
+    python -m engine.client SOL USDC 1.5 --slippage 0.01 [--url http://localhost:3000]
+
+Shows each status as it arrives (a progress bar on a terminal, one line per status
+otherwise), then the tx hash and price. Exit code: 0 confirmed, 1 failed, 2 the order
+was refused (the server's reasons are printed), 3 the service could not be reached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from typing import Any, TextIO
+
+from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
+from tornado.websocket import websocket_connect
+
+STEPS = ("pending", "routing", "building", "submitted", "confirmed")
+EXIT_CONFIRMED, EXIT_FAILED, EXIT_REFUSED, EXIT_UNREACHABLE = 0, 1, 2, 3
+BAR_WIDTH = len(STEPS)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m engine.client", description="Swap tokens and watch the order live."
+    )
+    parser.add_argument("token_in", help="token to sell, e.g. SOL")
+    parser.add_argument("token_out", help="token to buy, e.g. USDC")
+    parser.add_argument("amount", help="amount of token_in to sell")
+    parser.add_argument(
+        "--slippage", default="0.01", help="max price move as a fraction (default 0.01 = 1%%)"
+    )
+    parser.add_argument(
+        "--url",
+        default=os.environ.get("ORDER_API_URL", "http://localhost:3000"),
+        help="the service (default $ORDER_API_URL or http://localhost:3000)",
+    )
+    parser.add_argument("--idempotency-key", help="resubmit safely with the same key")
+    return parser.parse_args(argv)
+
+
+def _number(text: str) -> Any:
+    """Send numbers as numbers, anything else as typed: the server explains what is wrong."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+class Progress:
+    """Renders statuses: a redrawn bar on a terminal, plain lines elsewhere."""
+
+    def __init__(self, out: TextIO) -> None:
+        self.out = out
+        self.tty = out.isatty()
+
+    def show(self, message: dict[str, Any]) -> None:
+        status = message.get("status", "?")
+        step = STEPS.index(status) + 1 if status in STEPS else BAR_WIDTH
+        bar = "#" * step + "-" * (BAR_WIDTH - step)
+        detail = ""
+        if "venue" in message and status in ("building", "submitted"):
+            detail = f" via {message['venue']}"
+        if "tx_hash" in message:
+            detail += f" tx {message['tx_hash'][:10]}..."
+        if self.tty:
+            self.out.write(f"\r\x1b[2K[{bar}] {status}{detail}")
+        else:
+            self.out.write(f"[{bar}] {status}{detail}\n")
+        self.out.flush()
+
+    def done(self) -> None:
+        if self.tty:
+            self.out.write("\n")
+
+
+async def run(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
+    base = args.url.rstrip("/")
+    order = {
+        "token_in": args.token_in,
+        "token_out": args.token_out,
+        "amount": _number(args.amount),
+        "order_type": "market",
+        "max_slippage": _number(args.slippage),
+    }
+    headers = {"Content-Type": "application/json"}
+    if args.idempotency_key:
+        headers["Idempotency-Key"] = args.idempotency_key
+    http = AsyncHTTPClient()
+    try:
+        response = await http.fetch(
+            f"{base}/api/orders/execute", method="POST", body=json.dumps(order), headers=headers
+        )
+    except HTTPClientError as exc:
+        body = json.loads(exc.response.body) if exc.response and exc.response.body else {}
+        err.write(f"order refused ({exc.code}): {body.get('message', exc.message)}\n")
+        for detail in body.get("details", []):
+            err.write(f"  {detail['field'] or 'body'}: {detail['message']}\n")
+        return EXIT_UNREACHABLE if exc.code >= 500 or exc.code == 599 else EXIT_REFUSED
+    except OSError as exc:
+        err.write(f"cannot reach {base}: {exc}\n")
+        return EXIT_UNREACHABLE
+    order_id = json.loads(response.body)["order_id"]
+    out.write(f"order {order_id}\n")
+
+    ws_url = base.replace("http://", "ws://", 1).replace("https://", "wss://", 1)
+    progress = Progress(out)
+    last: dict[str, Any] = {}
+    try:
+        ws = await websocket_connect(HTTPRequest(f"{ws_url}/api/orders/status"))
+        await ws.write_message(order_id)
+        while (raw := await ws.read_message()) is not None:
+            last = json.loads(raw)
+            if "error" in last:
+                break
+            progress.show(last)
+        ws.close()
+    except OSError as exc:
+        progress.done()
+        err.write(f"lost the status stream: {exc}; see GET {base}/api/orders/{order_id}\n")
+        return EXIT_UNREACHABLE
+    progress.done()
+    if last.get("status") == "confirmed":
+        out.write(
+            f"confirmed: {order['amount']} {args.token_in} -> {last.get('amount_out')} "
+            f"{args.token_out} at {last['execution_price']} on {last.get('venue')}\n"
+            f"tx {last['tx_hash']}\n"
+        )
+        return EXIT_CONFIRMED
+    if last.get("status") == "failed":
+        err.write(f"failed: {last.get('reason')}\n")
+        return EXIT_FAILED
+    err.write(f"the status stream ended early: {last.get('message', last)}\n")
+    return EXIT_UNREACHABLE
+
+
+def main(argv: list[str] | None = None) -> int:
+    return asyncio.run(run(parse_args(argv)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
