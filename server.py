@@ -20,8 +20,8 @@ from engine.config import PROJECT_ROOT, Config, ConfigError
 from engine.logs import setup_logging
 from engine.redis_server import RedisServer, RedisServerError, die_with_parent
 from engine.services import Services
-from handlers.base import NotFoundHandler
-from handlers.health import HealthHandler, ReadyHandler
+from handlers.base import NotFoundHandler, request_logger
+from handlers.health import HealthHandler, MetricsHandler, ReadyHandler
 from handlers.orders import ExecuteOrderHandler, OrderHandler
 from handlers.schemas import SchemaHandler, SchemaIndexHandler
 from handlers.status import OrderStatusSocket
@@ -51,7 +51,9 @@ def make_app(services: Services) -> Application:
             (r"/api/schemas/([A-Za-z0-9_.-]+)", SchemaHandler, deps),
             (r"/healthz", HealthHandler, deps),
             (r"/readyz", ReadyHandler, deps),
+            (r"/metrics", MetricsHandler, deps),
         ],
+        log_function=request_logger(services),
         default_handler_class=NotFoundHandler,
         default_handler_args=deps,
         websocket_ping_interval=WS_PING_INTERVAL_SECS,

@@ -396,9 +396,15 @@ class Executor:
         while True:
             await asyncio.sleep(interval)
             ids: list[Any] = list(self._tasks)
-            if not ids:
-                continue
             try:
+                # For metrics: this worker is alive, with this many orders in flight.
+                await self.redis.set(
+                    keys.worker(self.consumer),
+                    json.dumps({"in_flight": len(ids), "pid": os.getpid()}),
+                    px=max(int(interval * 3000), 1000),
+                )
+                if not ids:
+                    continue
                 # JUSTID: resets the idle time without counting a delivery.
                 await self.redis.xclaim(
                     keys.ORDERS_STREAM,
@@ -492,6 +498,7 @@ class Executor:
                       maxlen=DEAD_LETTER_MAXLEN, approximate=True)
             pipe.xack(keys.ORDERS_STREAM, keys.EXECUTORS_GROUP, entry_id)
             pipe.xdel(keys.ORDERS_STREAM, entry_id)
+            pipe.hincrby(keys.COUNTERS, "dead_letters", 1)
             await pipe.execute()
 
     async def _give_up(
@@ -536,6 +543,7 @@ class Executor:
                     order = await self._fail_exhausted(order, attempts, exc)
                     break
                 delay = min(self.retry_backoff_secs * 2 ** (attempts - 1), RETRY_BACKOFF_MAX_SECS)
+                await self.store.count("retries")
                 logger.warning("order %s: attempt %s of %s failed (%s); retrying in %.2f s",
                                order_id, attempts, MAX_ATTEMPTS, exc, delay)
                 await asyncio.sleep(delay)

@@ -12,8 +12,11 @@ DEAD_LETTER_STREAM = "orders:dead"
 # Approximately trimmed (MAXLEN ~): a subscriber that misses an entry refills from
 # the order's own stream.
 EVENTS_STREAM = "orders:events"
-# Hash: how many orders have reached each status since the data began (metrics).
-STATUS_COUNTS = "orders:status_counts"
+# Hash: running totals for metrics: orders that reached each status, retries,
+# dead letters.
+COUNTERS = "orders:counters"
+# String per live worker, with a TTL: its in-flight count (metrics).
+WORKER_PREFIX = "worker:"
 # Ledger of transactions sent to the simulated venues, by tx_hash.
 LEDGER_PREFIX = "ledger:"
 
@@ -31,6 +34,11 @@ def order_events(order_id: str) -> str:
 def idempotency(key: str) -> str:
     """String: Idempotency-Key -> "order_id|body_hash", with a TTL."""
     return f"idem:{key}"
+
+
+def worker(consumer: str) -> str:
+    """String: a live worker's state as JSON, expiring unless refreshed."""
+    return f"{WORKER_PREFIX}{consumer}"
 
 
 def ledger(tx_hash: str) -> str:

@@ -8,6 +8,7 @@ from redis.asyncio import Redis
 
 from engine.config import Config
 from engine.connections import connect
+from engine.metrics import Metrics
 from engine.schemas import Schemas
 from engine.store import OrderStore
 from engine.updates import StatusHub
@@ -21,6 +22,7 @@ class Services:
     store: OrderStore
     hub: StatusHub
     schemas: Schemas
+    metrics: Metrics
 
     @classmethod
     def create(cls, config: Config, redis_url: str, schemas: Schemas | None = None) -> Services:
@@ -35,6 +37,7 @@ class Services:
             store=store,
             hub=StatusHub(poll_redis, store, config),
             schemas=schemas or Schemas(),
+            metrics=Metrics(),
         )
 
     async def close(self) -> None:

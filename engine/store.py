@@ -191,7 +191,7 @@ class OrderStore:
                 keys.EVENTS_STREAM,
                 keys.ORDERS_STREAM,
                 idem_key,
-                keys.STATUS_COUNTS,
+                keys.COUNTERS,
             ],
             args=[
                 order_id,
@@ -231,7 +231,7 @@ class OrderStore:
                 keys.order(order_id),
                 keys.order_events(order_id),
                 keys.EVENTS_STREAM,
-                keys.STATUS_COUNTS,
+                keys.COUNTERS,
             ],
             args=[
                 status,
@@ -247,10 +247,14 @@ class OrderStore:
             return TransitionResult(applied=True, current=status, event=data)
         return TransitionResult(applied=False, current=data)
 
-    async def status_counts(self) -> dict[str, int]:
-        """How many orders have reached each status."""
-        counts = cast(dict[str, str], await self.redis.hgetall(keys.STATUS_COUNTS))
-        return {status: int(counts.get(status, 0)) for status in STATUSES}
+    async def counters(self) -> dict[str, int]:
+        """Running totals: orders that reached each status, ``retries``, ``dead_letters``."""
+        counts = cast(dict[str, str], await self.redis.hgetall(keys.COUNTERS))
+        return {name: int(value) for name, value in counts.items()}
+
+    async def count(self, name: str) -> None:
+        """Add one to a running total (see ``counters``)."""
+        await self.redis.hincrby(keys.COUNTERS, name, 1)
 
     async def get(self, order_id: str) -> dict[str, str] | None:
         """The order hash as stored, or None for an unknown order."""

@@ -6,9 +6,10 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from tornado.log import access_log
 from tornado.web import HTTPError, RequestHandler
 
 from engine.connections import REDIS_DOWN_ERRORS
@@ -107,6 +108,25 @@ class APIHandler(RequestHandler):
             raise APIError(
                 503, "unavailable", "the order store is unavailable; retry shortly"
             ) from None
+
+
+def request_logger(services: Services) -> Callable[[RequestHandler], None]:
+    """The app's ``log_function``: Tornado's access log line, plus request metrics."""
+    metrics = services.metrics
+
+    def log_request(handler: RequestHandler) -> None:
+        status = handler.get_status()
+        seconds = handler.request.request_time()
+        metrics.observe_request(type(handler).__name__, handler.request.method or "", status, seconds)
+        if status < 400:
+            log = access_log.info
+        elif status < 500:
+            log = access_log.warning
+        else:
+            log = access_log.error
+        log("%d %s %.2fms", status, handler._request_summary(), 1000.0 * seconds)
+
+    return log_request
 
 
 class NotFoundHandler(APIHandler):

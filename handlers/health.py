@@ -1,8 +1,15 @@
-"""Liveness and readiness probes."""
+"""Liveness and readiness probes, and metrics."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
+
+from engine.connections import REDIS_DOWN_ERRORS
+from engine.metrics import CONTENT_TYPE
 from handlers.base import APIHandler
+
+logger = logging.getLogger(__name__)
 
 
 class HealthHandler(APIHandler):
@@ -19,3 +26,19 @@ class ReadyHandler(APIHandler):
         async with self.redis_guard():
             await self.services.redis.ping()
         self.write_json({"status": "ready"})
+
+
+class MetricsHandler(APIHandler):
+    """GET /metrics: Prometheus text format. With Redis down, the system-wide figures
+    are the last ones read, and this process's own are current."""
+
+    async def get(self) -> None:
+        services = self.services
+        services.metrics.subscribers.set(services.hub.subscriber_count)
+        try:
+            async with asyncio.timeout(services.config.redis_timeout_secs):
+                await services.metrics.refresh(services.redis, services.store)
+        except (*REDIS_DOWN_ERRORS, TimeoutError) as exc:
+            logger.warning("metrics: cannot read Redis (%s); serving the last figures", exc)
+        self.set_header("Content-Type", CONTENT_TYPE)
+        self.finish(services.metrics.render())

@@ -37,6 +37,7 @@ class OrderStatusSocket(WebSocketHandler):
         self.subscription: Subscription | None = None
         self._claimed = False
         self._first_message_timer: object | None = None
+        self._opened = False
 
     @override
     def check_origin(self, origin: str) -> bool:
@@ -49,6 +50,8 @@ class OrderStatusSocket(WebSocketHandler):
 
     @override
     def open(self, *args: str, **kwargs: str) -> None:
+        self._opened = True
+        self.services.metrics.websockets.inc()
         self._first_message_timer = IOLoop.current().call_later(
             self.services.config.ws_first_message_timeout_secs, self._on_first_message_timeout
         )
@@ -108,6 +111,9 @@ class OrderStatusSocket(WebSocketHandler):
     @override
     def on_close(self) -> None:
         self._cancel_timer()
+        if self._opened:
+            self._opened = False
+            self.services.metrics.websockets.dec()
         if self.subscription is not None:
             self.subscription.close()
             self.subscription = None

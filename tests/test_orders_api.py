@@ -297,7 +297,7 @@ async def test_cancel_a_pending_order(http_server_client: Any, redis: Redis, sch
     assert [m["status"] for m in order["history"]] == ["pending", "failed"]
     assert order["history"][-1]["reason"] == "cancelled by client"
     assert schemas.errors("order", order) == []
-    assert await redis.hget(keys.STATUS_COUNTS, "failed") == "1"
+    assert await redis.hget(keys.COUNTERS, "failed") == "1"
 
 
 @pytest.mark.parametrize("reached", ["building", "submitted", "confirmed"])
