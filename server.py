@@ -16,6 +16,7 @@ import sys
 from tornado.httpserver import HTTPServer
 from tornado.web import Application
 
+from engine import apidocs
 from engine.config import PROJECT_ROOT, Config, ConfigError
 from engine.logs import setup_logging
 from engine.redis_server import RedisServer, RedisServerError, die_with_parent
@@ -23,7 +24,7 @@ from engine.services import Services
 from handlers.base import NotFoundHandler, request_logger
 from handlers.health import HealthHandler, MetricsHandler, ReadyHandler
 from handlers.orders import ExecuteOrderHandler, OrderHandler
-from handlers.schemas import SchemaHandler, SchemaIndexHandler
+from handlers.schemas import ApiDocumentHandler, SchemaHandler, SchemaIndexHandler
 from handlers.status import OrderStatusSocket
 
 logger = logging.getLogger("server")
@@ -42,11 +43,15 @@ SHUTDOWN_GRACE_SECS = 5.0
 def make_app(services: Services) -> Application:
     """The Tornado application; no side effects (the caller starts the poller)."""
     deps = {"services": services}
+    openapi = {**deps, "document": apidocs.render(apidocs.openapi(services.schemas)).encode()}
+    asyncapi = {**deps, "document": apidocs.render(apidocs.asyncapi(services.schemas)).encode()}
     return Application(
         [
             (r"/api/orders/execute", ExecuteOrderHandler, deps),
             (r"/api/orders/status", OrderStatusSocket, deps),
             (r"/api/orders/([^/]+)", OrderHandler, deps),
+            (r"/api/openapi\.json", ApiDocumentHandler, openapi),
+            (r"/api/asyncapi\.json", ApiDocumentHandler, asyncapi),
             (r"/api/schemas", SchemaIndexHandler, deps),
             (r"/api/schemas/([A-Za-z0-9_.-]+)", SchemaHandler, deps),
             (r"/healthz", HealthHandler, deps),

@@ -17,7 +17,7 @@ from engine.services import Services
 
 from typing_extensions import override
 
-__all__ = ["APIError", "APIHandler", "NotFoundHandler", "override"]
+__all__ = ["APIError", "APIHandler", "JSONErrors", "NotFoundHandler", "override"]
 
 logger = logging.getLogger(__name__)
 
@@ -51,23 +51,8 @@ class APIError(HTTPError):
             self.body["details"] = details
 
 
-class APIHandler(RequestHandler):
-    """Answers JSON only; every error, expected or not, is a JSON body."""
-
-    services: Services
-
-    @override
-    def initialize(self, services: Services) -> None:
-        self.services = services
-
-    @override
-    def set_default_headers(self) -> None:
-        self.set_header("Content-Type", "application/json")
-        self.set_header("Cache-Control", "no-store")
-
-    def write_json(self, body: Any, status: int = 200) -> None:
-        self.set_status(status)
-        self.finish(json.dumps(body, separators=(",", ":")))
+class JSONErrors(RequestHandler):
+    """Renders every error as JSON: for the API handlers and the WebSocket handler."""
 
     @override
     def write_error(self, status_code: int, **kwargs: Any) -> None:
@@ -87,6 +72,36 @@ class APIHandler(RequestHandler):
         self.set_header("Content-Type", "application/json")
         if status_code == 503:
             self.set_header("Retry-After", "1")
+        if status_code == 405:
+            self.set_header("Allow", ", ".join(self.allowed_methods()))
+        self.finish(json.dumps(body, separators=(",", ":")))
+
+    @classmethod
+    def allowed_methods(cls) -> list[str]:
+        """The methods this handler implements (for a 405's Allow header)."""
+        return [
+            method
+            for method in cls.SUPPORTED_METHODS
+            if getattr(cls, method.lower()) is not getattr(RequestHandler, method.lower())
+        ]
+
+
+class APIHandler(JSONErrors):
+    """Answers JSON only; every error, expected or not, is a JSON body."""
+
+    services: Services
+
+    @override
+    def initialize(self, services: Services) -> None:
+        self.services = services
+
+    @override
+    def set_default_headers(self) -> None:
+        self.set_header("Content-Type", "application/json")
+        self.set_header("Cache-Control", "no-store")
+
+    def write_json(self, body: Any, status: int = 200) -> None:
+        self.set_status(status)
         self.finish(json.dumps(body, separators=(",", ":")))
 
     @override

@@ -1,8 +1,10 @@
-"""GET /api/schemas/{name}: the JSON Schema files, served as they are."""
+"""The published contracts: the JSON Schema files, and the OpenAPI and AsyncAPI
+documents built from them."""
 
 from __future__ import annotations
 
-from handlers.base import APIError, APIHandler
+from engine.services import Services
+from handlers.base import APIError, APIHandler, override
 
 
 class SchemaHandler(APIHandler):
@@ -32,3 +34,15 @@ class SchemaIndexHandler(APIHandler):
                 ]
             }
         )
+
+
+class ApiDocumentHandler(APIHandler):
+    """GET /api/openapi.json or /api/asyncapi.json, rendered once at start."""
+
+    @override
+    def initialize(self, services: Services, document: bytes = b"") -> None:
+        super().initialize(services)
+        self.document = document
+
+    def get(self) -> None:
+        self.finish(self.document)

@@ -13,7 +13,7 @@ from tornado.websocket import WebSocketClosedError, WebSocketHandler
 from engine.connections import REDIS_DOWN_ERRORS
 from engine.services import Services
 from engine.updates import Subscription
-from handlers.base import override
+from handlers.base import APIError, JSONErrors, override
 from handlers.orders import parse_order_id
 
 logger = logging.getLogger(__name__)
@@ -26,7 +26,7 @@ CLOSE_UNKNOWN_ORDER = 4404
 CLOSE_TIMEOUT = 4408
 
 
-class OrderStatusSocket(WebSocketHandler):
+class OrderStatusSocket(WebSocketHandler, JSONErrors):
     """Streams one order's statuses: history first, then live, then close on a terminal one."""
 
     services: Services
@@ -38,6 +38,15 @@ class OrderStatusSocket(WebSocketHandler):
         self._claimed = False
         self._first_message_timer: object | None = None
         self._opened = False
+
+    @override
+    async def get(self, *args: Any, **kwargs: Any) -> None:
+        # Tornado answers a plain GET (no Upgrade) with a text/plain 400; ours is JSON.
+        if self.request.headers.get("Upgrade", "").lower() != "websocket":
+            raise APIError(
+                400, "websocket_required", "connect with a WebSocket client (Upgrade: websocket)"
+            )
+        await super().get(*args, **kwargs)
 
     @override
     def check_origin(self, origin: str) -> bool:

@@ -290,6 +290,7 @@ async def test_cancel_a_pending_order(http_server_client: Any, redis: Redis, sch
     for _ in range(2):  # a repeated DELETE gets the same answer
         response = await http_server_client.fetch(path, method="DELETE")
         assert response.code == 200
+        assert schemas.errors("order_cancelled", json.loads(response.body)) == []
         assert json.loads(response.body) == {
             "order_id": accepted["order_id"], "status": "failed", "reason": "cancelled by client"
         }
