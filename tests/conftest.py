@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator
+from typing import Any
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,9 @@ from engine.redis_server import RedisServer
 from engine.schemas import Schemas
 from engine.services import Services
 from engine.store import OrderStore
+from pytest_tornasync.plugin import AsyncHTTPServerClient
 from server import make_app
+from tests.contract import check_response
 
 
 @pytest.fixture(scope="session")
@@ -96,3 +99,20 @@ def _start_hub(services: Services):  # type: ignore[no-untyped-def]
 @pytest.fixture
 def app(services: Services) -> Application:
     return make_app(services)
+
+
+class CheckedClient(AsyncHTTPServerClient):
+    """pytest-tornasync's test client, checking every answer against its schema."""
+
+    async def fetch(self, path: str, **kwargs: Any) -> Any:  # type: ignore[override]
+        response = await super().fetch(path, **kwargs)
+        check_response(kwargs.get("method", "GET"), path.split("?")[0], response)
+        return response
+
+
+@pytest.fixture
+def http_server_client(http_server: Any) -> Iterator[CheckedClient]:
+    """Overrides pytest-tornasync's fixture of the same name."""
+    client = CheckedClient(http_server=http_server)
+    yield client
+    client.close()

@@ -11,6 +11,8 @@ from typing import Any
 from tornado.httpclient import HTTPResponse
 from tornado.websocket import WebSocketClientConnection, websocket_connect
 
+from tests.contract import check_message
+
 VALID_ORDER: dict[str, Any] = {
     "token_in": "SOL",
     "token_out": "USDC",
@@ -75,4 +77,5 @@ async def read_until_closed(ws: WebSocketClientConnection, timeout: float = 10.0
             ws.close()  # releases the client side (else a ResourceWarning at GC)
             return messages
         assert isinstance(message, str)
+        check_message(message)
         messages.append(message)

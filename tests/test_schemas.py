@@ -86,3 +86,26 @@ def test_the_fast_validator_agrees_with_jsonschema(
     assert schemas.is_valid("order_request", document) == reference
     # And an invalid document is always explained.
     assert (schemas.errors("order_request", document) == []) == reference
+
+
+def test_the_contract_checker_rejects_an_answer_off_its_schema() -> None:
+    import io
+
+    import pytest
+    from tornado.httpclient import HTTPRequest, HTTPResponse
+    from tornado.httputil import HTTPHeaders
+
+    from tests.contract import check_message, check_response
+
+    def response(code: int, body: dict[str, Any]) -> HTTPResponse:
+        headers = HTTPHeaders({"Content-Type": "application/json"})
+        return HTTPResponse(HTTPRequest("http://x/"), code, headers=headers,
+                            buffer=io.BytesIO(json.dumps(body).encode()))
+
+    check_response("POST", "/api/orders/execute", response(202, {"order_id": "6f1c2a3b-1111-4222-8333-444455556666", "status": "pending"}))
+    with pytest.raises(AssertionError):
+        check_response("POST", "/api/orders/execute", response(202, {"order_id": "x", "status": "pending"}))
+    with pytest.raises(AssertionError):
+        check_response("GET", "/nowhere", response(404, {"detail": "not found"}))
+    with pytest.raises(AssertionError):
+        check_message('{"order_id": "x", "status": "routing"}')

@@ -1,0 +1,48 @@
+"""Every answer a test receives is checked against its schema file."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from tornado.httpclient import HTTPResponse
+
+from engine.schemas import Schemas
+
+_SCHEMAS = Schemas()
+
+# (method, path pattern, status class) -> schema of a JSON answer.
+_ROUTES: list[tuple[str, re.Pattern[str], int, str]] = [
+    ("POST", re.compile(r"^/api/orders/execute$"), 202, "order_accepted"),
+    ("GET", re.compile(r"^/api/orders/[^/]+$"), 200, "order"),
+    ("DELETE", re.compile(r"^/api/orders/[^/]+$"), 200, "order_cancelled"),
+]
+
+
+def check_response(method: str, path: str, response: HTTPResponse) -> None:
+    """Raise AssertionError if a JSON answer does not match its schema."""
+    content_type = response.headers.get("Content-Type", "")
+    if not content_type.startswith("application/json") or not response.body:
+        return
+    body = json.loads(response.body)
+    if response.code >= 400:
+        name = "error"
+    else:
+        name = next(
+            (schema for m, pattern, code, schema in _ROUTES
+             if m == method and pattern.match(path) and code == response.code),
+            "",
+        )  # fmt: skip
+    if name:
+        problems = _SCHEMAS.errors(name, body)
+        assert problems == [], f"{method} {path} -> {response.code}: not a valid {name}: {problems}"
+
+
+def check_message(text: str) -> dict[str, Any]:
+    """A WebSocket message: a status message or an error, valid against its schema."""
+    message: dict[str, Any] = json.loads(text)
+    name = "error" if "error" in message else "status_message"
+    problems = _SCHEMAS.errors(name, message)
+    assert problems == [], f"not a valid {name}: {problems}: {text}"
+    return message
