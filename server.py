@@ -10,13 +10,15 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 
 from tornado.httpserver import HTTPServer
+from tornado.netutil import bind_sockets
 from tornado.web import Application
 
-from engine import apidocs
+from engine import apidocs, prefork
 from engine.config import PROJECT_ROOT, Config, ConfigError
 from engine.logs import setup_logging
 from engine.redis_server import RedisServer, RedisServerError, die_with_parent
@@ -67,12 +69,12 @@ def make_app(services: Services) -> Application:
     )
 
 
-async def serve(config: Config, redis_url: str) -> None:
-    """Serve until SIGTERM or SIGINT, then shut down gracefully."""
+async def serve(config: Config, redis_url: str, sockets: list[socket.socket]) -> None:
+    """Serve on ``sockets`` until SIGTERM or SIGINT, then shut down gracefully."""
     services = Services.create(config, redis_url)
     app = make_app(services)
     server = HTTPServer(app, max_body_size=MAX_BODY_BYTES, xheaders=True)
-    server.listen(config.port, config.host)
+    server.add_sockets(sockets)
     services.hub.start()
     logger.info("listening on http://%s:%s (redis %s)", config.host, config.port, redis_url)
 
@@ -88,6 +90,20 @@ async def serve(config: Config, redis_url: str) -> None:
     except TimeoutError:
         logger.warning("connections still open after %s s; closing anyway", SHUTDOWN_GRACE_SECS)
     await services.close()
+
+
+def run_web(config: Config, redis_url: str, sockets: list[socket.socket]) -> int:
+    """One web process, or WEB_CONCURRENCY of them under a pre-fork supervisor."""
+    if config.web_concurrency == 1:
+        asyncio.run(serve(config, redis_url, sockets))
+        return 0
+
+    def child(slot: int) -> int:
+        setup_logging(config, f"web.{slot}")
+        asyncio.run(serve(config, redis_url, sockets))
+        return 0
+
+    return prefork.supervise(config.web_concurrency, child)
 
 
 def start_worker(redis_url: str) -> subprocess.Popen[bytes]:
@@ -122,9 +138,17 @@ def main() -> int:
         print(f"server: configuration error: {exc}", file=sys.stderr)
         return 2
     setup_logging(config, "web")
+    try:
+        # Bound before anything starts, and before forking: every web process
+        # accepts on the same socket.
+        sockets = bind_sockets(config.port, config.host)
+    except OSError as exc:
+        print(f"server: cannot listen on {config.host}:{config.port}: {exc}", file=sys.stderr)
+        return 1
     embedded: RedisServer | None = None
     worker: subprocess.Popen[bytes] | None = None
     redis_url = config.redis_url
+    code = 0
     try:
         if redis_url is None:
             embedded = RedisServer(config.data_dir / "redis")
@@ -135,13 +159,13 @@ def main() -> int:
                 return 1
             logger.info("embedded mode: Redis at %s, starting a worker", redis_url)
             worker = start_worker(redis_url)
-        asyncio.run(serve(config, redis_url))
+        code = run_web(config, redis_url, sockets)
     finally:
         if worker is not None:
             stop_worker(worker, config.shutdown_grace_secs)
         if embedded is not None:
             embedded.stop()
-    return 0
+    return code
 
 
 if __name__ == "__main__":

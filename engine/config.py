@@ -36,6 +36,9 @@ class Config:
     log_level: str = "INFO"
     log_format: str = "text"  # "text" or "json"
 
+    # Web processes sharing the port (a pre-fork supervisor runs them); 1 = no fork.
+    web_concurrency: int = 1
+
     # Redis client behaviour. Request-path commands must fail fast (503) when Redis
     # is unreachable rather than hang: redis-py 8 would wait 5 s by default.
     redis_timeout_secs: float = 1.5
@@ -90,6 +93,7 @@ class Config:
             allowed_origins=get("ALLOWED_ORIGINS", _origins, d.allowed_origins),
             log_level=get("LOG_LEVEL", _log_level, d.log_level),
             log_format=get("LOG_FORMAT", _choice("text", "json"), d.log_format),
+            web_concurrency=get("WEB_CONCURRENCY", _positive(int), d.web_concurrency),
             redis_timeout_secs=get("REDIS_TIMEOUT_SECS", _positive(float), d.redis_timeout_secs),
             poll_block_ms=get("POLL_BLOCK_MS", _positive(int), d.poll_block_ms),
             events_maxlen=get("EVENTS_MAXLEN", _positive(int), d.events_maxlen),

@@ -136,3 +136,63 @@ async def test_make_run_system_serves_orders_end_to_end(embedded_system: Any) ->
     assert _redis_server_pids(tmp_path) == []
     log = (tmp_path / "server.log").read_text()
     assert "embedded mode" in log and "Traceback" not in log
+
+
+def _children(pid: int) -> list[int]:
+    found = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True)
+    return sorted(int(p) for p in found.stdout.split())
+
+
+async def test_web_concurrency_runs_and_replaces_web_processes(
+    redis_server: RedisServer, clean_redis: None, tmp_path: Path
+) -> None:
+    port = free_port()
+    env = {**os.environ, "REDIS_URL": redis_server.url, "SERVER_PORT": str(port), "WEB_CONCURRENCY": "2"}
+    log_path = tmp_path / "web.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, str(PROJECT_ROOT / "server.py")], env=env,
+                                stdout=log, stderr=log)
+    http = AsyncHTTPClient()
+    try:
+        await eventually(lambda: len(_children(proc.pid)) == 2, timeout=30, message="2 web processes")
+        first = _children(proc.pid)
+
+        async def serves() -> bool:
+            try:
+                return (await http.fetch(f"http://127.0.0.1:{port}/healthz", raise_error=False)).code == 200
+            except OSError:
+                return False
+
+        await eventually(serves, timeout=30, interval=0.05, message="serving")
+        os.kill(first[0], signal.SIGKILL)  # a web process crashes: another takes its place
+        await eventually(
+            lambda: len(_children(proc.pid)) == 2 and first[0] not in _children(proc.pid),
+            timeout=30, message="replacement",
+        )
+        for _ in range(20):  # both processes answer on the one port
+            assert await serves()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    assert proc.returncode == 0, log_path.read_text()
+    assert "starting another" in log_path.read_text()
+
+
+def test_a_port_in_use_stops_the_start_with_one_line(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, str(PROJECT_ROOT / "server.py")],
+            env={**os.environ, "SERVER_PORT": str(port), "HOST": "127.0.0.1", "DATA_DIR": str(tmp_path)},
+            capture_output=True, text=True, timeout=30,
+        )
+    assert result.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
+    assert "Traceback" not in result.stderr
