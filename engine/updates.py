@@ -173,6 +173,8 @@ class StatusHub:
         failing = False
         while not self._stopping:
             try:
+                if failing:
+                    await self._check_position()
                 batches: list[tuple[str, StreamEntries]] = await self.redis.xread(  # type: ignore[assignment]
                     {keys.EVENTS_STREAM: self.last_id},
                     count=POLL_BATCH,
@@ -190,6 +192,16 @@ class StatusHub:
             for _stream, entries in batches:
                 self._dispatch(entries)
 
+    async def _check_position(self) -> None:
+        """After an outage: if the stream restarted behind us (Redis came back without
+        its data), read it from the start again; seq dedup drops any repeat."""
+        newest = cast(StreamEntries, await self.redis.xrevrange(keys.EVENTS_STREAM, count=1))
+        newest_id = newest[0][0] if newest else "0-0"
+        if _stream_id(newest_id) < _stream_id(self.last_id):
+            logger.warning("orders:events is behind the poller (%s < %s); rereading it",
+                           newest_id, self.last_id)
+            self.last_id = "0-0"
+
     def _dispatch(self, entries: StreamEntries) -> None:
         by_order = self._by_order
         for entry_id, fields in entries:
@@ -200,3 +212,8 @@ class StatusHub:
                 for sub in list(subs):
                     sub.offer(seq, fields["data"])
                     self.delivered += 1
+
+
+def _stream_id(entry_id: str) -> tuple[int, int]:
+    millis, _, counter = entry_id.partition("-")
+    return int(millis), int(counter or 0)

@@ -315,3 +315,20 @@ async def test_redis_unavailable_gives_503_json_promptly(
         if fault == "frozen" and lonely_redis.process is not None:
             os.kill(lonely_redis.process.pid, signal.SIGCONT)
         await services.close()
+
+
+async def test_poller_rereads_a_stream_that_restarted_behind_it(
+    http_server_client: Any, services: Services
+) -> None:
+    # As if Redis came back without its data: the poller's position is past the
+    # newest entry. It must read from the start again, or it would wait forever.
+    hub = services.hub
+    await eventually(lambda: hub.last_id, message="poller started")
+    hub.last_id = "99999999999999-0"
+    await hub._check_position()
+    assert hub.last_id == "0-0"
+    _, accepted = await post_order(http_server_client)
+    ws = await subscribe(http_server_client, accepted["order_id"])
+    await asyncio.wait_for(ws.read_message(), 5)
+    await drive_to_confirmed(services.store, accepted["order_id"])
+    assert len(await read_until_closed(ws)) == 4
