@@ -504,14 +504,30 @@ class Executor:
     async def _give_up(
         self, entry_id: str, order_id: str, fields: Mapping[str, str], deliveries: int
     ) -> None:
-        """An entry that keeps coming back: fail its order, dead-letter the entry."""
+        """An entry that keeps coming back: fail its order, dead-letter the entry.
+
+        An order whose transaction may have gone out is not failed (that could report
+        a trade that executed as failed): the entry is set aside for an operator, who
+        finds the tx_hash on the order.
+        """
         reason = (
             f"Order could not be processed: delivered {deliveries} times "
             f"(limit {self.config.max_deliveries}); set aside for an operator"
         )
         order = await self.store.get(order_id)
         if order is not None and order["status"] not in TERMINAL:
-            await self._advance(order, FAILED, reason=reason)
+            try:
+                may_fail = await self._may_fail(order)
+            except (RuntimeError, InvalidOrderError):
+                may_fail = order["status"] != SUBMITTED and not order.get("tx_hash")
+            if may_fail:
+                await self._advance(order, FAILED, reason=reason)
+            else:
+                logger.error(
+                    "order %s: %s with tx %s but its entry keeps failing; left for an "
+                    "operator (see %s)",
+                    order_id, order["status"], order.get("tx_hash"), keys.DEAD_LETTER_STREAM,
+                )  # fmt: skip
         await self._dead_letter(entry_id, fields, reason, deliveries)
 
     # -- one order ------------------------------------------------------------------

@@ -498,6 +498,33 @@ async def test_an_entry_delivered_too_often_is_dead_lettered_and_its_order_faile
     await assert_stream_drained(redis)
 
 
+async def test_a_submitted_order_whose_entry_keeps_failing_is_not_reported_failed(
+    redis: Redis, store: OrderStore, config: Config
+) -> None:
+    # Its transaction is out: failing the order could hide an executed trade, so the
+    # entry is set aside for an operator and the order keeps its status.
+    order_id = await new_order(store)
+    tx = "0x" + "ef" * 32
+    for status, fields in (
+        ("routing", {}),
+        ("building", {"venue": "raydium", "quoted_price": 220.0, "min_amount_out": 2000.0}),
+        ("submitted", {"tx_hash": tx, "venue": "raydium"}),
+    ):
+        assert (await store.transition(order_id, status, **fields)).applied
+    await redis.xgroup_create(keys.ORDERS_STREAM, keys.EXECUTORS_GROUP, id="0", mkstream=True)
+    [[_stream, [(entry_id, _fields)]]] = cast(
+        Any, await redis.xreadgroup(keys.EXECUTORS_GROUP, "dead-1", {keys.ORDERS_STREAM: ">"})
+    )
+    await redis.xclaim(keys.ORDERS_STREAM, keys.EXECUTORS_GROUP, "dead-2", 0, [entry_id])
+    limited = dataclasses.replace(config, max_deliveries=2, claim_idle_ms=50)
+    await burst(executor_for(redis, limited))
+
+    assert await status_of(store, order_id) == "submitted"
+    [dead] = await dead_letters(redis)
+    assert dead["order_id"] == order_id
+    await assert_stream_drained(redis)
+
+
 # -- shutdown and Redis trouble ---------------------------------------------------------------
 
 
