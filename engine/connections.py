@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from engine.config import Config
+
+# Connections per client. A burst of requests waits for a free connection (up to the
+# Redis timeout) instead of failing: redis-py's default pool refuses the 101st
+# concurrent command with "Too many connections", which would surface as a 503.
+MAX_CONNECTIONS = 64
 
 # Errors that mean "Redis is not there right now": answered with 503 on the request
 # path, retried with a delay by the background loops.
@@ -24,8 +29,10 @@ def connect(url: str, config: Config, *, block_ms: int = 0) -> Redis:
     path and too short for nothing else, so every timeout here is explicit.
     """
     socket_timeout = config.redis_timeout_secs + block_ms / 1000
-    return Redis.from_url(
+    pool = BlockingConnectionPool.from_url(
         url,
+        max_connections=MAX_CONNECTIONS,
+        timeout=config.redis_timeout_secs,
         decode_responses=True,
         socket_timeout=socket_timeout,
         socket_connect_timeout=min(config.redis_timeout_secs, 1.0),
@@ -34,3 +41,4 @@ def connect(url: str, config: Config, *, block_ms: int = 0) -> Redis:
         retry=Retry(ExponentialBackoff(cap=0.2, base=0.05), retries=1),
         health_check_interval=30,
     )
+    return Redis.from_pool(pool)  # the client owns the pool: aclose() closes both

@@ -89,3 +89,18 @@ async def test_events_stream_is_trimmed_approximately(store: OrderStore, redis: 
     # MAXLEN ~ trims whole macro-nodes only: bounded, never below the limit.
     assert 10 <= await redis.xlen(keys.EVENTS_STREAM) < 300
     assert await redis.xlen(keys.ORDERS_STREAM) == 300  # the work queue is never trimmed
+
+
+async def test_a_burst_larger_than_the_pool_waits_instead_of_failing(
+    store: OrderStore, redis: Redis
+) -> None:
+    from engine.connections import MAX_CONNECTIONS
+
+    import asyncio
+
+    burst = 4 * MAX_CONNECTIONS + 50
+    results = await asyncio.gather(
+        *(store.create(str(uuid.uuid4()), VALID_ORDER) for _ in range(burst)), return_exceptions=True
+    )
+    assert [r for r in results if isinstance(r, BaseException)] == []
+    assert await redis.xlen(keys.ORDERS_STREAM) == burst
