@@ -133,13 +133,11 @@ def request_logger(services: Services) -> Callable[[RequestHandler], None]:
         status = handler.get_status()
         seconds = handler.request.request_time()
         metrics.observe_request(type(handler).__name__, handler.request.method or "", status, seconds)
-        if status < 400:
-            log = access_log.info
-        elif status < 500:
-            log = access_log.warning
-        else:
-            log = access_log.error
-        log("%d %s %.2fms", status, handler._request_summary(), 1000.0 * seconds)
+        level = logging.INFO if status < 400 else logging.WARNING if status < 500 else logging.ERROR
+        if access_log.isEnabledFor(level):  # the summary costs a few us; skip it if unused
+            access_log.log(
+                level, "%d %s %.2fms", status, handler._request_summary(), 1000.0 * seconds
+            )
 
     return log_request
 
