@@ -160,6 +160,7 @@ class StatusHub:
             pass
 
     async def _run(self) -> None:
+        warned = False
         while not self.last_id and not self._stopping:
             try:
                 newest = cast(
@@ -167,7 +168,9 @@ class StatusHub:
                 )
                 self.last_id = newest[0][0] if newest else "0-0"
             except REDIS_DOWN_ERRORS as exc:
-                logger.warning("status poller cannot reach Redis (%s); retrying", exc)
+                if not warned:  # once per outage, not twice a second
+                    logger.warning("status poller cannot reach Redis (%s); retrying", exc)
+                    warned = True
                 await asyncio.sleep(RECONNECT_DELAY_SECS)
         logger.info("status poller started after entry %s", self.last_id)
         failing = False

@@ -7,6 +7,8 @@ import logging
 from typing import Any
 from urllib.parse import urlparse
 
+from asyncio import Future
+
 from tornado.ioloop import IOLoop
 from tornado.websocket import WebSocketClosedError, WebSocketHandler
 
@@ -24,6 +26,9 @@ CLOSE_UNAVAILABLE = 1013  # "try again later" (RFC 6455 registry)
 CLOSE_BAD_ID = 4400
 CLOSE_UNKNOWN_ORDER = 4404
 CLOSE_TIMEOUT = 4408
+
+
+_HANDSHAKE_ERRORS = {400: "bad_handshake", 403: "origin_not_allowed", 426: "upgrade_required"}
 
 
 class OrderStatusSocket(WebSocketHandler, JSONErrors):
@@ -47,6 +52,21 @@ class OrderStatusSocket(WebSocketHandler, JSONErrors):
                 400, "websocket_required", "connect with a WebSocket client (Upgrade: websocket)"
             )
         await super().get(*args, **kwargs)
+
+    @override
+    def finish(self, chunk: str | bytes | dict[str, Any] | None = None) -> Future[None]:
+        # Tornado refuses a bad handshake (403 foreign origin, 400 bad headers, 426
+        # unsupported version) with a text body; answer JSON like every other error.
+        status = self.get_status()
+        if (
+            self.ws_connection is None
+            and status >= 400
+            and not self._headers.get("Content-Type", "").startswith("application/json")
+        ):
+            message = chunk if isinstance(chunk, str) and chunk else self._reason
+            self.set_header("Content-Type", "application/json")
+            chunk = json.dumps({"error": _HANDSHAKE_ERRORS.get(status, "bad_request"), "message": message})
+        return super().finish(chunk)
 
     @override
     def check_origin(self, origin: str) -> bool:
