@@ -89,6 +89,9 @@ REDIS_RETRY_SECS = 1.0
 CLAIM_INTERVAL_MAX_SECS = 5.0
 # Burst mode: how often to look again while other workers still hold pending entries.
 BURST_POLL_SECS = 0.05
+# An order whose transaction is out and whose entry is past max_deliveries gets this
+# long to learn its outcome from the venue before it is left to an operator.
+GIVE_UP_SETTLE_SECS = 30.0
 # The dead-letter stream is for an operator to read; keep it from growing forever.
 DEAD_LETTER_MAXLEN = 100_000
 
@@ -507,8 +510,9 @@ class Executor:
         """An entry that keeps coming back: fail its order, dead-letter the entry.
 
         An order whose transaction may have gone out is not failed (that could report
-        a trade that executed as failed): the entry is set aside for an operator, who
-        finds the tx_hash on the order.
+        a trade that executed as failed): the venue is asked for the outcome for a
+        bounded time, and the order finishes with it. Only if that fails too is the
+        entry set aside for an operator, who finds the tx_hash on the order.
         """
         reason = (
             f"Order could not be processed: delivered {deliveries} times "
@@ -522,6 +526,9 @@ class Executor:
                 may_fail = order["status"] != SUBMITTED and not order.get("tx_hash")
             if may_fail:
                 await self._advance(order, FAILED, reason=reason)
+            elif await self._settle_before_giving_up(order):
+                await self._ack(entry_id)
+                return
             else:
                 logger.error(
                     "order %s: %s with tx %s but its entry keeps failing; left for an "
@@ -529,6 +536,20 @@ class Executor:
                     order_id, order["status"], order.get("tx_hash"), keys.DEAD_LETTER_STREAM,
                 )  # fmt: skip
         await self._dead_letter(entry_id, fields, reason, deliveries)
+
+    async def _settle_before_giving_up(self, order: dict[str, str]) -> bool:
+        """Finish an order whose transaction is out from the venue's answer alone;
+        False if that did not work within GIVE_UP_SETTLE_SECS."""
+        try:
+            final = await asyncio.wait_for(self._drive(order), GIVE_UP_SETTLE_SECS)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # whatever kept failing this entry: leave it to a person
+            logger.warning("order %s: could not settle before giving up: %r", order["id"], exc)
+            return False
+        logger.info("order %s: settled as %s although its entry was delivered too often",
+                    order["id"], final["status"])
+        return final["status"] in TERMINAL
 
     # -- one order ------------------------------------------------------------------
 

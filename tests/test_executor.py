@@ -498,11 +498,7 @@ async def test_an_entry_delivered_too_often_is_dead_lettered_and_its_order_faile
     await assert_stream_drained(redis)
 
 
-async def test_a_submitted_order_whose_entry_keeps_failing_is_not_reported_failed(
-    redis: Redis, store: OrderStore, config: Config
-) -> None:
-    # Its transaction is out: failing the order could hide an executed trade, so the
-    # entry is set aside for an operator and the order keeps its status.
+async def _submitted_order_delivered_twice(redis: Redis, store: OrderStore) -> str:
     order_id = await new_order(store)
     tx = "0x" + "ef" * 32
     for status, fields in (
@@ -516,10 +512,36 @@ async def test_a_submitted_order_whose_entry_keeps_failing_is_not_reported_faile
         Any, await redis.xreadgroup(keys.EXECUTORS_GROUP, "dead-1", {keys.ORDERS_STREAM: ">"})
     )
     await redis.xclaim(keys.ORDERS_STREAM, keys.EXECUTORS_GROUP, "dead-2", 0, [entry_id])
+    return order_id
+
+
+async def test_a_submitted_order_whose_entry_keeps_failing_finishes_from_the_venue(
+    redis: Redis, store: OrderStore, config: Config
+) -> None:
+    # Its transaction is out: failing it could hide an executed trade. The venue is
+    # asked instead, and the order ends as the venue says.
+    order_id = await _submitted_order_delivered_twice(redis, store)
     limited = dataclasses.replace(config, max_deliveries=2, claim_idle_ms=50)
     await burst(executor_for(redis, limited))
+    assert await status_of(store, order_id) == "confirmed"
+    assert await dead_letters(redis) == []
+    await assert_executed_once(redis, [order_id])
+    await assert_stream_drained(redis)
 
-    assert await status_of(store, order_id) == "submitted"
+
+async def test_a_submitted_order_the_venue_cannot_settle_is_left_to_an_operator(
+    redis: Redis, store: OrderStore, config: Config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import engine.executor
+
+    monkeypatch.setattr(engine.executor, "GIVE_UP_SETTLE_SECS", 0.3)
+    order_id = await _submitted_order_delivered_twice(redis, store)
+    venues = wrapped_venues(redis, config)
+    for venue in venues.values():
+        venue.failures["status"] = 10**6  # the venue never answers
+    limited = dataclasses.replace(config, max_deliveries=2, claim_idle_ms=50)
+    await burst(executor_for(redis, limited, venues=dict(venues)))
+    assert await status_of(store, order_id) == "submitted"  # never reported failed
     [dead] = await dead_letters(redis)
     assert dead["order_id"] == order_id
     await assert_stream_drained(redis)
