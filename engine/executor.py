@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import dataclasses
 import json
 import logging
@@ -94,6 +95,31 @@ BURST_POLL_SECS = 0.05
 GIVE_UP_SETTLE_SECS = 30.0
 # The dead-letter stream is for an operator to read; keep it from growing forever.
 DEAD_LETTER_MAXLEN = 100_000
+
+
+# Refresh the idle time of the entries this consumer still owns, and only those: an
+# entry another worker has claimed (this one was frozen or partitioned past
+# claim_idle_ms) is not taken back. Returns the ids this consumer no longer owns.
+# KEYS: orders stream; ARGV: group, consumer, entry ids...
+_KEEP_OWNED_LUA = """
+local lost = {}
+for i = 3, #ARGV do
+  local row = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
+  if row[1] and row[1][2] == ARGV[2] then
+    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'JUSTID')
+  else
+    table.insert(lost, ARGV[i])
+  end
+end
+return lost
+"""
+
+# The entry the current task is working on (set by _process, read before a send).
+_current_entry: contextvars.ContextVar[str] = contextvars.ContextVar("current_entry")
+
+
+class LostEntry(Exception):
+    """Another worker has taken over this task's entry: stop working on the order."""
 
 
 class PoisonEntry(Exception):
@@ -202,6 +228,7 @@ class Executor:
         self._history_cursor = "0"
         self._claim_cursor = "0-0"
         self._next_claim_at = 0.0
+        self._keep_owned = redis.register_script(_KEEP_OWNED_LUA)
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -408,15 +435,15 @@ class Executor:
                 )
                 if not ids:
                     continue
-                # JUSTID: resets the idle time without counting a delivery.
-                await self.redis.xclaim(
-                    keys.ORDERS_STREAM,
-                    keys.EXECUTORS_GROUP,
-                    self.consumer,
-                    min_idle_time=0,
-                    message_ids=ids,
-                    justid=True,
+                lost = await self._keep_owned(
+                    keys=[keys.ORDERS_STREAM], args=[keys.EXECUTORS_GROUP, self.consumer, *ids]
                 )
+                for entry_id in lost:
+                    task = self._tasks.get(entry_id)
+                    if task is not None:
+                        logger.warning("worker %s: entry %s was taken over by another worker; "
+                                       "dropping it", self.consumer, entry_id)
+                        task.cancel()
             except (*REDIS_DOWN_ERRORS, ResponseError) as exc:
                 logger.warning("worker %s: heartbeat failed: %s", self.consumer, exc)
 
@@ -448,6 +475,7 @@ class Executor:
     async def _process(self, entry_id: str, fields: dict[str, str], deliveries: int) -> None:
         """Drive one entry's order to a terminal status, then acknowledge the entry."""
         order_id = fields.get("id", "")
+        _current_entry.set(entry_id)  # this task's own context
         try:
             while True:
                 try:
@@ -467,6 +495,9 @@ class Executor:
                     logger.warning("order %s: Redis unavailable (%s); retrying in %s s",
                                    order_id, exc, REDIS_RETRY_SECS)
                     await asyncio.sleep(REDIS_RETRY_SECS)
+        except LostEntry:
+            logger.warning("order %s: entry %s was taken over by another worker; not sending",
+                           order_id, entry_id)
         except asyncio.CancelledError:
             logger.info("order %s: interrupted; entry %s stays pending", order_id, entry_id)
             raise
@@ -536,6 +567,19 @@ class Executor:
                     order_id, order["status"], order.get("tx_hash"), keys.DEAD_LETTER_STREAM,
                 )  # fmt: skip
         await self._dead_letter(entry_id, fields, reason, deliveries)
+
+    async def _check_still_owner(self) -> None:
+        """Raise LostEntry if another worker has claimed this task's entry. Called just
+        before a transaction is sent: a worker that was frozen past claim_idle_ms must
+        not send what the worker that took over is sending."""
+        entry_id = _current_entry.get(None)
+        if entry_id is None:
+            return
+        lost = await self._keep_owned(
+            keys=[keys.ORDERS_STREAM], args=[keys.EXECUTORS_GROUP, self.consumer, entry_id]
+        )
+        if lost:
+            raise LostEntry(entry_id)
 
     async def _settle_before_giving_up(self, order: dict[str, str]) -> bool:
         """Finish an order whose transaction is out from the venue's answer alone;
@@ -640,11 +684,13 @@ class Executor:
         if recorded:
             # Someone (perhaps a worker that died) got this far: did the tx go out?
             if (await venue.status(tx.tx_hash)).state is TxState.UNKNOWN:
+                await self._check_still_owner()
                 await venue.send(tx)
         else:
             # Recorded before sending, so whoever resumes this order knows the tx_hash.
             await self.store.set_fields(order["id"], tx_hash=tx.tx_hash)
             order = {**order, "tx_hash": tx.tx_hash}
+            await self._check_still_owner()
             await venue.send(tx)
         return await self._advance(order, SUBMITTED, tx_hash=tx.tx_hash, venue=venue.name)
 
@@ -683,6 +729,7 @@ class Executor:
                     # The venue lost it (or never got it): sending is idempotent.
                     logger.warning("order %s: venue %s does not know %s; sending it again",
                                    order["id"], venue.name, tx.tx_hash)
+                    await self._check_still_owner()
                     await venue.send(tx)
             await asyncio.sleep(delay)
             delay = min(delay * 2, STATUS_POLL_MAX_SECS)

@@ -815,3 +815,34 @@ async def test_an_order_cancelled_while_routing_is_never_sent(
     assert history[-1]["reason"] == "cancelled by client"
     assert await ledger(redis) == {}
     await assert_stream_drained(redis)
+
+
+async def test_a_worker_frozen_before_sending_does_not_send_after_a_takeover(
+    redis: Redis, store: OrderStore, config: Config
+) -> None:
+    # Worker A freezes (a GC pause, SIGSTOP) with the tx_hash recorded and the send
+    # next, for longer than claim_idle_ms. Worker B takes the order over and sends.
+    # When A wakes, it finds the entry is no longer its own and sends nothing.
+    frozen, thaw = asyncio.Event(), asyncio.Event()
+    stalled = executor_for(redis, dataclasses.replace(config, claim_idle_ms=60_000))
+    real_check = stalled._check_still_owner
+
+    async def freeze_then_check() -> None:
+        frozen.set()
+        await thaw.wait()
+        await real_check()
+
+    stalled._check_still_owner = freeze_then_check  # type: ignore[method-assign]
+    order_id = await new_order(store)
+    task_a = asyncio.create_task(burst(stalled))
+    await asyncio.wait_for(frozen.wait(), RUN_TIMEOUT_SECS)
+
+    await burst(executor_for(redis, dataclasses.replace(config, claim_idle_ms=50)))
+    assert await status_of(store, order_id) == "confirmed"
+    thaw.set()
+    await task_a
+
+    records = (await ledger(redis))[order_id]
+    assert len(records) == 1
+    assert records[0].get("duplicate_sends", "0") == "0"  # A did not send again
+    assert await statuses(store, order_id) == ["pending", "routing", "building", "submitted", "confirmed"]
