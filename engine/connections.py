@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
@@ -42,3 +44,16 @@ def connect(url: str, config: Config, *, block_ms: int = 0) -> Redis:
         health_check_interval=30,
     )
     return Redis.from_pool(pool)  # the client owns the pool: aclose() closes both
+
+
+def raise_if_cancelled() -> None:
+    """Call first thing in an ``except`` for Redis errors inside a retry loop.
+
+    A cancellation that lands while redis-py reads a reply can surface as one of its
+    connection or timeout errors instead of CancelledError; a loop that retries those
+    would then swallow its own cancellation and never stop. Python 3.11 counts
+    pending cancellations, so the loop can tell.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError

@@ -45,7 +45,7 @@ from redis.exceptions import ResponseError
 
 from engine import keys
 from engine.config import Config
-from engine.connections import REDIS_DOWN_ERRORS
+from engine.connections import REDIS_DOWN_ERRORS, raise_if_cancelled
 from engine.router import QUOTE_TIMEOUT_SECS, Router
 from engine.store import (
     BUILDING,
@@ -86,6 +86,8 @@ STATUS_POLL_SECS = 0.05
 STATUS_POLL_MAX_SECS = 0.5
 # After a Redis connection error, wait this long before trying again.
 REDIS_RETRY_SECS = 1.0
+# The longest wait for the heartbeat task to end when the worker stops.
+HEARTBEAT_STOP_SECS = 2.0
 # XAUTOCLAIM at least this often, whatever claim_idle_ms is.
 CLAIM_INTERVAL_MAX_SECS = 5.0
 # Burst mode: how often to look again while other workers still hold pending entries.
@@ -229,6 +231,7 @@ class Executor:
         self._claim_cursor = "0-0"
         self._next_claim_at = 0.0
         self._keep_owned = redis.register_script(_KEEP_OWNED_LUA)
+        self._heartbeat_stop = asyncio.Event()
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -264,8 +267,9 @@ class Executor:
             await self._cancel_in_flight()
             raise
         finally:
+            self._heartbeat_stop.set()
             heartbeat.cancel()
-            await asyncio.gather(heartbeat, return_exceptions=True)
+            await asyncio.wait({heartbeat}, timeout=HEARTBEAT_STOP_SECS)
         logger.info("worker %s: stopped", self.consumer)
 
     async def _drain(self) -> None:
@@ -304,6 +308,7 @@ class Executor:
                         return
                     await self._wait_for_tasks(BURST_POLL_SECS)
             except REDIS_DOWN_ERRORS as exc:
+                raise_if_cancelled()
                 logger.warning("worker %s: Redis unavailable (%s); retrying in %s s",
                                self.consumer, exc, REDIS_RETRY_SECS)
                 # A reply lost with the connection may have delivered entries to us.
@@ -423,8 +428,14 @@ class Executor:
     async def _heartbeat(self) -> None:
         """Keep in-flight entries from looking idle, so no one claims them from us."""
         interval = self.config.claim_idle_ms / 3000
-        while True:
-            await asyncio.sleep(interval)
+        # Stopped by the event, not only by cancel(): a cancel that lands inside a
+        # redis-py call can come out as a connection error (see raise_if_cancelled).
+        while not self._heartbeat_stop.is_set():
+            try:
+                await asyncio.wait_for(self._heartbeat_stop.wait(), interval)
+                return
+            except TimeoutError:
+                pass
             ids: list[Any] = list(self._tasks)
             try:
                 # For metrics: this worker is alive, with this many orders in flight.
@@ -445,6 +456,7 @@ class Executor:
                                        "dropping it", self.consumer, entry_id)
                         task.cancel()
             except (*REDIS_DOWN_ERRORS, ResponseError) as exc:
+                raise_if_cancelled()
                 logger.warning("worker %s: heartbeat failed: %s", self.consumer, exc)
 
     async def _wait_for_tasks(self, timeout: float) -> None:
@@ -491,6 +503,7 @@ class Executor:
                     await self._dead_letter(entry_id, fields, str(exc), deliveries)
                     return
                 except REDIS_DOWN_ERRORS as exc:
+                    raise_if_cancelled()
                     # Every step is resumable from the stored status: just go again.
                     logger.warning("order %s: Redis unavailable (%s); retrying in %s s",
                                    order_id, exc, REDIS_RETRY_SECS)

@@ -26,7 +26,7 @@ from redis.asyncio import Redis
 
 from engine import keys
 from engine.config import Config
-from engine.connections import REDIS_DOWN_ERRORS
+from engine.connections import REDIS_DOWN_ERRORS, raise_if_cancelled
 from engine.store import OrderStore, StreamEntries
 
 logger = logging.getLogger(__name__)
@@ -102,6 +102,7 @@ class Subscription:
         try:
             await self.sync()
         except REDIS_DOWN_ERRORS as exc:
+            raise_if_cancelled()
             logger.warning("could not refill order %s from its history: %s", self.order_id, exc)
 
     def close(self) -> None:
@@ -168,6 +169,7 @@ class StatusHub:
                 )
                 self.last_id = newest[0][0] if newest else "0-0"
             except REDIS_DOWN_ERRORS as exc:
+                raise_if_cancelled()
                 if not warned:  # once per outage, not twice a second
                     logger.warning("status poller cannot reach Redis (%s); retrying", exc)
                     warned = True
@@ -184,6 +186,7 @@ class StatusHub:
                     block=self.config.poll_block_ms,
                 )
             except REDIS_DOWN_ERRORS as exc:
+                raise_if_cancelled()
                 if not failing:
                     logger.warning("status poller lost Redis (%s); retrying", exc)
                 failing = True
