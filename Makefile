@@ -5,8 +5,9 @@ PYTHON ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+BENCH_STAMP := $(VENV)/.bench-installed
 
-.PHONY: run test worker lint clean
+.PHONY: run test worker lint bench clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) on PATH (or run: make PYTHON=python3 ...)"; exit 1; }
@@ -26,5 +27,14 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/mypy --strict --ignore-missing-imports server.py worker.py handlers engine
 
+$(BENCH_STAMP): $(STAMP) bench/requirements.txt
+	$(BIN)/pip install --quiet -r bench/requirements.txt
+	touch $(BENCH_STAMP)
+
+# The benchmark (docs/benchmarks.md): quick mode by default, about a minute;
+# `make bench BENCH_ARGS=--full` for the full report.
+bench: $(BENCH_STAMP)
+	$(BIN)/python -m bench.run $(or $(BENCH_ARGS),--quick)
+
 clean:
-	rm -rf $(VENV) data .pytest_cache
+	rm -rf $(VENV) data .pytest_cache bench/out
