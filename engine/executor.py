@@ -367,9 +367,13 @@ class Executor:
             return False
         self._history_cursor = entries[-1][0]
         for entry_id, fields in entries:
-            if entry_id not in self._tasks:
-                logger.info("worker %s: resuming own pending entry %s", self.consumer, entry_id)
-                self._dispatch(entry_id, fields, await self._deliveries(entry_id))
+            if entry_id in self._tasks:
+                continue
+            deliveries = await self._deliveries(entry_id)
+            if deliveries is None:
+                continue
+            logger.info("worker %s: resuming own pending entry %s", self.consumer, entry_id)
+            self._dispatch(entry_id, fields, deliveries)
         return True
 
     async def _claim_stale(self, capacity: int) -> bool:
@@ -394,6 +398,8 @@ class Executor:
             if entry_id in self._tasks:
                 continue  # ours and still in flight: the heartbeat was late
             deliveries = await self._deliveries(entry_id)
+            if deliveries is None:
+                continue  # finished and acknowledged by its task while we claimed it
             logger.info("worker %s: claimed stale entry %s (delivery %s)",
                         self.consumer, entry_id, deliveries)
             self._dispatch(entry_id, fields, deliveries)
@@ -403,11 +409,13 @@ class Executor:
             self._next_claim_at = 0.0
         return claimed
 
-    async def _deliveries(self, entry_id: str) -> int:
+    async def _deliveries(self, entry_id: str) -> int | None:
+        """How many times the group delivered this entry; None if it is no longer
+        pending (acknowledged since it was read: a claim that raced our own XACK)."""
         rows = await self.redis.xpending_range(
             keys.ORDERS_STREAM, keys.EXECUTORS_GROUP, min=entry_id, max=entry_id, count=1
         )
-        return int(rows[0]["times_delivered"]) if rows else 1
+        return int(rows[0]["times_delivered"]) if rows else None
 
     async def _group_idle(self) -> bool:
         """Nothing pending in the whole group (burst mode's end)."""

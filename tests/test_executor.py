@@ -498,6 +498,31 @@ async def test_an_entry_delivered_too_often_is_dead_lettered_and_its_order_faile
     await assert_stream_drained(redis)
 
 
+async def test_a_claim_that_races_the_entrys_acknowledgement_is_not_dispatched(
+    redis: Redis, store: OrderStore, config: Config
+) -> None:
+    # XAUTOCLAIM answers with an entry, and the task that owned it acknowledges it
+    # before the answer is handled (seen in the fault suite). Dispatching it again
+    # would count a delivery that never failed.
+    await new_order(store)
+    await redis.xgroup_create(keys.ORDERS_STREAM, keys.EXECUTORS_GROUP, id="0", mkstream=True)
+    [[_stream, [(entry_id, _fields)]]] = cast(
+        Any, await redis.xreadgroup(keys.EXECUTORS_GROUP, "other", {keys.ORDERS_STREAM: ">"})
+    )
+    executor = executor_for(redis, dataclasses.replace(config, claim_idle_ms=0))
+    real_xautoclaim = executor.redis.xautoclaim
+
+    async def xautoclaim_then_acked(*args: Any, **kwargs: Any) -> Any:
+        answer = await real_xautoclaim(*args, **kwargs)
+        await redis.xack(keys.ORDERS_STREAM, keys.EXECUTORS_GROUP, entry_id)
+        return answer
+
+    executor.redis.xautoclaim = xautoclaim_then_acked  # type: ignore[method-assign]
+    await executor._ensure_group()
+    assert await executor._claim_stale(10) is False
+    assert executor._tasks == {}
+
+
 async def _submitted_order_delivered_twice(redis: Redis, store: OrderStore) -> str:
     order_id = await new_order(store)
     tx = "0x" + "ef" * 32
