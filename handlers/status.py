@@ -10,7 +10,13 @@ from urllib.parse import urlparse
 from asyncio import Future
 
 from tornado.ioloop import IOLoop
-from tornado.websocket import WebSocketClosedError, WebSocketHandler
+from tornado.iostream import StreamClosedError
+from tornado.websocket import (
+    WebSocketClosedError,
+    WebSocketHandler,
+    WebSocketProtocol,
+    WebSocketProtocol13,
+)
 
 from engine.connections import REDIS_DOWN_ERRORS
 from engine.services import Services
@@ -29,6 +35,78 @@ CLOSE_TIMEOUT = 4408
 
 
 _HANDSHAKE_ERRORS = {400: "bad_handshake", 403: "origin_not_allowed", 426: "upgrade_required"}
+
+
+def _valid_close_payload(data: bytes) -> bool:
+    """RFC 6455 5.5.1 and 7.4: empty, or a code a peer may send plus a UTF-8 reason."""
+    if not data:
+        return True
+    if len(data) == 1:
+        return False
+    code = int.from_bytes(data[:2], "big")
+    if not (1000 <= code <= 1003 or 1007 <= code <= 1014 or 3000 <= code <= 4999):
+        return False
+    try:
+        data[2:].decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+class StrictWebSocketProtocol(WebSocketProtocol13):
+    """Tornado's protocol, failing a connection with its RFC 6455 close code.
+
+    Tornado drops the TCP connection without a close frame on invalid UTF-8 (1007)
+    and on every protocol violation (1002): reserved bits or opcodes, a fragmented or
+    oversized control frame, a stray continuation; it accepts unmasked frames from a
+    client, which RFC 6455 5.1 says the server must refuse, and echoes any close code,
+    even one a peer may not send. These hooks are
+    Tornado internals (pinned: tornado==6.6.1); tests/test_fuzz.py checks each code.
+    """
+
+    _at_frame_header = False
+
+    @override
+    async def _receive_frame(self) -> None:
+        self._at_frame_header = True
+        await super()._receive_frame()
+
+    @override
+    async def _read_bytes(self, n: int) -> bytes:
+        data = await super()._read_bytes(n)
+        if self._at_frame_header:
+            # The first read of a frame is its 2-byte header; bit 0x80 of the second
+            # byte is MASK.
+            self._at_frame_header = False
+            if not data[1] & 0x80:
+                self.close(1002, "client frames must be masked")
+                self._abort()
+                raise StreamClosedError()  # ends Tornado's receive loop quietly
+        return data
+
+    @override
+    def _handle_message(self, opcode: int, data: bytes) -> "Future[None] | None":
+        if opcode == 0x8 and not self.client_terminated and not _valid_close_payload(data):
+            # Tornado would echo any code back (RFC 6455 7.4 allows only some).
+            self.client_terminated = True
+            self.close(1002, "invalid close frame")
+            return None
+        if opcode == 0x1 and not self._frame_compressed:
+            try:
+                data.decode("utf-8")
+            except UnicodeDecodeError:
+                self.close(1007, "invalid UTF-8")
+                self._abort()
+                return None
+        return super()._handle_message(opcode, data)
+
+    @override
+    def _abort(self) -> None:
+        # Once upgraded, an abort that ends neither a close handshake nor a dead
+        # stream is Tornado refusing a frame: say why before hanging up.
+        if self.stream is not None and not self.stream.closed() and not self.server_terminated:
+            self.close(1002, "protocol error")
+        super()._abort()
 
 
 class OrderStatusSocket(WebSocketHandler, JSONErrors):
@@ -59,14 +137,20 @@ class OrderStatusSocket(WebSocketHandler, JSONErrors):
         # unsupported version) with a text body; answer JSON like every other error.
         status = self.get_status()
         if (
-            self.ws_connection is None
-            and status >= 400
+            status >= 400
             and not self._headers.get("Content-Type", "").startswith("application/json")
         ):
             message = chunk if isinstance(chunk, str) and chunk else self._reason
             self.set_header("Content-Type", "application/json")
             chunk = json.dumps({"error": _HANDSHAKE_ERRORS.get(status, "bad_request"), "message": message})
         return super().finish(chunk)
+
+    @override
+    def get_websocket_protocol(self) -> WebSocketProtocol | None:
+        default = super().get_websocket_protocol()
+        if not isinstance(default, WebSocketProtocol13):
+            return default
+        return StrictWebSocketProtocol(self, False, default.params)
 
     @override
     def check_origin(self, origin: str) -> bool:

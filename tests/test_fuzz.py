@@ -405,19 +405,16 @@ MALFORMED_FRAMES: dict[str, tuple[bytes, int]] = {
     "control_frame_over_125": (RawWebSocket.frame(0x9, b"x" * 126), 1002),
     "continuation_without_start": (RawWebSocket.frame(0x0, b"x"), 1002),
     "unmasked_client_frame": (RawWebSocket.frame(0x1, b"x", masked=False), 1002),
+    "close_code_5000": (RawWebSocket.frame(0x8, (5000).to_bytes(2, "big")), 1002),
+    "close_code_1005": (RawWebSocket.frame(0x8, (1005).to_bytes(2, "big")), 1002),
+    "close_code_999": (RawWebSocket.frame(0x8, (999).to_bytes(2, "big")), 1002),
+    "close_one_byte_payload": (RawWebSocket.frame(0x8, b"\x03"), 1002),
+    "close_reason_invalid_utf8": (RawWebSocket.frame(0x8, b"\x03\xe8\xff"), 1002),
     "text_over_1_kib": (RawWebSocket.frame(0x1, b"x" * 2000), 1009),
     "fragments_over_1_kib": (
         RawWebSocket.frame(0x1, b"x" * 600, fin=False) + RawWebSocket.frame(0x0, b"x" * 600), 1009
     ),
 }
-# Tornado fails these connections, as RFC 6455 requires, but by dropping the TCP
-# connection without the optional close frame (tornado/websocket.py, ``_abort()``).
-NO_CLOSE_FRAME = {
-    name for name, (_, code) in MALFORMED_FRAMES.items() if code in (1002, 1007)
-} - {"unmasked_client_frame"}
-# Tornado accepts an unmasked frame from a client (RFC 6455 5.1: the server MUST close).
-ACCEPTED_UNMASKED = {"unmasked_client_frame"}
-
 
 async def send_raw(client: Any, frame: bytes) -> Any:
     raw = await RawWebSocket.connect(ws_url(client))
@@ -428,18 +425,10 @@ async def send_raw(client: Any, frame: bytes) -> Any:
         await raw.aclose()
 
 
-@pytest.mark.parametrize(
-    "name",
-    [
-        pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=(
-            "gap: Tornado fails the connection without a close frame (code "
-            f"{MALFORMED_FRAMES[name][1]}); see docs/reliability.md"
-            if name in NO_CLOSE_FRAME else
-            "gap: Tornado accepts unmasked client frames (RFC 6455 5.1 says close, 1002)"
-        ))) if name in NO_CLOSE_FRAME | ACCEPTED_UNMASKED else name
-        for name in MALFORMED_FRAMES
-    ],
-)  # fmt: skip
+# Tornado alone fails 1002/1007 cases by dropping TCP without a close frame, and
+# accepts unmasked client frames; handlers/status.py's StrictWebSocketProtocol
+# sends the codes.
+@pytest.mark.parametrize("name", list(MALFORMED_FRAMES))
 async def test_a_malformed_frame_gets_the_rfc_6455_close_code(
     http_server_client: Any, name: str
 ) -> None:
@@ -454,13 +443,9 @@ async def test_a_malformed_frame_ends_the_connection_and_the_server_goes_on(
 ) -> None:
     frame, code = MALFORMED_FRAMES[name]
     result = await send_raw(http_server_client, frame)
-    if name in ACCEPTED_UNMASKED:
-        # Read as the text "x": not an order id.
-        assert result.code == 4400, result
-    else:
-        # Failed at once: a close frame, or the TCP connection dropped. No JSON error.
-        assert not result.timed_out, result
-        assert result.code in (code, None) and result.texts == [], result
+    # Failed at once with its close code, and no JSON error.
+    assert not result.timed_out, result
+    assert result.code == code and result.texts == [], result
     # The process serves the next client normally.
     ws = await websocket_connect(ws_url(http_server_client))
     await ws.write_message("not an id")
@@ -479,7 +464,10 @@ def raw_frames(draw: st.DrawFn) -> tuple[bytes, set[int]]:
         opcode = draw(st.sampled_from([0x0, 0x1, 0x1, 0x2, 0x8, 0x9, 0xA]) | st.integers(0, 15))
         payload = draw(st.binary(max_size=200) | st.uuids().map(lambda u: str(u).encode()))
         if opcode == 0x8 and len(payload) >= 2:
-            codes.add(int.from_bytes(payload[:2], "big"))
+            code = int.from_bytes(payload[:2], "big")
+            # RFC 6455 7.4: codes a peer may send; any other is a protocol error (1002).
+            if 1000 <= code <= 1003 or 1007 <= code <= 1014 or 3000 <= code <= 4999:
+                codes.add(code)
         frames.append(RawWebSocket.frame(
             opcode, payload,
             fin=draw(st.booleans()),
@@ -644,20 +632,12 @@ def test_a_websocket_from_a_foreign_origin_is_refused_403(
     figures.record("fuzz_ws_origin", tally.figures())
 
 
-NO_KEY_BUG = (
-    "bug: a handshake without Sec-WebSocket-Key gets Tornado's text/html 400: "
-    "OrderStatusSocket.finish turns refusals into JSON only while ws_connection is None, "
-    "and Tornado has set it by the time it checks the key (handlers/status.py)"
-)
-
-
 @pytest.mark.parametrize(
     ("headers", "code"),
     [
         ({"Origin": "https://evil.example"}, 403),
         ({"Sec-WebSocket-Version": "99"}, 426),
-        pytest.param({"Sec-WebSocket-Key": ""}, 400,
-                     marks=pytest.mark.xfail(strict=True, reason=NO_KEY_BUG)),
+        ({"Sec-WebSocket-Key": ""}, 400),
         ({"Connection": "keep-alive"}, 400),
     ],
     ids=["foreign_origin", "unsupported_version", "no_key", "no_connection_upgrade"],
