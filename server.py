@@ -18,7 +18,7 @@ from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
 from tornado.web import Application
 
-from engine import apidocs, prefork
+from engine import apidocs, prefork, runtime
 from engine.config import PROJECT_ROOT, Config, ConfigError
 from engine.logs import setup_logging
 from engine.redis_server import RedisServer, RedisServerError, die_with_parent
@@ -76,6 +76,7 @@ async def serve(config: Config, redis_url: str, sockets: list[socket.socket]) ->
     server = HTTPServer(app, max_body_size=MAX_BODY_BYTES, xheaders=True)
     server.add_sockets(sockets)
     services.hub.start()
+    runtime.settle_heap()
     logger.info("listening on http://%s:%s (redis %s)", config.host, config.port, redis_url)
 
     stop = asyncio.Event()
@@ -95,12 +96,12 @@ async def serve(config: Config, redis_url: str, sockets: list[socket.socket]) ->
 def run_web(config: Config, redis_url: str, sockets: list[socket.socket]) -> int:
     """One web process, or WEB_CONCURRENCY of them under a pre-fork supervisor."""
     if config.web_concurrency == 1:
-        asyncio.run(serve(config, redis_url, sockets))
+        runtime.run(serve(config, redis_url, sockets))
         return 0
 
     def child(slot: int) -> int:
         setup_logging(config, f"web.{slot}")
-        asyncio.run(serve(config, redis_url, sockets))
+        runtime.run(serve(config, redis_url, sockets))
         return 0
 
     return prefork.supervise(config.web_concurrency, child)

@@ -14,6 +14,7 @@ import logging
 import signal
 import sys
 
+from engine import runtime
 from engine.config import Config, ConfigError
 from engine.connections import connect
 from engine.executor import READ_BLOCK_MS, Executor
@@ -27,6 +28,7 @@ async def work(config: Config, redis_url: str) -> None:
     redis = connect(redis_url, config, block_ms=READ_BLOCK_MS)
     executor = Executor(redis, config)
     runner = asyncio.create_task(executor.run(), name="executor")
+    runtime.settle_heap()
     signals = 0
 
     def on_signal(signum: int) -> None:
@@ -66,7 +68,7 @@ def main() -> int:
         )
         return 2
     setup_logging(config, "worker")
-    asyncio.run(work(config, config.redis_url))
+    runtime.run(work(config, config.redis_url))
     return 0
 
 
