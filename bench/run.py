@@ -222,7 +222,7 @@ def _finish_pyspy(system: System, spy: Any, out: Path, seconds: int) -> dict[str
     if not out.exists():
         return {"skipped": f"py-spy wrote no profile; see {spy.log}"}
     summary = profiling.summarize_speedscope(out)
-    summary["file"] = str(out.relative_to(PROJECT_ROOT))
+    summary["file"] = os.path.relpath(out, PROJECT_ROOT)
     return summary
 
 

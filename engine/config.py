@@ -33,6 +33,10 @@ class Config:
     # Extra origins allowed to open the status WebSocket (same-origin and clients
     # that send no Origin header are always allowed).
     allowed_origins: tuple[str, ...] = ()
+    # Take the client's address and scheme from X-Forwarded-For / X-Real-Ip /
+    # X-Forwarded-Proto. Only behind a proxy that sets them (a Procfile host's router
+    # does): otherwise any client could put any address in the logs.
+    trust_proxy_headers: bool = False
     log_level: str = "INFO"
     log_format: str = "text"  # "text" or "json"
 
@@ -91,6 +95,7 @@ class Config:
             redis_url=get("REDIS_URL", _redis_url, d.redis_url),
             data_dir=get("DATA_DIR", Path, d.data_dir),
             allowed_origins=get("ALLOWED_ORIGINS", _origins, d.allowed_origins),
+            trust_proxy_headers=get("TRUST_PROXY_HEADERS", _bool, d.trust_proxy_headers),
             log_level=get("LOG_LEVEL", _log_level, d.log_level),
             log_format=get("LOG_FORMAT", _choice("text", "json"), d.log_format),
             web_concurrency=get("WEB_CONCURRENCY", _positive(int), d.web_concurrency),
@@ -152,6 +157,15 @@ def _origins(raw: str) -> tuple[str, ...]:
         if not origin.startswith(("http://", "https://")):
             raise ValueError(f"origin {origin!r} must start with http:// or https://")
     return origins
+
+
+def _bool(raw: str) -> bool:
+    value = raw.lower()
+    if value in {"1", "true", "yes", "on"}:
+        return True
+    if value in {"0", "false", "no", "off"}:
+        return False
+    raise ValueError("must be true or false (or 1/0, yes/no, on/off)")
 
 
 def _log_level(raw: str) -> str:

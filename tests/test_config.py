@@ -33,8 +33,12 @@ def test_values_are_parsed() -> None:
             "WORKER_CONCURRENCY": "8",
             "VENUE_FAILURE_RATE": "0.25",
             "DATA_DIR": "/tmp/x",
+            "TRUST_PROXY_HEADERS": "yes",
         }
     )
+    assert config.trust_proxy_headers is True
+    assert Config.from_env({"TRUST_PROXY_HEADERS": "0"}).trust_proxy_headers is False
+    assert Config().trust_proxy_headers is False
     assert config.redis_url == "redis://cache:6379/1"
     assert config.allowed_origins == ("https://app.example", "http://localhost:5173")
     assert config.log_level == "DEBUG"
@@ -55,6 +59,7 @@ def test_values_are_parsed() -> None:
         ({"QUOTE_LATENCY_MS": "nan"}, "finite"),
         ({"LOG_FORMAT": "xml"}, "must be one of text, json"),
         ({"ALLOWED_ORIGINS": "app.example"}, "must start with http"),
+        ({"TRUST_PROXY_HEADERS": "maybe"}, "must be true or false"),
         ({"CONFIRM_LATENCY_MIN_MS": "900", "CONFIRM_LATENCY_MAX_MS": "100"}, "CONFIRM_LATENCY_MAX_MS"),
     ],
 )

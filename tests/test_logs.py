@@ -1,4 +1,5 @@
-"""Log set-up: text by default, one JSON object per line with LOG_FORMAT=json."""
+"""Log set-up: text by default, one JSON object per line with LOG_FORMAT=json; the
+access log names the client, from proxy headers only when they are trusted."""
 
 from __future__ import annotations
 
@@ -9,9 +10,13 @@ import logging
 from collections.abc import Iterator
 
 import pytest
+from tornado.httpclient import AsyncHTTPClient
+from tornado.netutil import bind_sockets
+from tornado.web import Application
 
 from engine.config import Config
 from engine.logs import setup_logging
+from server import make_http_server
 
 
 @pytest.fixture
@@ -48,3 +53,25 @@ def test_text_log_lines_name_the_process(monkeypatch: pytest.MonkeyPatch) -> Non
     logging.getLogger("x").warning("shown")
     assert stream.getvalue().count("\n") == 1
     assert " web WARNING x: shown" in stream.getvalue()
+
+
+@pytest.mark.parametrize("trusted", [False, True])
+async def test_proxy_headers_name_the_client_only_when_trusted(
+    app: Application, config: Config, caplog: pytest.LogCaptureFixture, trusted: bool
+) -> None:
+    server = make_http_server(app, dataclasses.replace(config, trust_proxy_headers=trusted))
+    [sock] = bind_sockets(0, "127.0.0.1")
+    server.add_sockets([sock])
+    port = sock.getsockname()[1]
+    try:
+        with caplog.at_level(logging.INFO, logger="tornado.access"):
+            response = await AsyncHTTPClient().fetch(
+                f"http://127.0.0.1:{port}/healthz", headers={"X-Real-Ip": "203.0.113.7"}
+            )
+    finally:
+        server.stop()
+        await server.close_all_connections()
+    assert response.code == 200
+    [line] = [r.getMessage() for r in caplog.records if r.name == "tornado.access"]
+    assert ("(203.0.113.7)" in line) is trusted, line
+    assert ("(127.0.0.1)" in line) is not trusted, line
