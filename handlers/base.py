@@ -82,8 +82,17 @@ class JSONErrors(RequestHandler):
         return [
             method
             for method in cls.SUPPORTED_METHODS
-            if getattr(cls, method.lower()) is not getattr(RequestHandler, method.lower())
+            if method != "OPTIONS"  # answered only as a CORS preflight
+            and getattr(cls, method.lower()) is not getattr(RequestHandler, method.lower())
         ]
+
+
+# CORS, for browser pages on an origin listed in ALLOWED_ORIGINS (no other origin
+# gets any Access-Control-* header): what a preflight may ask for, and what a page
+# may read of an answer besides the body.
+CORS_ALLOW_HEADERS = "Content-Type, Idempotency-Key"
+CORS_EXPOSE_HEADERS = "Location, Idempotent-Replayed, Retry-After"
+CORS_MAX_AGE_SECS = 600
 
 
 class APIHandler(JSONErrors):
@@ -94,11 +103,42 @@ class APIHandler(JSONErrors):
     @override
     def initialize(self, services: Services) -> None:
         self.services = services
+        self._set_cors_headers()
 
     @override
     def set_default_headers(self) -> None:
         self.set_header("Content-Type", "application/json")
         self.set_header("Cache-Control", "no-store")
+        # Also called again when an error clears the headers; on the first call, from
+        # Tornado's __init__, initialize() has not run yet.
+        if hasattr(self, "services"):
+            self._set_cors_headers()
+
+    def _cors_origin(self) -> str | None:
+        origin = self.request.headers.get("Origin")
+        if origin and origin.rstrip("/").lower() in self.services.config.allowed_origins:
+            return origin
+        return None
+
+    def _set_cors_headers(self) -> None:
+        if not self.services.config.allowed_origins:
+            return
+        self.set_header("Vary", "Origin")
+        origin = self._cors_origin()
+        if origin is not None:
+            self.set_header("Access-Control-Allow-Origin", origin)
+            self.set_header("Access-Control-Expose-Headers", CORS_EXPOSE_HEADERS)
+
+    async def options(self, *args: str, **kwargs: str) -> None:
+        """A CORS preflight from an allow-listed origin; any other OPTIONS is a 405."""
+        if self._cors_origin() is None or "Access-Control-Request-Method" not in self.request.headers:
+            raise HTTPError(405)
+        self.set_header("Access-Control-Allow-Methods", ", ".join(self.allowed_methods()))
+        self.set_header("Access-Control-Allow-Headers", CORS_ALLOW_HEADERS)
+        self.set_header("Access-Control-Max-Age", str(CORS_MAX_AGE_SECS))
+        self.clear_header("Content-Type")
+        self.set_status(204)
+        self.finish()
 
     def write_json(self, body: Any, status: int = 200) -> None:
         self.set_status(status)

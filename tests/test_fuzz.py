@@ -41,6 +41,7 @@ from tornado.websocket import websocket_connect
 
 from engine.schemas import Schemas
 from engine.services import Services
+from tests.helpers import VALID_ORDER
 from tests.faults import SOAK, scaled
 from tests.faults.clients import RawWebSocket, raw_http
 from tests.faults.report import Figures, figures_fixture
@@ -584,23 +585,54 @@ def test_any_path_and_method_gets_json_and_no_cors_header(
     assert tally.codes[404] > 0 and tally.codes[405] > 0
 
 
-async def test_an_allow_listed_origin_gets_no_cors_header_either(
+async def test_only_an_allow_listed_origin_gets_cors_headers(
     http_server_client: Any, services: Services, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # There is no CORS support: a browser page on another origin cannot read any
-    # answer. An allow-listed origin may open the WebSocket but still gets no CORS
-    # header on HTTP (see the proposal in docs/reliability.md).
     monkeypatch.setattr(services, "config",
                         dataclasses.replace(services.config, allowed_origins=("https://app.example",)))
-    for method, path in (("OPTIONS", "/api/orders/execute"), ("POST", "/api/orders/execute"),
-                         ("GET", "/healthz"), ("GET", "/api/schemas")):  # fmt: skip
-        response = await http_server_client.fetch(
+
+    async def fetch(method: str, path: str, origin: str, **headers: str) -> Any:
+        return await http_server_client.fetch(
             path, method=method, raise_error=False, allow_nonstandard_methods=True,
-            body=b"{}" if method == "POST" else None,
-            headers={"Origin": "https://app.example", "Access-Control-Request-Method": "POST",
-                     "Content-Type": "application/json"},
+            body=json.dumps(VALID_ORDER) if method == "POST" else None,
+            headers={"Origin": origin, "Content-Type": "application/json", **headers},
         )  # fmt: skip
-        assert_no_cors(response)
+
+    for method, path, code in (
+        ("POST", "/api/orders/execute", 202), ("GET", "/healthz", 200),
+        ("GET", "/api/schemas", 200), ("GET", f"/api/orders/{uuid.uuid4()}", 404),
+        ("PUT", "/api/orders/execute", 405),
+    ):  # fmt: skip
+        allowed = await fetch(method, path, "https://app.example")
+        assert allowed.code == code, (method, path, allowed.code)
+        assert allowed.headers["Access-Control-Allow-Origin"] == "https://app.example"
+        assert "Location" in allowed.headers["Access-Control-Expose-Headers"]
+        assert allowed.headers["Vary"] == "Origin"
+        foreign = await fetch(method, path, "https://evil.example")
+        assert foreign.code == code
+        assert_no_cors(foreign)
+        assert foreign.headers["Vary"] == "Origin"  # the answer depends on Origin
+
+    preflight = await fetch("OPTIONS", "/api/orders/execute", "https://app.example",
+                            **{"Access-Control-Request-Method": "POST",
+                               "Access-Control-Request-Headers": "content-type, idempotency-key"})
+    assert preflight.code == 204
+    assert preflight.headers["Access-Control-Allow-Origin"] == "https://app.example"
+    assert preflight.headers["Access-Control-Allow-Methods"] == "POST"
+    assert preflight.headers["Access-Control-Allow-Headers"] == "Content-Type, Idempotency-Key"
+    assert int(preflight.headers["Access-Control-Max-Age"]) > 0
+    preflight = await fetch("OPTIONS", "/api/orders/x", "https://app.example",
+                            **{"Access-Control-Request-Method": "DELETE"})
+    assert preflight.code == 204 and preflight.headers["Access-Control-Allow-Methods"] == "GET, DELETE"
+    # A preflight from elsewhere is refused without CORS headers, and an OPTIONS that is
+    # not a preflight is a 405 like any other method the resource does not take.
+    refused = await fetch("OPTIONS", "/api/orders/execute", "https://evil.example",
+                          **{"Access-Control-Request-Method": "POST"})
+    assert refused.code == 405 and refused.headers["Allow"] == "POST"
+    assert_no_cors(refused)
+    refused = await fetch("OPTIONS", "/api/orders/execute", "https://app.example")
+    assert refused.code == 405 and refused.headers["Allow"] == "POST"
+    assert json.loads(refused.body)["error"] == "method_not_allowed"
 
 
 def test_a_websocket_from_a_foreign_origin_is_refused_403(
