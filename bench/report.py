@@ -442,6 +442,8 @@ def render_markdown(results: dict[str, Any], rows: list[dict[str, Any]], plot: s
              for name, fig in e2e_var["figures"].items()]))
         out.append("")
 
+    out.extend(_scale_section(results, rows))
+
     prof = results.get("profile")
     if prof:
         title = (f"Profile: web process under submit load ({prof.get('secs')} s at "
@@ -461,6 +463,56 @@ def render_markdown(results: dict[str, Any], rows: list[dict[str, Any]], plot: s
         out.append(_table(["step", "µs/call"], [[k, _f(v, 2)] for k, v in micro.items()]))
         out.append("")
     return "\n".join(out) + "\n"
+
+
+def _cpu_sum(run: dict[str, Any], prefix: str, field: str) -> float:
+    """A figure summed over the watched processes named ``prefix`` or ``prefix.N``."""
+    values = [v[field] for k, v in run["cpu"].items() if k == prefix or k.startswith(prefix + ".")]
+    return sum(values) if values else math.nan
+
+
+def _scale_section(results: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]:
+    scale = results.get("scale") or {}
+    if not scale.get("e2e") and not scale.get("submit"):
+        return []
+    out = ["## 6. Scale-out: web processes (WEB_CONCURRENCY) and workers", ""]
+    out.append("The same end-to-end load against each shape: one port served by 1 or 2 web "
+               "processes (the pre-fork supervisor), and 1 or 2 worker processes sharing the "
+               "consumer group. CPU is summed over each kind's processes. On this two-core "
+               "machine the clients, Redis and every process share the same two cores, so "
+               "this shows how the figures move, not how they would grow on more cores.")
+    out.append("")
+    out.append(_table(
+        ["web × worker", "orders in flight", "orders/s", "finished", "final statuses",
+         "POST→terminal p50 / p99 ms", "CPU per order web / worker / redis µs",
+         "core share web / worker / redis %"],
+        [[f"{r['web_processes']} × {r['workers']}", str(r["in_flight_max"]),
+          _f(r["orders_per_sec"], 0), f"{r['finished']:,} / {r['orders']:,}",
+          json.dumps(r["final_status"]),
+          f"{_f(r['post_to_terminal_ms']['p50'])} / {_f(r['post_to_terminal_ms']['p99'])}",
+          " / ".join(_f(_cpu_sum(r, k, "us_per_unit"), 0) for k in ("web", "worker", "redis")),
+          " / ".join(_f(_cpu_sum(r, k, "core_pct"), 0) for k in ("web", "worker", "redis"))]
+         for r in scale.get("e2e", [])]))
+    out.append("")
+    subs = scale.get("submit") or []
+    if subs:
+        out.append("Submit (open loop, no worker running) with two web processes, beside one web "
+                   "process's figures at the same rate from phase 1:")
+        out.append("")
+        table_rows = []
+        for sub in subs:
+            single = _row(rows, "service", sub["rate"])
+            table_rows.append([
+                _f(sub["rate"], 0), _f(sub["achieved_rate"], 0), json.dumps(sub["status_counts"]),
+                f"{_f(sub['latency_ms']['p50'])} / {_f(sub['latency_ms']['p99'])}",
+                (f"{_f(single['p50_ms'])} / {_f(single['p99_ms'])}" if single else "–"),
+                _f(_cpu_sum(sub, "web", "us_per_unit"), 0),
+            ])
+        out.append(_table(["offered/s", "achieved/s (2 web)", "status codes (2 web)",
+                           "p50 / p99 ms, 2 web", "p50 / p99 ms, 1 web", "web CPU µs/req (2 web, sum)"],
+                          table_rows))
+        out.append("")
+    return out
 
 
 def _profile_section(title: str, prof: dict[str, Any]) -> list[str]:

@@ -48,7 +48,7 @@ import tornado
 
 from bench import phases, profiling, report
 from bench.phases import Samples
-from bench.system import Service, System, raise_fd_limit
+from bench.system import Service, System, child_pids, raise_fd_limit
 from bench.variants import (
     ORJSON,
     VARIANTS,
@@ -61,7 +61,9 @@ from engine.config import PROJECT_ROOT
 
 DEFAULT_OUT = PROJECT_ROOT / "bench" / "out"
 REFERENCE_RATE = 1000.0
-PHASES = ("submit", "profile", "variants", "e2e", "fanout")
+PHASES = ("submit", "profile", "variants", "e2e", "fanout", "scale")
+# Scale-out shapes: (web processes under one port via WEB_CONCURRENCY, worker processes).
+SCALE_SHAPES = ((1, 1), (2, 1), (1, 2), (2, 2))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,6 +94,10 @@ class Plan:
     variant_secs: float
     variant_repeats: int
     micro: bool
+    # Scale-out: end-to-end orders per shape (client procs x in flight each, orders),
+    # and the submit rates run against WEB_CONCURRENCY=2.
+    scale_e2e: tuple[int, int, int]
+    scale_rates: tuple[float, ...]
 
 
 QUICK = Plan(
@@ -100,6 +106,7 @@ QUICK = Plan(
     fanout_sockets=(1000,), fanout_events=2000, fanout_event_rates=(1000,), fanout_idle_secs=2,
     fanout_mixed_orders=0,
     profile=False, variants=(), variant_secs=3, variant_repeats=2, micro=False,
+    scale_e2e=(2, 48, 1500), scale_rates=(2000,),
 )
 FULL = Plan(
     mode="full", rates=(250, 500, 1000, 1500, 2000, 3000), submit_secs=5, repeats=3,
@@ -108,6 +115,7 @@ FULL = Plan(
     fanout_idle_secs=21, fanout_mixed_orders=4000,
     profile=True, variants=tuple(v.name for v in VARIANTS), variant_secs=4, variant_repeats=3,
     micro=True,
+    scale_e2e=(2, 64, 4000), scale_rates=(2000, 3000),
 )
 
 
@@ -340,6 +348,10 @@ class Run:
             for sockets in self.plan.fanout_sockets if self.wanted("fanout") else ():
                 with self.phase(f"phase 5: fan-out and capacity, {sockets:,} sockets (fresh web process)"):
                     self.fanout(sockets)
+            # Full mode, or asked for by name (--only scale): it needs ~35 s more.
+            if self.plan.mode == "full" and self.wanted("scale") or "scale" in (self.args.only or ()):
+                with self.phase("phase 6: scale-out (WEB_CONCURRENCY and worker processes)"):
+                    self.scale()
         except (KeyboardInterrupt, Interrupted) as exc:
             self.results["errors"].append(f"interrupted: {exc!r}")
             log(f"interrupted ({exc!r}); stopping everything")
@@ -473,6 +485,57 @@ class Run:
         for name, fig in result["figures"].items():
             log(f"  {name}: {fig['orders_per_sec']:.0f} orders/s, web {fig['web_us_per_order']:.0f} "
                 f"+ worker {fig['worker_us_per_order']:.0f} us/order")
+
+    def scale(self) -> None:
+        """The same end-to-end load on more web processes (one port, WEB_CONCURRENCY)
+        and more workers; then submit at high rates with two web processes."""
+        system, plan, args = self.system, self.plan, self.args
+        if self.web is not None:  # the single web process is not needed here
+            system.stop(self.web.child)
+            self.web = None
+        procs, concurrency, orders = plan.scale_e2e
+        self.results["scale"] = {"e2e": [], "submit": []}
+        for webs, workers in SCALE_SHAPES:
+            phases.flush_redis(system.redis_url)
+            web = system.start_web(f"web-x{webs}", {"WEB_CONCURRENCY": str(webs)})
+            started: list[Any] = []
+            try:
+                web_pids = child_pids(web.pid) if webs > 1 else [web.pid]
+                watch = {f"web.{i}": pid for i, pid in enumerate(web_pids)}
+                watch["redis"] = self.redis_pid
+                if webs > 1 and workers == 1:
+                    # Submit alone (no worker), as in phase 1, so the rows compare.
+                    for rate in plan.scale_rates:
+                        sub = phases.submit_run(
+                            system, web, f"service x{webs}", rate, plan.submit_secs,
+                            procs=args.gen_procs, connections=args.connections, tmp=self.tmp,
+                            watch=watch, samples=self.samples, redis_url=system.redis_url,
+                        )
+                        sub["web_processes"] = webs
+                        self.results["scale"]["submit"].append(sub)
+                        log(f"  submit x{webs} {rate:6.0f}/s: achieved {sub['achieved_rate']:7.1f}/s "
+                            f"p50 {sub['latency_ms']['p50']:6.2f} ms p99 {sub['latency_ms']['p99']:7.2f} ms")
+                    phases.flush_redis(system.redis_url)
+                started = [system.start_worker() for _ in range(workers)]
+                for worker in started:
+                    phases.wait_worker_ready(system.redis_url, worker)
+                watch.update({f"worker.{i}": w.pid for i, w in enumerate(started)})
+                phases.e2e_run(system, web, "warmup", 200, procs=1, concurrency=16, watch=watch,
+                               tmp=self.tmp, samples=None, deadline_secs=60)
+                run = phases.e2e_run(
+                    system, web, f"{webs} web x {workers} worker", orders, procs=procs,
+                    concurrency=concurrency, watch=watch, tmp=self.tmp, samples=None,
+                    deadline_secs=30 + orders / 50,
+                )
+                run.update(web_processes=webs, workers=workers)
+                self.results["scale"]["e2e"].append(run)
+                log(f"  {webs} web x {workers} worker: {run['orders_per_sec']:.0f} orders/s, "
+                    f"POST->terminal p50 {run['post_to_terminal_ms']['p50']:.1f} ms p99 "
+                    f"{run['post_to_terminal_ms']['p99']:.1f} ms, final {run['final_status']}")
+            finally:
+                for worker in started:
+                    system.stop(worker)
+                system.stop(web.child)
 
     def fanout(self, sockets: int) -> None:
         # A fresh web process: its RSS baseline holds nothing from earlier phases.

@@ -68,6 +68,17 @@ def cpu_secs(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
 
 
+def child_pids(pid: int) -> list[int]:
+    """The direct children of ``pid`` (e.g. a pre-fork supervisor's web processes)."""
+    children: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            children += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            continue
+    return sorted(children)
+
+
 def rss_kb(pid: int) -> int:
     """Resident set size of ``pid`` in KiB (VmRSS)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
