@@ -16,7 +16,7 @@ import sys
 
 from engine import runtime
 from engine.config import Config, ConfigError
-from engine.connections import connect
+from engine.connections import connect, worker_pool_size
 from engine.executor import READ_BLOCK_MS, Executor
 from engine.logs import setup_logging
 
@@ -25,7 +25,13 @@ logger = logging.getLogger("worker")
 
 async def work(config: Config, redis_url: str) -> None:
     """Run one executor until a signal, then shut it down gracefully."""
-    redis = connect(redis_url, config, block_ms=READ_BLOCK_MS)
+    redis = connect(
+        redis_url,
+        config,
+        block_ms=READ_BLOCK_MS,
+        max_connections=worker_pool_size(config),
+        wait_for_connection=True,
+    )
     executor = Executor(redis, config)
     runner = asyncio.create_task(executor.run(), name="executor")
     runtime.settle_heap()

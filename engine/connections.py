@@ -22,19 +22,44 @@ MAX_CONNECTIONS = 64
 REDIS_DOWN_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
 
 
-def connect(url: str, config: Config, *, block_ms: int = 0) -> Redis:
+# The worker's pool: its commands in flight are bounded by WORKER_CONCURRENCY (an order
+# runs at most a couple at once: quotes go to the venues concurrently), so a pool of
+# this size never makes an order wait, up to a cap that Redis's connection limit
+# (10,000 by default, shared by every process) can afford.
+WORKER_MAX_CONNECTIONS = 512
+
+
+def worker_pool_size(config: Config) -> int:
+    return min(2 * config.worker_concurrency + 8, WORKER_MAX_CONNECTIONS)
+
+
+def connect(
+    url: str,
+    config: Config,
+    *,
+    block_ms: int = 0,
+    max_connections: int = MAX_CONNECTIONS,
+    wait_for_connection: bool = False,
+) -> Redis:
     """A client for ``url``.
 
     ``block_ms`` is the longest blocking read (XREAD/XREADGROUP BLOCK) this client
     makes; its socket timeout is set above it so a block is not mistaken for a dead
     connection. redis-py 8's default socket timeout is 5 s, too long for the request
     path and too short for nothing else, so every timeout here is explicit.
+
+    A command waits up to ``REDIS_TIMEOUT_SECS`` for a free connection, then fails
+    like an unreachable Redis (a 503 on the request path). With
+    ``wait_for_connection`` it waits as long as it takes: for the worker, where a
+    busy event loop can be slow to hand connections back and failing the wait would
+    only cost the order a retry. Every connection in use is itself bounded by the
+    socket timeouts, so the wait cannot last for ever.
     """
     socket_timeout = config.redis_timeout_secs + block_ms / 1000
     pool = BlockingConnectionPool.from_url(
         url,
-        max_connections=MAX_CONNECTIONS,
-        timeout=config.redis_timeout_secs,
+        max_connections=max_connections,
+        timeout=None if wait_for_connection else config.redis_timeout_secs,
         decode_responses=True,
         socket_timeout=socket_timeout,
         socket_connect_timeout=min(config.redis_timeout_secs, 1.0),
