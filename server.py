@@ -27,7 +27,7 @@ from handlers.base import NotFoundHandler, request_logger
 from handlers.health import HealthHandler, MetricsHandler, ReadyHandler
 from handlers.orders import ExecuteOrderHandler, OrderHandler
 from handlers.schemas import ApiDocumentHandler, SchemaHandler, SchemaIndexHandler
-from handlers.status import OrderStatusSocket
+from handlers.status import CLOSE_GOING_AWAY, OrderStatusSocket
 
 logger = logging.getLogger("server")
 
@@ -40,6 +40,8 @@ WS_MAX_MESSAGE_BYTES = 1024
 # Hard cap for any request body; the order endpoint enforces 16 KiB itself, as JSON.
 MAX_BODY_BYTES = 1024 * 1024
 SHUTDOWN_GRACE_SECS = 5.0
+# How long a shutdown waits for clients to answer the status sockets' close frames.
+WS_CLOSE_WAIT_SECS = 2.0
 
 
 def make_app(services: Services) -> Application:
@@ -82,16 +84,16 @@ async def serve(config: Config, redis_url: str, sockets: list[socket.socket]) ->
     server = make_http_server(app, config)
     server.add_sockets(sockets)
     services.hub.start()
-    runtime.settle_heap()
-    logger.info("listening on http://%s:%s (redis %s)", config.host, config.port, redis_url)
-
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    runtime.settle_heap()  # after the handlers: a SIGTERM meanwhile still stops gracefully
+    logger.info("listening on http://%s:%s (redis %s)", config.host, config.port, redis_url)
     await stop.wait()
     logger.info("shutting down")
     server.stop()
+    await close_websockets(services)
     try:
         await asyncio.wait_for(server.close_all_connections(), SHUTDOWN_GRACE_SECS)
     except TimeoutError:
@@ -99,11 +101,31 @@ async def serve(config: Config, redis_url: str, sockets: list[socket.socket]) ->
     await services.close()
 
 
+async def close_websockets(services: Services) -> None:
+    """Close every status socket with 1001 (going away): its client reconnects, to
+    another web process, and gets the statuses it has not seen. Tornado's
+    close_all_connections leaves WebSockets open, and the loop's end would then
+    drop them without a close frame."""
+    sockets = list(services.open_sockets)
+    if not sockets:
+        return
+    logger.info("closing %d status socket(s)", len(sockets))
+    for socket_ in sockets:
+        socket_.close(CLOSE_GOING_AWAY, "server shutting down")
+    deadline = asyncio.get_running_loop().time() + WS_CLOSE_WAIT_SECS
+    while services.open_sockets and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.05)
+
+
 def run_web(config: Config, redis_url: str, sockets: list[socket.socket]) -> int:
     """One web process, or WEB_CONCURRENCY of them under a pre-fork supervisor."""
     if config.web_concurrency == 1:
         runtime.run(serve(config, redis_url, sockets))
         return 0
+
+    # Start-up objects leave the collector's view before the fork, so the children
+    # share their pages instead of each copying them on its first collection.
+    runtime.freeze_before_fork()
 
     def child(slot: int) -> int:
         setup_logging(config, f"web.{slot}")

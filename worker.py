@@ -34,7 +34,6 @@ async def work(config: Config, redis_url: str) -> None:
     )
     executor = Executor(redis, config)
     runner = asyncio.create_task(executor.run(), name="executor")
-    runtime.settle_heap()
     signals = 0
 
     def on_signal(signum: int) -> None:
@@ -50,6 +49,7 @@ async def work(config: Config, redis_url: str) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
+    runtime.settle_heap()  # after the handlers: a SIGTERM meanwhile still drains
     try:
         await runner
     except asyncio.CancelledError:

@@ -202,7 +202,10 @@ def asyncapi(schemas: Schemas) -> dict[str, Any]:
                     "each new one, once each and in seq order. The server closes with 1000 "
                     "after confirmed or failed; 4400 for a malformed id, 4404 for an unknown "
                     "order, 4408 when no id arrives within 10 s (each after an Error "
-                    "message), 1009 for a message over 1 KiB, 1013 when Redis is unavailable."
+                    "message), 1009 for a message over 1 KiB, 1013 when Redis is unavailable, "
+                    "1011 on an internal error (after an Error message), 1001 when the server "
+                    "shuts down (reconnect: the statuses not yet seen follow), and the RFC 6455 "
+                    "codes 1002 and 1007 for malformed frames."
                 ),
                 "messages": {
                     "orderId": {

@@ -36,3 +36,10 @@ def settle_heap() -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLDS)
+
+
+def freeze_before_fork() -> None:
+    """In a pre-fork parent, just before forking: its objects go to the permanent
+    generation (CPython's advice for gc.freeze), so no child's collection writes to,
+    and so copies, the pages it inherited."""
+    gc.freeze()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 from redis.asyncio import Redis
 
@@ -23,6 +24,9 @@ class Services:
     hub: StatusHub
     schemas: Schemas
     metrics: Metrics
+    # The open status WebSockets (handlers.status.OrderStatusSocket), so that a
+    # shutdown can close them with 1001 rather than drop them.
+    open_sockets: set[Any] = dataclasses.field(default_factory=set)
 
     @classmethod
     def create(cls, config: Config, redis_url: str, schemas: Schemas | None = None) -> Services:

@@ -28,6 +28,8 @@ logger = logging.getLogger(__name__)
 
 # Close codes. 4400/4404 mirror HTTP's 400/404 in the application range (4000-4999).
 CLOSE_FINISHED = 1000
+CLOSE_GOING_AWAY = 1001  # this web process is shutting down: reconnect (to another)
+CLOSE_INTERNAL_ERROR = 1011
 CLOSE_UNAVAILABLE = 1013  # "try again later" (RFC 6455 registry)
 CLOSE_BAD_ID = 4400
 CLOSE_UNKNOWN_ORDER = 4404
@@ -53,6 +55,29 @@ def _valid_close_payload(data: bytes) -> bool:
     return True
 
 
+def _frame_header_error(
+    header: bytes, *, deflate: bool, in_fragmented_message: bool
+) -> str | None:
+    """What is wrong with a client frame's 2-byte header (RFC 6455 5.2-5.5), if anything."""
+    first, second = header[0], header[1]
+    final, rsv, opcode = first & 0x80, first & 0x70, first & 0x0F
+    if deflate and opcode != 0x0:
+        rsv &= ~0x40  # RSV1 marks a compressed message (RFC 7692)
+    if rsv:
+        return "reserved bits set"
+    if opcode not in (0x0, 0x1, 0x2, 0x8, 0x9, 0xA):
+        return "reserved opcode"
+    if opcode & 0x8 and (not final or (second & 0x7F) >= 126):
+        return "control frames must be final and at most 125 bytes"
+    if opcode == 0x0 and not in_fragmented_message:
+        return "continuation frame with nothing to continue"
+    if opcode in (0x1, 0x2) and in_fragmented_message:
+        return "new message inside a fragmented one"
+    if not second & 0x80:
+        return "client frames must be masked"
+    return None
+
+
 class StrictWebSocketProtocol(WebSocketProtocol13):
     """Tornado's protocol, failing a connection with its RFC 6455 close code.
 
@@ -60,8 +85,10 @@ class StrictWebSocketProtocol(WebSocketProtocol13):
     and on every protocol violation (1002): reserved bits or opcodes, a fragmented or
     oversized control frame, a stray continuation; it accepts unmasked frames from a
     client, which RFC 6455 5.1 says the server must refuse, and echoes any close code,
-    even one a peer may not send. These hooks are
-    Tornado internals (pinned: tornado==6.6.1); tests/test_fuzz.py checks each code.
+    even one a peer may not send. Each frame's header is checked here first, so
+    Tornado's own silent drop is left for what is not the client's fault (a handler
+    error, a shutdown). These hooks are Tornado internals (pinned: tornado==6.6.1);
+    tests/test_fuzz.py checks each code.
     """
 
     _at_frame_header = False
@@ -74,14 +101,15 @@ class StrictWebSocketProtocol(WebSocketProtocol13):
     @override
     async def _read_bytes(self, n: int) -> bytes:
         data = await super()._read_bytes(n)
-        if self._at_frame_header:
-            # The first read of a frame is its 2-byte header; bit 0x80 of the second
-            # byte is MASK.
+        if self._at_frame_header:  # the first read of a frame is its 2-byte header
             self._at_frame_header = False
-            if not data[1] & 0x80:
-                self.close(1002, "client frames must be masked")
-                self._abort()
-                raise StreamClosedError()  # ends Tornado's receive loop quietly
+            error = _frame_header_error(
+                data,
+                deflate=self._decompressor is not None,
+                in_fragmented_message=self._fragmented_message_buffer is not None,
+            )
+            if error is not None:
+                self._fail(1002, error)
         return data
 
     @override
@@ -100,13 +128,11 @@ class StrictWebSocketProtocol(WebSocketProtocol13):
                 return None
         return super()._handle_message(opcode, data)
 
-    @override
-    def _abort(self) -> None:
-        # Once upgraded, an abort that ends neither a close handshake nor a dead
-        # stream is Tornado refusing a frame: say why before hanging up.
-        if self.stream is not None and not self.stream.closed() and not self.server_terminated:
-            self.close(1002, "protocol error")
-        super()._abort()
+    def _fail(self, code: int, reason: str) -> None:
+        """Send the close frame, drop the connection, end Tornado's receive loop."""
+        self.close(code, reason)
+        self._abort()
+        raise StreamClosedError()  # _receive_frame_loop takes this as a closed stream
 
 
 class OrderStatusSocket(WebSocketHandler, JSONErrors):
@@ -164,6 +190,7 @@ class OrderStatusSocket(WebSocketHandler, JSONErrors):
     @override
     def open(self, *args: str, **kwargs: str) -> None:
         self._opened = True
+        self.services.open_sockets.add(self)
         self.services.metrics.websockets.inc()
         self._first_message_timer = IOLoop.current().call_later(
             self.services.config.ws_first_message_timeout_secs, self._on_first_message_timeout
@@ -191,6 +218,11 @@ class OrderStatusSocket(WebSocketHandler, JSONErrors):
         except REDIS_DOWN_ERRORS as exc:
             logger.warning("status socket for %s: Redis unavailable: %s", order_id, exc)
             self._fail(CLOSE_UNAVAILABLE, "unavailable", "order updates are unavailable; retry shortly")
+        except Exception:
+            # A bug or unexpected data: say so (Tornado would drop the connection
+            # without a word), and keep the details in the log.
+            logger.exception("status socket for %s failed", order_id)
+            self._fail(CLOSE_INTERNAL_ERROR, "internal_error", "order updates failed; retry shortly")
 
     def _send(self, data: str, terminal: bool) -> None:
         try:
@@ -226,6 +258,7 @@ class OrderStatusSocket(WebSocketHandler, JSONErrors):
         self._cancel_timer()
         if self._opened:
             self._opened = False
+            self.services.open_sockets.discard(self)
             self.services.metrics.websockets.dec()
         if self.subscription is not None:
             self.subscription.close()

@@ -196,3 +196,42 @@ def test_a_port_in_use_stops_the_start_with_one_line(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+async def test_a_stopping_web_process_closes_its_status_sockets_with_1001(
+    redis_server: RedisServer, clean_redis: None, tmp_path: Path
+) -> None:
+    # No worker: the order stays pending, so its socket is open when SIGTERM comes.
+    port = free_port()
+    env = {**os.environ, "REDIS_URL": redis_server.url, "SERVER_PORT": str(port)}
+    log_path = tmp_path / "web.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, str(PROJECT_ROOT / "server.py")], env=env,
+                                stdout=log, stderr=log)
+    http = AsyncHTTPClient()
+    base = f"http://127.0.0.1:{port}"
+    try:
+        async def ready() -> bool:
+            try:
+                return (await http.fetch(f"{base}/readyz", raise_error=False)).code == 200
+            except OSError:
+                return False
+
+        await eventually(ready, timeout=30, interval=0.05, message="server ready")
+        response = await http.fetch(
+            f"{base}/api/orders/execute", method="POST", body=json.dumps(VALID_ORDER),
+            headers={"Content-Type": "application/json"},
+        )  # fmt: skip
+        ws = await websocket_connect(HTTPRequest(f"ws://127.0.0.1:{port}/api/orders/status"))
+        await ws.write_message(json.loads(response.body)["order_id"])
+        assert json.loads(await ws.read_message() or "{}")["status"] == "pending"
+        proc.send_signal(signal.SIGTERM)
+        assert await read_until_closed(ws, timeout=10) == []
+        assert ws.close_code == 1001, ws.close_reason
+        await eventually(lambda: proc.poll() is not None, timeout=30, message="server exit")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, log_path.read_text()
+    assert "closing 1 status socket(s)" in log_path.read_text()

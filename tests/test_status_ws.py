@@ -16,6 +16,7 @@ from tornado.httpclient import HTTPClientError
 from tornado.ioloop import IOLoop
 from tornado.websocket import WebSocketClientConnection
 
+from engine import keys
 from engine.config import Config
 from engine.redis_server import RedisServer, free_port
 from engine.schemas import Schemas
@@ -23,7 +24,7 @@ from engine.services import Services
 from engine.store import OrderStore
 from engine.updates import Subscription
 from server import make_app
-from tests.helpers import eventually, open_socket, post_order, read_until_closed
+from tests.helpers import VALID_ORDER, eventually, open_socket, post_order, read_until_closed
 
 TX = "0x" + "ab" * 32
 
@@ -180,6 +181,25 @@ async def test_unknown_order_gets_error_then_close_4404(
     assert error["error"] == "not_found" and error["order_id"] == order_id
     assert ws.close_code == 4404
     assert services.hub.subscriber_count == 0
+
+
+async def test_an_internal_error_is_a_json_error_then_close_1011(
+    http_server_client: Any, store: OrderStore, redis: Any, schemas: Schemas,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Real Redis, real error: the order's event stream key holds a string, so reading
+    # its history fails with WRONGTYPE (not an outage: no 1013).
+    order_id = str(uuid.uuid4())
+    await store.create(order_id, VALID_ORDER)
+    await redis.delete(keys.order_events(order_id))
+    await redis.set(keys.order_events(order_id), "not a stream")
+    ws = await subscribe(http_server_client, order_id)
+    messages = await read_until_closed(ws)
+    [error] = [json.loads(m) for m in messages]
+    assert schemas.errors("error", error) == []
+    assert error["error"] == "internal_error"
+    assert ws.close_code == 1011
+    assert "WRONGTYPE" in caplog.text  # the details are logged, not sent
 
 
 async def test_oversized_first_message_closes_1009(http_server_client: Any) -> None:
