@@ -8,7 +8,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from tornado.httpclient import HTTPResponse
+from tornado.httpclient import AsyncHTTPClient, HTTPResponse
 from tornado.websocket import WebSocketClientConnection, websocket_connect
 
 from tests.contract import check_message
@@ -39,6 +39,34 @@ async def eventually(
         if time.monotonic() > deadline:
             raise AssertionError(f"{message} not met within {timeout} s")
         await asyncio.sleep(interval)
+
+
+async def wait_until_ready(
+    base: str, *, alive: Callable[[], bool] | None = None, log: Any = None,
+    path: str = "/readyz", timeout: float = 30.0,
+) -> None:
+    """Until ``base + path`` answers 200 (a process started by a test is up). With
+    ``alive``, fail at once, showing ``log`` (a Path), if the process has died."""
+    http = AsyncHTTPClient()
+
+    async def ready() -> bool:
+        if alive is not None:
+            assert alive(), log.read_text() if log is not None else "the process died"
+        try:
+            return (await http.fetch(base + path, raise_error=False)).code == 200
+        except OSError:
+            return False
+
+    await eventually(ready, timeout=timeout, interval=0.05, message=f"{base}{path} answering")
+
+
+async def submit_order(base: str) -> str:
+    """POST a valid order to a running server at ``base``; its order id."""
+    response = await AsyncHTTPClient().fetch(
+        f"{base}/api/orders/execute", method="POST", body=json.dumps(VALID_ORDER),
+        headers={"Content-Type": "application/json"},
+    )  # fmt: skip
+    return str(json.loads(response.body)["order_id"])
 
 
 async def post_order(

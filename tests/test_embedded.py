@@ -21,7 +21,7 @@ from engine.config import PROJECT_ROOT, Config
 from engine.connections import connect
 from engine.redis_server import RedisServer, free_port
 from engine.store import OrderStore
-from tests.helpers import VALID_ORDER, eventually, read_until_closed
+from tests.helpers import VALID_ORDER, eventually, read_until_closed, submit_order, wait_until_ready
 
 
 async def test_an_accepted_order_survives_a_redis_crash(tmp_path: Path) -> None:
@@ -102,26 +102,9 @@ def _redis_server_pids(data_dir: Path) -> list[str]:
 
 async def test_make_run_system_serves_orders_end_to_end(embedded_system: Any) -> None:
     proc, port, tmp_path = embedded_system
-    http = AsyncHTTPClient()
     base = f"http://127.0.0.1:{port}"
-
-    async def ready() -> bool:
-        if proc.poll() is not None:
-            raise AssertionError((tmp_path / "server.log").read_text())
-        try:
-            response = await http.fetch(f"{base}/readyz", raise_error=False)
-        except OSError:
-            return False
-        return response.code == 200
-
-    await eventually(ready, timeout=30, interval=0.1, message="server ready")
-    response = await http.fetch(
-        f"{base}/api/orders/execute",
-        method="POST",
-        body=json.dumps(VALID_ORDER),
-        headers={"Content-Type": "application/json"},
-    )
-    order_id = json.loads(response.body)["order_id"]
+    await wait_until_ready(base, alive=lambda: proc.poll() is None, log=tmp_path / "server.log")
+    order_id = await submit_order(base)
     ws = await websocket_connect(HTTPRequest(f"ws://127.0.0.1:{port}/api/orders/status"))
     await ws.write_message(order_id)
     messages = [json.loads(m) for m in await read_until_closed(ws, timeout=30)]
@@ -163,7 +146,7 @@ async def test_web_concurrency_runs_and_replaces_web_processes(
             except OSError:
                 return False
 
-        await eventually(serves, timeout=30, interval=0.05, message="serving")
+        await wait_until_ready(f"http://127.0.0.1:{port}", path="/healthz")
         os.kill(first[0], signal.SIGKILL)  # a web process crashes: another takes its place
         await eventually(
             lambda: len(_children(proc.pid)) == 2 and first[0] not in _children(proc.pid),
@@ -208,22 +191,12 @@ async def test_a_stopping_web_process_closes_its_status_sockets_with_1001(
     with open(log_path, "wb") as log:
         proc = subprocess.Popen([sys.executable, str(PROJECT_ROOT / "server.py")], env=env,
                                 stdout=log, stderr=log)
-    http = AsyncHTTPClient()
     base = f"http://127.0.0.1:{port}"
     try:
-        async def ready() -> bool:
-            try:
-                return (await http.fetch(f"{base}/readyz", raise_error=False)).code == 200
-            except OSError:
-                return False
-
-        await eventually(ready, timeout=30, interval=0.05, message="server ready")
-        response = await http.fetch(
-            f"{base}/api/orders/execute", method="POST", body=json.dumps(VALID_ORDER),
-            headers={"Content-Type": "application/json"},
-        )  # fmt: skip
+        await wait_until_ready(base, alive=lambda: proc.poll() is None, log=log_path)
+        order_id = await submit_order(base)
         ws = await websocket_connect(HTTPRequest(f"ws://127.0.0.1:{port}/api/orders/status"))
-        await ws.write_message(json.loads(response.body)["order_id"])
+        await ws.write_message(order_id)
         assert json.loads(await ws.read_message() or "{}")["status"] == "pending"
         proc.send_signal(signal.SIGTERM)
         assert await read_until_closed(ws, timeout=10) == []

@@ -14,7 +14,7 @@ from tornado.httpclient import AsyncHTTPClient
 
 from engine.config import PROJECT_ROOT
 from engine.redis_server import RedisServer, free_port
-from tests.helpers import VALID_ORDER, eventually
+from tests.helpers import eventually, submit_order, wait_until_ready
 
 
 async def test_honcho_runs_web_and_worker_from_the_procfile(
@@ -43,20 +43,8 @@ async def test_honcho_runs_web_and_worker_from_the_procfile(
     http = AsyncHTTPClient()
     base = f"http://127.0.0.1:{port}"
     try:
-
-        async def ready() -> bool:
-            assert proc.poll() is None, log_path.read_text()
-            try:
-                return (await http.fetch(f"{base}/readyz", raise_error=False)).code == 200
-            except OSError:
-                return False
-
-        await eventually(ready, timeout=30, interval=0.1, message="web ready")
-        response = await http.fetch(
-            f"{base}/api/orders/execute", method="POST", body=json.dumps(VALID_ORDER),
-            headers={"Content-Type": "application/json"},
-        )  # fmt: skip
-        order_id = json.loads(response.body)["order_id"]
+        await wait_until_ready(base, alive=lambda: proc.poll() is None, log=log_path)
+        order_id = await submit_order(base)
 
         async def finished() -> Any:
             order = json.loads((await http.fetch(f"{base}/api/orders/{order_id}")).body)
