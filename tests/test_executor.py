@@ -170,12 +170,23 @@ class WrappedVenue:
 
 
 def wrapped_venues(
-    redis: Redis, config: Config, market: SimulatedMarket | None = None
+    redis: Redis,
+    config: Config,
+    market: SimulatedMarket | None = None,
+    *,
+    block_at: str | None = None,
 ) -> dict[str, WrappedVenue]:
-    return {
+    """The simulated venues, wrapped. With ``block_at``, every venue blocks there on
+    one shared gate: ``venues["raydium"].blocked`` / ``.release`` (whichever wins)."""
+    venues = {
         name: WrappedVenue(venue)
         for name, venue in make_simulated_venues(redis, config, market).items()
     }
+    gate = venues["raydium"]
+    for venue in venues.values():
+        venue.block_at = block_at
+        venue.blocked, venue.release = gate.blocked, gate.release
+    return venues
 
 
 # -- the happy path --------------------------------------------------------------------
@@ -380,11 +391,7 @@ async def test_two_workers_racing_on_one_order_execute_it_once(
     # first wakes up and sends too - the ledger must still hold one execution.
     stalled_config = dataclasses.replace(config, claim_idle_ms=60_000)
     taker_config = dataclasses.replace(config, claim_idle_ms=50)
-    stalled_venues = wrapped_venues(redis, stalled_config)
-    for venue in stalled_venues.values():
-        venue.block_at = "before_send"
-        venue.release = stalled_venues["raydium"].release
-        venue.blocked = stalled_venues["raydium"].blocked
+    stalled_venues = wrapped_venues(redis, stalled_config, block_at="before_send")
     order_id = await new_order(store)
     stalled = asyncio.create_task(burst(executor_for(redis, stalled_config, venues=dict(stalled_venues))))
     await asyncio.wait_for(stalled_venues["raydium"].blocked.wait(), RUN_TIMEOUT_SECS)
@@ -409,10 +416,7 @@ async def test_an_order_interrupted_mid_flight_is_finished_by_another_worker(
 ) -> None:
     """The first worker is cancelled with the order's tx_hash recorded (before or after
     the send) or with the order submitted; another worker claims and finishes it."""
-    venues = wrapped_venues(redis, config)
-    for venue in venues.values():
-        venue.block_at = point
-        venue.blocked = venues["raydium"].blocked
+    venues = wrapped_venues(redis, config, block_at=point)
     order_id = await new_order(store)
     first = asyncio.create_task(burst(executor_for(redis, config, venues=dict(venues))))
     await asyncio.wait_for(venues["raydium"].blocked.wait(), RUN_TIMEOUT_SECS)
@@ -578,11 +582,7 @@ async def test_a_submitted_order_the_venue_cannot_settle_is_left_to_an_operator(
 async def test_stop_lets_in_flight_orders_finish(
     redis: Redis, store: OrderStore, config: Config
 ) -> None:
-    venues = wrapped_venues(redis, config)
-    for venue in venues.values():
-        venue.block_at = "status"
-        venue.blocked = venues["raydium"].blocked
-        venue.release = venues["raydium"].release
+    venues = wrapped_venues(redis, config, block_at="status")
     order_id = await new_order(store)
     executor = executor_for(redis, config, venues=dict(venues))
     run = asyncio.create_task(executor.run())
@@ -598,10 +598,7 @@ async def test_stop_lets_in_flight_orders_finish(
 async def test_orders_unfinished_after_the_grace_period_stay_pending(
     redis: Redis, store: OrderStore, config: Config
 ) -> None:
-    venues = wrapped_venues(redis, config)
-    for venue in venues.values():
-        venue.block_at = "status"
-        venue.blocked = venues["raydium"].blocked
+    venues = wrapped_venues(redis, config, block_at="status")
     order_id = await new_order(store)
     short_grace = dataclasses.replace(config, shutdown_grace_secs=0.05)
     executor = executor_for(redis, short_grace, venues=dict(venues))
