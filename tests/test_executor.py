@@ -226,7 +226,17 @@ async def test_many_orders_with_bounded_concurrency(
     redis: Redis, store: OrderStore, config: Config
 ) -> None:
     order_ids = [await new_order(store, amount=float(i + 1)) for i in range(12)]
-    await burst(executor_for(redis, dataclasses.replace(config, worker_concurrency=3)))
+    executor = executor_for(redis, dataclasses.replace(config, worker_concurrency=3))
+    in_flight: list[int] = []
+    real_dispatch = executor._dispatch
+
+    def counting_dispatch(*args: Any, **kwargs: Any) -> None:
+        real_dispatch(*args, **kwargs)
+        in_flight.append(len(executor._tasks))
+
+    executor._dispatch = counting_dispatch  # type: ignore[method-assign]
+    await burst(executor)
+    assert len(in_flight) == 12 and max(in_flight) == 3  # never more than 3 at once
     for order_id in order_ids:
         assert await statuses(store, order_id) == [
             "pending", "routing", "building", "submitted", "confirmed"

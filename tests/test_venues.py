@@ -240,6 +240,27 @@ async def test_router_uses_the_venues_that_answer() -> None:
     assert (await router.best_quote("SOL", "USDC", 1.0)).venue == "up"
 
 
+async def test_router_asks_every_venue_at_once() -> None:
+    # Each venue answers only once every venue has been asked: a router that asked
+    # them one after another would wait on the first until the timeout, get nothing
+    # from any of them, and fail.
+    asked: list[str] = []
+    everyone_asked = asyncio.Event()
+
+    class _Rendezvous(_StubVenue):
+        async def quote(self, token_in: str, token_out: str, amount: float) -> Quote:
+            asked.append(self.name)
+            if len(asked) == 3:
+                everyone_asked.set()
+            await everyone_asked.wait()
+            return await super().quote(token_in, token_out, amount)
+
+    router = Router([_Rendezvous("a", 219.0), _Rendezvous("b", 220.5), _Rendezvous("c", 218.0)],
+                    timeout_secs=5.0)  # fmt: skip
+    assert (await router.best_quote("SOL", "USDC", 1.0)).venue == "b"
+    assert sorted(asked) == ["a", "b", "c"]
+
+
 async def test_router_all_venues_down_is_transient() -> None:
     router = Router(
         [_StubVenue("down", TransientVenueError("down: outage")), _StubVenue("slow", None)],
