@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TypeVar
@@ -57,6 +58,10 @@ class Config:
     ws_first_message_timeout_secs: float = 10.0
 
     # Worker.
+    # The worker's consumer name in the group (WORKER_NAME, else a Procfile host's
+    # DYNO, e.g. "worker.1"). A name that survives a restart lets the new process
+    # resume its predecessor's orders at once; None: a new unique name per process.
+    worker_name: str | None = None
     worker_concurrency: int = 64
     claim_idle_ms: int = 30_000
     max_deliveries: int = 5
@@ -109,6 +114,8 @@ class Config:
             ws_first_message_timeout_secs=get(
                 "WS_FIRST_MESSAGE_TIMEOUT_SECS", _positive(float), d.ws_first_message_timeout_secs
             ),
+            worker_name=get("WORKER_NAME", _worker_name, None)
+            or get("DYNO", _worker_name, d.worker_name),
             worker_concurrency=get("WORKER_CONCURRENCY", _positive(int), d.worker_concurrency),
             claim_idle_ms=get("CLAIM_IDLE_MS", _positive(int), d.claim_idle_ms),
             max_deliveries=get("MAX_DELIVERIES", _positive(int), d.max_deliveries),
@@ -157,6 +164,12 @@ def _origins(raw: str) -> tuple[str, ...]:
         if not origin.startswith(("http://", "https://")):
             raise ValueError(f"origin {origin!r} must start with http:// or https://")
     return origins
+
+
+def _worker_name(raw: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9._:-]{1,64}", raw):
+        raise ValueError("must be 1 to 64 letters, digits or . _ : -")
+    return raw
 
 
 def _bool(raw: str) -> bool:

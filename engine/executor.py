@@ -92,6 +92,15 @@ HEARTBEAT_STOP_SECS = 2.0
 CLAIM_INTERVAL_MAX_SECS = 5.0
 # Burst mode: how often to look again while other workers still hold pending entries.
 BURST_POLL_SECS = 0.05
+# Removes a worker's record (keys.worker) only if it is still this process's.
+_RELEASE_NAME_LUA = """
+local record = redis.call('GET', KEYS[1])
+if record and cjson.decode(record)['token'] == ARGV[1] then
+    return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
 # An order whose transaction is out and whose entry is past max_deliveries gets this
 # long to learn its outcome from the venue before it is left to an operator.
 GIVE_UP_SETTLE_SECS = 30.0
@@ -215,7 +224,10 @@ class Executor:
         )
         quote_timeout = max(QUOTE_TIMEOUT_SECS, 3 * config.quote_latency_ms / 1000)
         self.router = Router(self.venues, timeout_secs=quote_timeout)
-        self.consumer = consumer or consumer_name()
+        self.consumer = consumer or config.worker_name or consumer_name()
+        # Marks this process's record under keys.worker(consumer): a restarted worker
+        # of the same name tells its predecessor's record from its own.
+        self._token = secrets.token_hex(8)
         self.concurrency = config.worker_concurrency
         self.retry_backoff_secs = retry_backoff_secs
         self.status_poll_secs = status_poll_secs
@@ -231,6 +243,7 @@ class Executor:
         self._claim_cursor = "0-0"
         self._next_claim_at = 0.0
         self._keep_owned = redis.register_script(_KEEP_OWNED_LUA)
+        self._release_name_script = redis.register_script(_RELEASE_NAME_LUA)
         self._heartbeat_stop = asyncio.Event()
 
     # -- lifecycle -------------------------------------------------------------------
@@ -256,6 +269,7 @@ class Executor:
             self.concurrency,
             ", burst" if burst else "",
         )
+        await self._take_name()
         heartbeat = asyncio.create_task(self._heartbeat(), name=f"heartbeat-{self.consumer}")
         try:
             await self._loop(burst)
@@ -270,7 +284,52 @@ class Executor:
             self._heartbeat_stop.set()
             heartbeat.cancel()
             await asyncio.wait({heartbeat}, timeout=HEARTBEAT_STOP_SECS)
+            await self._release_name()
         logger.info("worker %s: stopped", self.consumer)
+
+    def _record(self, in_flight: int) -> str:
+        """This process's entry under keys.worker(consumer): alive, and how busy."""
+        return json.dumps({"in_flight": in_flight, "pid": os.getpid(), "token": self._token})
+
+    async def _take_name(self) -> None:
+        """Wait until no other live process uses this consumer name.
+
+        Two processes of one name would each take the other's pending entries for
+        their own. A unique name (the default) is free at once. A fixed one
+        (WORKER_NAME, DYNO) may still be held by the process this one replaces: it
+        lets go when it stops gracefully, or its record expires CLAIM_IDLE_MS after
+        it died, the same wait after which its entries could be claimed anyway.
+        """
+        warned = False
+        while not self._stop.is_set():
+            try:
+                taken = await self.redis.set(
+                    keys.worker(self.consumer), self._record(0), nx=True,
+                    px=self.config.claim_idle_ms,
+                )  # fmt: skip
+                if taken:
+                    return
+                if not warned:
+                    logger.warning(
+                        "worker %s: another process of this name is alive, or stopped "
+                        "less than %s ms ago; waiting until its record expires",
+                        self.consumer, self.config.claim_idle_ms,
+                    )  # fmt: skip
+                    warned = True
+                await self._sleep_unless_stopped(min(1.0, self.config.claim_idle_ms / 1000))
+            except REDIS_DOWN_ERRORS as exc:
+                raise_if_cancelled()
+                logger.warning("worker %s: Redis unavailable (%s); retrying in %s s",
+                               self.consumer, exc, REDIS_RETRY_SECS)
+                await self._sleep_unless_stopped(REDIS_RETRY_SECS)
+
+    async def _release_name(self) -> None:
+        """Let a successor of the same name start at once (only our own record)."""
+        try:
+            await self._release_name_script(keys=[keys.worker(self.consumer)], args=[self._token])
+        except (*REDIS_DOWN_ERRORS, ResponseError) as exc:
+            raise_if_cancelled()
+            logger.warning("worker %s: could not remove its record: %s", self.consumer, exc)
 
     async def _drain(self) -> None:
         if not self._tasks:
@@ -448,10 +507,9 @@ class Executor:
             try:
                 # For metrics: this worker is alive, with this many orders in flight.
                 await self.redis.set(
-                    keys.worker(self.consumer),
-                    json.dumps({"in_flight": len(ids), "pid": os.getpid()}),
+                    keys.worker(self.consumer), self._record(len(ids)),
                     px=max(int(interval * 3000), 1000),
-                )
+                )  # fmt: skip
                 if not ids:
                     continue
                 lost = await self._keep_owned(

@@ -37,6 +37,9 @@ def test_values_are_parsed() -> None:
         }
     )
     assert config.trust_proxy_headers is True
+    assert config.worker_name is None
+    assert Config.from_env({"DYNO": "worker.2"}).worker_name == "worker.2"
+    assert Config.from_env({"DYNO": "worker.2", "WORKER_NAME": "w-a"}).worker_name == "w-a"
     assert Config.from_env({"TRUST_PROXY_HEADERS": "0"}).trust_proxy_headers is False
     assert Config().trust_proxy_headers is False
     assert config.redis_url == "redis://cache:6379/1"
@@ -60,6 +63,7 @@ def test_values_are_parsed() -> None:
         ({"LOG_FORMAT": "xml"}, "must be one of text, json"),
         ({"ALLOWED_ORIGINS": "app.example"}, "must start with http"),
         ({"TRUST_PROXY_HEADERS": "maybe"}, "must be true or false"),
+        ({"WORKER_NAME": "two words"}, "WORKER_NAME='two words': must be 1 to 64"),
         ({"CONFIRM_LATENCY_MIN_MS": "900", "CONFIRM_LATENCY_MAX_MS": "100"}, "CONFIRM_LATENCY_MAX_MS"),
     ],
 )

@@ -537,6 +537,34 @@ async def test_a_claim_that_races_the_entrys_acknowledgement_is_not_dispatched(
     assert executor._tasks == {}
 
 
+async def test_a_worker_with_a_fixed_name_waits_for_its_predecessor_then_resumes_its_orders(
+    redis: Redis, store: OrderStore, config: Config, caplog: pytest.LogCaptureFixture
+) -> None:
+    # "worker.1" (WORKER_NAME, or DYNO on a Procfile host) took an order and was
+    # killed: its entry is pending under its name and its record has not expired
+    # yet. The new worker.1 must not run beside a live namesake, so it waits for the
+    # record, then resumes the entry as its own: no CLAIM_IDLE_MS wait for the claim.
+    order_id = await new_order(store)
+    await redis.xgroup_create(keys.ORDERS_STREAM, keys.EXECUTORS_GROUP, id="0", mkstream=True)
+    await redis.xreadgroup(keys.EXECUTORS_GROUP, "worker.1", {keys.ORDERS_STREAM: ">"})
+    await redis.set(keys.worker("worker.1"), json.dumps({"in_flight": 1, "pid": 1, "token": "old"}),
+                    px=600)  # fmt: skip
+    named = dataclasses.replace(config, worker_name="worker.1", claim_idle_ms=600_000)
+    executor = executor_for(redis, named)
+    assert executor.consumer == "worker.1"
+    with caplog.at_level(logging.INFO, logger="engine.executor"):
+        run = asyncio.create_task(burst(executor))
+        await eventually(lambda: "another process of this name is alive" in caplog.text,
+                         message="the wait is logged")  # fmt: skip
+        assert await status_of(store, order_id) == "pending"  # nothing runs meanwhile
+        await run
+    assert await status_of(store, order_id) == "confirmed"
+    assert "resuming own pending entry" in caplog.text
+    assert await redis.exists(keys.worker("worker.1")) == 0  # let go on the way out
+    await assert_executed_once(redis, [order_id])
+    await assert_stream_drained(redis)
+
+
 async def _submitted_order_delivered_twice(redis: Redis, store: OrderStore) -> str:
     order_id = await new_order(store)
     tx = "0x" + "ef" * 32
