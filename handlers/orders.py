@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 import uuid
 from typing import Any
@@ -12,6 +13,8 @@ from tornado.web import stream_request_body
 from engine import strict_json
 from engine.store import FAILED, PENDING, ROUTING, utc_timestamp
 from handlers.base import APIError, APIHandler, override
+
+logger = logging.getLogger(__name__)
 
 # A request body larger than this is refused with 413 before it is read in full:
 # a valid order is well under 200 bytes.
@@ -90,6 +93,9 @@ class ExecuteOrderHandler(APIHandler):
             )
         if result.outcome == "replayed":
             self.set_header("Idempotent-Replayed", "true")
+        else:
+            # The first transition of an order; the worker logs the others.
+            logger.info("order %s: accepted -> pending", result.order_id)
         self.set_header("Location", f"/api/orders/{result.order_id}")
         self.write_json({"order_id": result.order_id, "status": "pending"}, status=202)
 
@@ -119,7 +125,9 @@ class OrderHandler(APIHandler):
                 order_id, FAILED, only_from=CANCELLABLE, reason=CANCEL_REASON
             )
             stored = None if result.applied else await self.services.store.get(order_id)
-        if not result.applied:
+        if result.applied:
+            logger.info("order %s: cancelled by client -> failed", order_id)
+        else:
             if stored is None:
                 raise APIError(404, "not_found", f"no order {order_id}", order_id=order_id)
             if stored.get("reason") != CANCEL_REASON:  # a repeated DELETE is answered again

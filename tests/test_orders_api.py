@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import uuid
 from typing import Any
 
@@ -332,3 +333,18 @@ async def test_cancel_an_unknown_order_is_404(http_server_client: Any) -> None:
         f"/api/orders/{uuid.uuid4()}", method="DELETE", raise_error=False
     )
     assert response.code == 404
+
+
+async def test_accepting_and_cancelling_an_order_are_logged_with_its_id(
+    http_server_client: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO, logger="handlers.orders"):
+        _, body = await post_order(http_server_client)
+        order_id = body["order_id"]
+        response = await http_server_client.fetch(f"/api/orders/{order_id}", method="DELETE")
+    assert response.code == 200
+    lines = [r.getMessage() for r in caplog.records if r.name == "handlers.orders"]
+    assert lines == [
+        f"order {order_id}: accepted -> pending",
+        f"order {order_id}: cancelled by client -> failed",
+    ]
