@@ -58,6 +58,12 @@ class _Snapshot(Collector):
             "orders_pending_entries", "Entries delivered to a worker and not yet acknowledged",
             value=self.pending_entries,
         )  # fmt: skip
+        # Finished entries are deleted with their acknowledgement, so the stream holds
+        # exactly the waiting entries plus the pending ones.
+        yield GaugeMetricFamily(
+            "orders_stream_lag", "Entries in the orders stream that no worker has taken yet",
+            value=max(0, self.queue_length - self.pending_entries),
+        )  # fmt: skip
         in_flight = GaugeMetricFamily(
             "worker_in_flight", "Orders each live worker is executing", labels=["worker"]
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -10,7 +11,7 @@ from redis.asyncio import Redis
 
 from engine import keys
 from engine.config import Config
-from engine.executor import Executor
+from engine.executor import MAX_ATTEMPTS, Executor
 from engine.services import Services
 from tests.helpers import VALID_ORDER, eventually, open_socket, post_order
 
@@ -61,7 +62,32 @@ async def test_metrics_count_requests_orders_sockets_and_workers(
     assert value("dead_letters_total") == 0
     assert value("orders_queue_length") == 0
     assert value("orders_pending_entries") == 0
+    assert value("orders_stream_lag") == 0
     assert value("worker_in_flight", worker=worker.consumer) >= 0
+
+
+async def test_metrics_show_lag_retries_and_dead_letters(
+    http_server_client: Any, services: Services, config: Config, redis: Redis
+) -> None:
+    for _ in range(3):
+        response, _ = await post_order(http_server_client)
+        assert response.code == 202
+    await redis.xadd(keys.ORDERS_STREAM, {"junk": "no order id"})  # a poison entry
+    samples = await scrape(http_server_client)
+    assert samples[("orders_stream_lag", ())] == 4  # no worker yet
+    assert samples[("orders_pending_entries", ())] == 0
+
+    # Every venue call fails: each order is retried, then failed; the poison entry
+    # is dead-lettered.
+    failing = dataclasses.replace(config, venue_failure_rate=1.0)
+    await asyncio.wait_for(
+        Executor(services.redis, failing, retry_backoff_secs=0.0).run(burst=True), 20
+    )
+    samples = await scrape(http_server_client)
+    assert samples[("orders_stream_lag", ())] == 0
+    assert samples[("orders_total", (("status", "failed"),))] == 3
+    assert samples[("order_retries_total", ())] == 3 * (MAX_ATTEMPTS - 1)
+    assert samples[("dead_letters_total", ())] == 1
 
 
 async def _drained(redis: Redis) -> bool:
