@@ -24,6 +24,7 @@ from engine.services import Services
 from engine.store import OrderStore
 from engine.updates import Subscription
 from server import make_app
+from tests.contract import check_message
 from tests.helpers import VALID_ORDER, eventually, open_socket, post_order, read_until_closed
 
 TX = "0x" + "ab" * 32
@@ -81,7 +82,7 @@ async def test_two_live_subscribers_see_every_status_once_in_order(
     second = await subscribe(http_server_client, order_id)
     # Both have received the replayed "pending" before anything else happens.
     for ws in (first, second):
-        assert json.loads(await asyncio.wait_for(ws.read_message(), 5))["status"] == "pending"
+        assert check_message(await asyncio.wait_for(ws.read_message(), 5) or "")["status"] == "pending"
     assert services.hub.subscriber_count == 2
     await drive_to_confirmed(services.store, order_id)
     for ws in (first, second):

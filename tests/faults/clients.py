@@ -17,6 +17,7 @@ from urllib.parse import urlparse
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError
 from tornado.websocket import WebSocketClosedError, websocket_connect
 
+from tests.contract import check_message
 from tests.helpers import VALID_ORDER
 
 # What one HTTP or WebSocket step may take before the client gives up on it. Only a
@@ -165,7 +166,7 @@ async def watch(
                 raw = await asyncio.wait_for(ws.read_message(), remaining)
                 if raw is None:
                     break
-                message = json.loads(raw)
+                message = check_message(raw)  # every message valid against its schema
                 if "error" in message:
                     seen.errors.append(message)
                     continue
