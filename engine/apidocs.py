@@ -64,12 +64,17 @@ def _error(description: str) -> dict[str, Any]:
     return {"description": description, "content": _json("Error")}
 
 
+_ANY_JSON_DOCUMENT = {
+    "description": "The document",
+    "content": {"application/json": {"schema": {"type": "object"}}},
+}
 _UNAVAILABLE = _error("Redis is unreachable; retry after the Retry-After delay")
 _ORDER_ID_PARAM = {
     "name": "order_id",
     "in": "path",
     "required": True,
-    "schema": {"type": "string"},
+    # A UUID: so "status" (the WebSocket's path, /api/orders/status) is not an order id.
+    "schema": {"$ref": "#/components/schemas/order_id"},
     "description": "The order id from POST /api/orders/execute",
 }
 
@@ -137,7 +142,7 @@ def openapi(schemas: Schemas) -> dict[str, Any]:
                 "get": {
                     "operationId": "health",
                     "summary": "The process is up",
-                    "responses": {"200": {"description": "Up", "content": _plain_status()}},
+                    "responses": {"200": {"description": "Up", "content": _json("Health")}},
                 }
             },
             "/readyz": {
@@ -145,9 +150,52 @@ def openapi(schemas: Schemas) -> dict[str, Any]:
                     "operationId": "ready",
                     "summary": "Redis is reachable",
                     "responses": {
-                        "200": {"description": "Ready", "content": _plain_status()},
+                        "200": {"description": "Ready", "content": _json("Health")},
                         "503": _UNAVAILABLE,
                     },
+                }
+            },
+            "/api/schemas": {
+                "get": {
+                    "operationId": "listSchemas",
+                    "summary": "The published JSON Schema files",
+                    "responses": {"200": {"description": "The index", "content": _json("SchemaIndex")}},
+                }
+            },
+            "/api/schemas/{name}": {
+                "get": {
+                    "operationId": "getSchema",
+                    "summary": "One JSON Schema file, byte for byte (draft 2020-12)",
+                    "parameters": [
+                        {
+                            "name": "name",
+                            "in": "path",
+                            "required": True,
+                            "schema": {"type": "string"},
+                            "description": "A name from GET /api/schemas, with or without .json",
+                        }
+                    ],
+                    "responses": {
+                        "200": {
+                            "description": "The schema file",
+                            "content": {"application/schema+json": {"schema": {"type": "object"}}},
+                        },
+                        "404": _error("No schema of that name"),
+                    },
+                }
+            },
+            "/api/openapi.json": {
+                "get": {
+                    "operationId": "getOpenApi",
+                    "summary": "This document",
+                    "responses": {"200": _ANY_JSON_DOCUMENT},
+                }
+            },
+            "/api/asyncapi.json": {
+                "get": {
+                    "operationId": "getAsyncApi",
+                    "summary": "The AsyncAPI 3.0 document of the status WebSocket",
+                    "responses": {"200": _ANY_JSON_DOCUMENT},
                 }
             },
             "/metrics": {
@@ -164,18 +212,6 @@ def openapi(schemas: Schemas) -> dict[str, Any]:
             },
         },
         "components": {"schemas": _components(schemas, "components/schemas/")},
-    }
-
-
-def _plain_status() -> dict[str, Any]:
-    return {
-        "application/json": {
-            "schema": {
-                "type": "object",
-                "required": ["status"],
-                "properties": {"status": {"type": "string"}},
-            }
-        }
     }
 
 

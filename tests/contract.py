@@ -17,6 +17,8 @@ _ROUTES: list[tuple[str, re.Pattern[str], int, str]] = [
     ("POST", re.compile(r"^/api/orders/execute$"), 202, "order_accepted"),
     ("GET", re.compile(r"^/api/orders/[^/]+$"), 200, "order"),
     ("DELETE", re.compile(r"^/api/orders/[^/]+$"), 200, "order_cancelled"),
+    ("GET", re.compile(r"^/(healthz|readyz)$"), 200, "health"),
+    ("GET", re.compile(r"^/api/schemas$"), 200, "schema_index"),
 ]
 
 
