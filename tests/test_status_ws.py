@@ -13,8 +13,10 @@ from typing import Any
 
 import pytest
 from tornado.httpclient import HTTPClientError
+from tornado.httpserver import HTTPServer
 from tornado.ioloop import IOLoop
-from tornado.websocket import WebSocketClientConnection
+from tornado.testing import bind_unused_port
+from tornado.websocket import WebSocketClientConnection, websocket_connect
 
 from engine import keys
 from engine.config import Config
@@ -25,6 +27,7 @@ from engine.store import OrderStore
 from engine.updates import Subscription
 from server import make_app
 from tests.contract import check_message
+from tests.faults.clients import RawWebSocket
 from tests.helpers import VALID_ORDER, eventually, open_socket, post_order, read_until_closed
 
 TX = "0x" + "ab" * 32
@@ -296,8 +299,6 @@ def services_for(url: str, config: Config, schemas: Schemas) -> Services:
 async def test_redis_unavailable_gives_503_json_promptly(
     lonely_redis: RedisServer, config: Config, schemas: Schemas, fault: str, io_loop: IOLoop
 ) -> None:
-    from tornado.httpserver import HTTPServer
-    from tornado.testing import bind_unused_port
 
     url = f"redis://127.0.0.1:{free_port()}/0" if fault == "refused" else lonely_redis.url
     services = services_for(url, config, schemas)
@@ -355,3 +356,35 @@ async def test_poller_rereads_a_stream_that_restarted_behind_it(
     await asyncio.wait_for(ws.read_message(), 5)
     await drive_to_confirmed(services.store, accepted["order_id"])
     assert len(await read_until_closed(ws)) == 4
+
+
+async def test_a_client_that_stops_answering_pings_is_dropped(
+    services: Services, store: OrderStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The keep-alive, sped up: a socket whose peer sends no pong is closed, one whose
+    # peer answers stays (production: a ping every 20 s, 20 s to answer).
+    import server
+
+    monkeypatch.setattr(server, "WS_PING_INTERVAL_SECS", 0.2)
+    monkeypatch.setattr(server, "WS_PING_TIMEOUT_SECS", 0.2)
+    http_server = HTTPServer(server.make_app(services))
+    sock, port = bind_unused_port()
+    http_server.add_sockets([sock])
+    url = f"ws://127.0.0.1:{port}/api/orders/status"
+    order_id = str(uuid.uuid4())
+    await store.create(order_id, VALID_ORDER)  # stays pending: no worker
+    try:
+        silent = await RawWebSocket.connect(url)  # never reads, never answers a ping
+        await silent.send_text(order_id)
+        alive = await websocket_connect(url)  # Tornado's client answers pings
+        await alive.write_message(order_id)
+        assert check_message(await alive.read_message() or "")["status"] == "pending"
+        await eventually(lambda: len(services.open_sockets) == 2, message="both open")
+        await eventually(lambda: len(services.open_sockets) == 1, timeout=10,
+                         message="the silent socket dropped")  # fmt: skip
+        await asyncio.sleep(0.6)  # three more ping rounds
+        assert len(services.open_sockets) == 1 and alive.close_code is None
+        alive.close()
+        await silent.aclose()
+    finally:
+        http_server.stop()
