@@ -319,11 +319,17 @@ async def test_a_transient_venue_failure_is_retried(
 
 
 async def test_retries_exhausted_fails_the_order_with_a_clear_reason(
-    redis: Redis, store: OrderStore, config: Config, schemas: Schemas
+    redis: Redis, store: OrderStore, config: Config, schemas: Schemas,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     down = dataclasses.replace(config, venue_failure_rate=1.0)
     order_id = await new_order(store)
-    await burst(executor_for(redis, down))
+    with caplog.at_level(logging.WARNING, logger="engine.executor"):
+        await burst(executor_for(redis, down, retry_backoff_secs=0.01))
+
+    # Exponential backoff between the attempts: 0.01 s, then 0.02 s.
+    delays = [re.search(r"retrying in ([0-9.]+) s", r.getMessage()) for r in caplog.records]
+    assert [float(m.group(1)) for m in delays if m] == [0.01 * 2**i for i in range(MAX_ATTEMPTS - 1)]
 
     history = await messages(store, order_id)
     assert [m["status"] for m in history] == ["pending", "routing", "failed"]
