@@ -129,7 +129,7 @@ def openapi(schemas: Schemas) -> dict[str, Any]:
                 },
                 "delete": {
                     "operationId": "cancelOrder",
-                    "summary": "Cancel an order still pending or routing",
+                    "summary": "Cancel an order whose transaction is not yet sent",
                     "responses": {
                         "200": {"description": "Cancelled", "content": _json("OrderCancelled")},
                         "404": _error("No such order"),

@@ -766,8 +766,14 @@ class Executor:
                 await self._check_still_owner()
                 await venue.send(tx)
         else:
-            # Recorded before sending, so whoever resumes this order knows the tx_hash.
-            await self.store.set_fields(order["id"], tx_hash=tx.tx_hash)
+            # Recorded before sending, so whoever resumes this order knows the tx_hash;
+            # and only while the order is still building, so a client's cancel that
+            # came first wins and nothing is sent.
+            if not await self.store.record_tx(order["id"], tx.tx_hash):
+                current = await self._load(order["id"])
+                logger.info("order %s: %s before its transaction was sent; not sending",
+                            order["id"], current["status"])
+                return current
             order = {**order, "tx_hash": tx.tx_hash}
             await self._check_still_owner()
             await venue.send(tx)

@@ -90,7 +90,8 @@ return {'created', ARGV[1]}
 # KEYS: order hash, order events, all events, status counters
 # ARGV: new status, event body (JSON object without seq), now, events maxlen,
 #       TTL for a finished order, statuses the order must be in (comma-separated,
-#       "" = any it may leave), then field/value pairs to store on the hash
+#       "" = any it may leave), a field the order must not have ("" = none), then
+#       field/value pairs to store on the hash
 _TRANSITION_LUA = (
     "local allowed = "
     + _lua_allowed_table()
@@ -101,11 +102,14 @@ if not allowed[cur] or not allowed[cur][ARGV[1]] then return {0, cur} end
 if ARGV[6] ~= '' and not string.find(',' .. ARGV[6] .. ',', ',' .. cur .. ',', 1, true) then
   return {0, cur}
 end
+if ARGV[7] ~= '' and redis.call('HEXISTS', KEYS[1], ARGV[7]) == 1 then
+  return {0, cur}
+end
 local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
 local data = '{"seq":' .. seq .. ',' .. string.sub(ARGV[2], 2)
 redis.call('HSET', KEYS[1], 'status', ARGV[1], 'updated_at', ARGV[3])
-if #ARGV > 6 then
-  redis.call('HSET', KEYS[1], unpack(ARGV, 7))
+if #ARGV > 7 then
+  redis.call('HSET', KEYS[1], unpack(ARGV, 8))
 end
 redis.call('HINCRBY', KEYS[4], ARGV[1], 1)
 redis.call('XADD', KEYS[2], '*', 'seq', seq, 'data', data)
@@ -118,6 +122,14 @@ end
 return {1, data}
 """
 )
+
+
+# KEYS: order hash; ARGV: tx_hash. Recorded only while the order is building.
+_RECORD_TX_LUA = """
+if redis.call('HGET', KEYS[1], 'status') ~= 'building' then return 0 end
+redis.call('HSET', KEYS[1], 'tx_hash', ARGV[1])
+return 1
+"""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,6 +177,7 @@ class OrderStore:
         self.config = config
         self._create = redis.register_script(_CREATE_LUA)
         self._transition = redis.register_script(_TRANSITION_LUA)
+        self._record_tx = redis.register_script(_RECORD_TX_LUA)
 
     async def create(
         self,
@@ -211,10 +224,12 @@ class OrderStore:
         status: str,
         *,
         only_from: Collection[str] = (),
+        unless_recorded: str = "",
         **fields: Any,
     ) -> TransitionResult:
         """Move an order to ``status`` and publish the message, if the move is allowed
-        (and, with ``only_from``, if the order is in one of those statuses).
+        (and, with ``only_from``, if the order is in one of those statuses; with
+        ``unless_recorded``, if the order has no such field, e.g. no tx_hash yet).
 
         ``fields`` go both into the message and onto the order hash (``None`` values
         are left out).
@@ -240,6 +255,7 @@ class OrderStore:
                 self.config.events_maxlen,
                 self.config.order_ttl_secs,
                 ",".join(only_from),
+                unless_recorded,
                 *pairs,
             ],
         )
@@ -264,6 +280,12 @@ class OrderStore:
 
     async def exists(self, order_id: str) -> bool:
         return bool(await self.redis.exists(keys.order(order_id)))
+
+    async def record_tx(self, order_id: str, tx_hash: str) -> bool:
+        """Record the transaction about to be sent, if the order is still ``building``
+        (False if not: e.g. cancelled meanwhile, and then nothing may be sent). Once
+        recorded, a cancel is refused: the trade may go out."""
+        return bool(await self._record_tx(keys=[keys.order(order_id)], args=[tx_hash]))
 
     async def set_fields(self, order_id: str, **fields: str | int | float) -> None:
         """Record working data on an existing order (attempts, a tx_hash before sending)."""

@@ -11,7 +11,15 @@ from typing import Any
 from tornado.web import stream_request_body
 
 from engine import strict_json
-from engine.store import FAILED, PENDING, ROUTING, utc_timestamp
+from engine.store import (
+    BUILDING,
+    FAILED,
+    PENDING,
+    ROUTING,
+    OrderStore,
+    TransitionResult,
+    utc_timestamp,
+)
 from handlers.base import APIError, APIHandler, override
 
 logger = logging.getLogger(__name__)
@@ -121,9 +129,7 @@ class OrderHandler(APIHandler):
         if order_id is None:
             raise APIError(404, "not_found", f"{raw_id[:64]!r} is not an order id")
         async with self.redis_guard():
-            result = await self.services.store.transition(
-                order_id, FAILED, only_from=CANCELLABLE, reason=CANCEL_REASON
-            )
+            result = await cancel(self.services.store, order_id)
             stored = None if result.applied else await self.services.store.get(order_id)
         if result.applied:
             logger.info("order %s: cancelled by client -> failed", order_id)
@@ -134,18 +140,26 @@ class OrderHandler(APIHandler):
                 raise APIError(
                     409,
                     "too_late",
-                    f"the order is {stored['status']}: only pending or routing orders "
-                    "can be cancelled",
+                    f"the order is {stored['status']} and its transaction may already be "
+                    "sent: only an order whose transaction is not yet sent can be cancelled",
                     order_id=order_id,
                 )
         self.write_json({"order_id": order_id, "status": FAILED, "reason": CANCEL_REASON})
 
 
-# Once an order is ``building`` a worker may be sending its transaction, so cancelling
-# it could report "failed" for a trade that executes. Before that, the worker's own
-# next transition is refused and it drops the order: nothing is sent.
-CANCELLABLE = (PENDING, ROUTING)
+# Until the worker records the transaction it is about to send (on a ``building``
+# order, atomically with a check that the order is still building), a cancel wins
+# and nothing is sent. After that the trade may go out, and a cancel could report
+# "failed" for a trade that executes: 409.
+CANCELLABLE = (PENDING, ROUTING, BUILDING)
 CANCEL_REASON = "cancelled by client"
+
+
+async def cancel(store: OrderStore, order_id: str) -> TransitionResult:
+    """Fail the order with CANCEL_REASON if no transaction of it can be out yet."""
+    return await store.transition(
+        order_id, FAILED, only_from=CANCELLABLE, unless_recorded="tx_hash", reason=CANCEL_REASON
+    )
 
 # Hash fields published as they are (strings) or decoded (numbers stored as JSON).
 _TEXT_FIELDS = ("venue", "tx_hash", "reason")

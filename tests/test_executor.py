@@ -836,10 +836,9 @@ async def test_a_killed_worker_process_is_replaced_and_every_order_executes_once
 
 
 async def cancel(store: OrderStore, order_id: str) -> bool:
-    from handlers.orders import CANCEL_REASON, CANCELLABLE
+    from handlers.orders import cancel as cancel_order  # what DELETE does
 
-    result = await store.transition(order_id, "failed", only_from=CANCELLABLE, reason=CANCEL_REASON)
-    return result.applied
+    return (await cancel_order(store, order_id)).applied
 
 
 async def test_a_cancelled_pending_order_is_dropped_unsent(
@@ -881,6 +880,46 @@ async def test_an_order_cancelled_while_routing_is_never_sent(
     assert history[-1]["reason"] == "cancelled by client"
     assert await ledger(redis) == {}
     await assert_stream_drained(redis)
+
+
+async def test_a_cancel_that_lands_while_building_wins_if_nothing_is_recorded_yet(
+    redis: Redis, store: OrderStore, config: Config
+) -> None:
+    # The worker has moved the order to building and is about to record its
+    # transaction when the client's DELETE lands: the record is refused, so nothing
+    # is sent, and the order ends as the client asked.
+    order_id = await new_order(store)
+    executor = executor_for(redis, config)
+    real_record = executor.store.record_tx
+
+    async def cancelled_first(oid: str, tx_hash: str) -> bool:
+        assert await status_of(store, oid) == "building"
+        assert await cancel(store, oid)
+        return await real_record(oid, tx_hash)
+
+    executor.store.record_tx = cancelled_first  # type: ignore[method-assign]
+    await burst(executor)
+    history = await messages(store, order_id)
+    assert [m["status"] for m in history] == ["pending", "routing", "building", "failed"]
+    assert history[-1]["reason"] == "cancelled by client"
+    assert await ledger(redis) == {}
+    await assert_stream_drained(redis)
+
+
+async def test_a_cancel_after_the_transaction_is_recorded_is_refused(
+    redis: Redis, store: OrderStore, config: Config
+) -> None:
+    venues = wrapped_venues(redis, config, block_at="before_send")
+    order_id = await new_order(store)
+    worker = asyncio.create_task(burst(executor_for(redis, config, venues=dict(venues))))
+    await asyncio.wait_for(venues["raydium"].blocked.wait(), RUN_TIMEOUT_SECS)
+    order = await store.get(order_id)
+    assert order is not None and order["status"] == "building" and order["tx_hash"]
+    assert not await cancel(store, order_id)  # the trade may go out: too late
+    venues["raydium"].release.set()
+    await worker
+    assert await status_of(store, order_id) == "confirmed"
+    await assert_executed_once(redis, [order_id])
 
 
 async def test_a_worker_frozen_before_sending_does_not_send_after_a_takeover(

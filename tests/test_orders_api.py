@@ -302,12 +302,7 @@ async def test_cancel_a_pending_order(http_server_client: Any, redis: Redis, sch
     assert await redis.hget(keys.COUNTERS, "failed") == "1"
 
 
-@pytest.mark.parametrize("reached", ["building", "submitted", "confirmed"])
-async def test_cancel_is_409_once_a_transaction_may_be_sent(
-    http_server_client: Any, store: Any, reached: str
-) -> None:
-    _, accepted = await post_order(http_server_client)
-    order_id = accepted["order_id"]
+async def _advance_to(store: Any, order_id: str, reached: str) -> None:
     tx = "0x" + "cd" * 32
     path_so_far = {
         "routing": {},
@@ -319,6 +314,30 @@ async def test_cancel_is_409_once_a_transaction_may_be_sent(
         assert (await store.transition(order_id, status, **fields)).applied
         if status == reached:
             break
+
+
+@pytest.mark.parametrize("reached", ["routing", "building"])
+async def test_cancel_before_the_transaction_is_recorded(
+    http_server_client: Any, store: Any, reached: str
+) -> None:
+    _, accepted = await post_order(http_server_client)
+    order_id = accepted["order_id"]
+    await _advance_to(store, order_id, reached)
+    response = await http_server_client.fetch(f"/api/orders/{order_id}", method="DELETE")
+    assert response.code == 200
+    assert (await store.get(order_id))["status"] == "failed"
+
+
+@pytest.mark.parametrize("reached", ["building+tx", "submitted", "confirmed"])
+async def test_cancel_is_409_once_a_transaction_may_be_sent(
+    http_server_client: Any, store: Any, reached: str
+) -> None:
+    _, accepted = await post_order(http_server_client)
+    order_id = accepted["order_id"]
+    await _advance_to(store, order_id, reached.removesuffix("+tx"))
+    if reached == "building+tx":  # the worker recorded the tx it is about to send
+        assert await store.record_tx(order_id, "0x" + "ab" * 32)
+    reached = reached.removesuffix("+tx")
     response = await http_server_client.fetch(
         f"/api/orders/{order_id}", method="DELETE", raise_error=False
     )
