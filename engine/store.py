@@ -287,10 +287,6 @@ class OrderStore:
         recorded, a cancel is refused: the trade may go out."""
         return bool(await self._record_tx(keys=[keys.order(order_id)], args=[tx_hash]))
 
-    async def set_fields(self, order_id: str, **fields: str | int | float) -> None:
-        """Record working data on an existing order (attempts, a tx_hash before sending)."""
-        await self.redis.hset(keys.order(order_id), mapping=fields)  # type: ignore[arg-type]
-
     async def count_attempt(self, order_id: str) -> int:
         """Count one more execution attempt of an order; the new count."""
         return int(await self.redis.hincrby(keys.order(order_id), "attempts", 1))
