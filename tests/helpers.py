@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
+import subprocess
+import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 from tornado.httpclient import AsyncHTTPClient, HTTPResponse
 from tornado.websocket import WebSocketClientConnection, websocket_connect
 
+from engine.config import PROJECT_ROOT
 from tests.contract import check_message
 
 VALID_ORDER: dict[str, Any] = {
@@ -39,6 +44,26 @@ async def eventually(
         if time.monotonic() > deadline:
             raise AssertionError(f"{message} not met within {timeout} s")
         await asyncio.sleep(interval)
+
+
+def start_server(env: Mapping[str, str], log_path: Path) -> subprocess.Popen[bytes]:
+    """``python server.py`` in its own process, with ``env``; its output in ``log_path``."""
+    with open(log_path, "wb") as log:
+        return subprocess.Popen(
+            [sys.executable, str(PROJECT_ROOT / "server.py")], env=dict(env), stdout=log, stderr=log
+        )
+
+
+def stop_server(proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
+    """SIGTERM, as a Procfile host sends it; SIGKILL if it outlives ``timeout``."""
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 async def wait_until_ready(

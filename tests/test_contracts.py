@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -23,7 +22,7 @@ from engine import apidocs
 from engine.config import PROJECT_ROOT
 from engine.redis_server import RedisServer, free_port
 from engine.schemas import Schemas
-from tests.helpers import eventually
+from tests.helpers import eventually, start_server, stop_server
 
 VENDOR = Path(__file__).parent / "vendor"
 
@@ -76,15 +75,9 @@ def live_server(redis_server: RedisServer, clean_redis: None, tmp_path: Path) ->
     """server.py in its own process (schemathesis's client is synchronous)."""
     port = free_port()
     env = {**os.environ, "REDIS_URL": redis_server.url, "SERVER_PORT": str(port), "LOG_LEVEL": "WARNING"}
-    log = open(tmp_path / "server.log", "wb")
-    proc = subprocess.Popen([sys.executable, str(PROJECT_ROOT / "server.py")], env=env, stdout=log, stderr=log)
+    proc = start_server(env, tmp_path / "server.log")
     yield port, proc, tmp_path / "server.log"
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
+    stop_server(proc, timeout=20)
 
 
 async def test_schemathesis_finds_no_server_error_or_contract_violation(live_server: Any) -> None:

@@ -21,7 +21,15 @@ from engine.config import PROJECT_ROOT, Config
 from engine.connections import connect
 from engine.redis_server import RedisServer, free_port
 from engine.store import OrderStore
-from tests.helpers import VALID_ORDER, eventually, read_until_closed, submit_order, wait_until_ready
+from tests.helpers import (
+    VALID_ORDER,
+    eventually,
+    read_until_closed,
+    start_server,
+    stop_server,
+    submit_order,
+    wait_until_ready,
+)
 
 
 async def test_an_accepted_order_survives_a_redis_crash(tmp_path: Path) -> None:
@@ -73,18 +81,9 @@ def embedded_system(tmp_path: Path) -> Any:
         "VENUE_FAILURE_RATE": "0",
     }
     env.pop("REDIS_URL", None)
-    log = open(tmp_path / "server.log", "wb")
-    proc = subprocess.Popen(
-        [sys.executable, str(PROJECT_ROOT / "server.py")], env=env, stdout=log, stderr=log
-    )
+    proc = start_server(env, tmp_path / "server.log")
     yield proc, port, tmp_path
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-    log.close()
+    stop_server(proc)
 
 
 def _redis_server_pids(data_dir: Path) -> list[str]:
@@ -132,9 +131,7 @@ async def test_web_concurrency_runs_and_replaces_web_processes(
     port = free_port()
     env = {**os.environ, "REDIS_URL": redis_server.url, "SERVER_PORT": str(port), "WEB_CONCURRENCY": "2"}
     log_path = tmp_path / "web.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, str(PROJECT_ROOT / "server.py")], env=env,
-                                stdout=log, stderr=log)
+    proc = start_server(env, log_path)
     http = AsyncHTTPClient()
     try:
         await eventually(lambda: len(_children(proc.pid)) == 2, timeout=30, message="2 web processes")
@@ -155,11 +152,7 @@ async def test_web_concurrency_runs_and_replaces_web_processes(
         for _ in range(20):  # both processes answer on the one port
             assert await serves()
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_server(proc)
     assert proc.returncode == 0, log_path.read_text()
     assert "starting another" in log_path.read_text()
 
@@ -188,9 +181,7 @@ async def test_a_stopping_web_process_closes_its_status_sockets_with_1001(
     port = free_port()
     env = {**os.environ, "REDIS_URL": redis_server.url, "SERVER_PORT": str(port)}
     log_path = tmp_path / "web.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, str(PROJECT_ROOT / "server.py")], env=env,
-                                stdout=log, stderr=log)
+    proc = start_server(env, log_path)
     base = f"http://127.0.0.1:{port}"
     try:
         await wait_until_ready(base, alive=lambda: proc.poll() is None, log=log_path)
@@ -203,8 +194,6 @@ async def test_a_stopping_web_process_closes_its_status_sockets_with_1001(
         assert ws.close_code == 1001, ws.close_reason
         await eventually(lambda: proc.poll() is not None, timeout=30, message="server exit")
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        stop_server(proc)
     assert proc.returncode == 0, log_path.read_text()
     assert "closing 1 status socket(s)" in log_path.read_text()
