@@ -18,7 +18,7 @@ from tornado.ioloop import IOLoop
 from tornado.testing import bind_unused_port
 from tornado.websocket import WebSocketClientConnection, websocket_connect
 
-from engine import keys
+from engine import keys, updates
 from engine.config import Config
 from engine.redis_server import RedisServer, free_port
 from engine.schemas import Schemas
@@ -151,6 +151,32 @@ async def test_a_gap_in_live_messages_is_refilled_from_history(
     assert [end for _, end in received] == [False, False, False, False, True]
     sub.offer(*history[4])  # after the end, nothing more is sent
     assert len(received) == 5
+
+
+async def test_a_poller_with_no_subscriber_idles_and_the_first_subscription_wakes_it(
+    http_server_client: Any, services: Services, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hub = services.hub
+    await eventually(lambda: hub.reads > 0, message="the poller's first read")
+    # Long enough that only a wake-up can explain a prompt live message below; it
+    # applies from the poller's next idle wait on.
+    monkeypatch.setattr(updates, "IDLE_POLL_SECS", 60.0)
+    reads = hub.reads
+    await eventually(lambda: hub.reads > reads, message="the idle wait in progress ended")
+    reads = hub.reads
+    order_ids = [(await post_order(http_server_client))[1]["order_id"] for _ in range(20)]
+    await asyncio.sleep(0.2)
+    # 20 events and nobody watching: none was read (a live poller reads each batch).
+    assert hub.reads == reads
+    ws = await subscribe(http_server_client, order_ids[0])
+    assert json.loads(await asyncio.wait_for(ws.read_message(), 5) or "")["status"] == "pending"
+    await services.store.transition(order_ids[0], "routing")
+    live = await asyncio.wait_for(ws.read_message(), 5)  # the poller is awake: not 60 s
+    assert json.loads(live or "")["status"] == "routing"
+    # It read past the backlog that piled up while it idled.
+    newest = await services.redis.xrevrange(keys.EVENTS_STREAM, count=1)
+    assert hub.last_id == newest[0][0]
+    ws.close()
 
 
 @pytest.mark.parametrize(
