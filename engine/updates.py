@@ -39,11 +39,12 @@ POLL_BATCH = 1000
 # it was 21% of a web process's CPU, one round trip per event). An idle stream still
 # wakes the blocked XREAD at once: only events that follow within this window wait.
 POLL_COALESCE_SECS = 0.002
-# While no socket of this process watches an order, nobody waits for the poller: it
-# reads the stream this often, only to keep its place, instead of as events arrive
-# (at 1,000 orders/s that was ~100 us of CPU per order). The first subscription
-# wakes it at once; the backlog it then reads is at most this old, and the new
-# subscriber's own history read (step 2 above) does not depend on the poller.
+# While no socket of this process watches an order, nobody needs the events: the
+# poller then only notes the stream's newest entry this often, instead of reading
+# every event (at 1,000 orders/s that was ~100 us of CPU per order). The first
+# subscription wakes it at once, and it reads on from the entry it noted last: that
+# covers every event written after the subscriber registered (step 1 above); the
+# earlier ones are in the subscriber's history read (step 2).
 IDLE_POLL_SECS = 0.25
 # Delay before the poller tries Redis again after a connection error.
 RECONNECT_DELAY_SECS = 0.5
@@ -135,9 +136,11 @@ class StatusHub:
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self._wake = asyncio.Event()
+        self._joined = 0  # subscriptions made so far
         self.last_id = ""
         self.delivered = 0
-        self.reads = 0  # stream reads made (for tests)
+        self.reads = 0  # XREADs made, and the idle checks of the newest entry (for tests)
+        self.idle_checks = 0
 
     @property
     def subscriber_count(self) -> int:
@@ -146,6 +149,7 @@ class StatusHub:
     def subscribe(self, order_id: str, sink: Sink) -> Subscription:
         """Register a subscription; the caller then awaits ``sync()`` on it."""
         sub = Subscription(self, order_id, sink)
+        self._joined += 1
         if not self._by_order:
             self._wake.set()  # an idle poller reads live from now on
         self._by_order.setdefault(order_id, set()).add(sub)
@@ -179,10 +183,7 @@ class StatusHub:
         warned = False
         while not self.last_id and not self._stopping:
             try:
-                newest = cast(
-                    StreamEntries, await self.redis.xrevrange(keys.EVENTS_STREAM, count=1)
-                )
-                self.last_id = newest[0][0] if newest else "0-0"
+                await self._note_newest()
             except REDIS_DOWN_ERRORS as exc:
                 raise_if_cancelled()
                 if not warned:  # once per outage, not twice a second
@@ -192,19 +193,18 @@ class StatusHub:
         logger.info("status poller started after entry %s", self.last_id)
         failing = False
         while not self._stopping:
-            idle = not self._by_order
-            if idle and not failing:
+            if not self._by_order and not failing:
                 await self._idle()
-                idle = not self._by_order
             try:
-                if failing:
-                    await self._check_position()
-                batches: list[tuple[str, StreamEntries]] = await self.redis.xread(  # type: ignore[assignment]
-                    {keys.EVENTS_STREAM: self.last_id},
-                    count=POLL_BATCH,
-                    # Idle: take what is there and go back to waiting for a subscriber.
-                    block=None if idle else self.config.poll_block_ms,
-                )
+                if not self._by_order:
+                    # Nobody to deliver to: only keep the place.
+                    await self._note_newest()
+                    self.idle_checks += 1
+                    read = 0
+                else:
+                    if failing:
+                        await self._check_position()
+                    read = await self._read()
             except REDIS_DOWN_ERRORS as exc:
                 raise_if_cancelled()
                 if not failing:
@@ -215,13 +215,21 @@ class StatusHub:
             if failing:
                 logger.info("status poller reconnected to Redis")
                 failing = False
-            read = 0
-            for _stream, entries in batches:
-                self._dispatch(entries)
-                read += len(entries)
-            if 0 < read < POLL_BATCH and self._by_order:
+            if 0 < read < POLL_BATCH:
                 await asyncio.sleep(POLL_COALESCE_SECS)
-            self.reads += 1
+
+    async def _read(self) -> int:
+        """One XREAD (blocking while the stream has nothing new); dispatches what it
+        brings and returns how many entries that was."""
+        batches: list[tuple[str, StreamEntries]] = await self.redis.xread(  # type: ignore[assignment]
+            {keys.EVENTS_STREAM: self.last_id}, count=POLL_BATCH, block=self.config.poll_block_ms
+        )
+        self.reads += 1
+        read = 0
+        for _stream, entries in batches:
+            self._dispatch(entries)
+            read += len(entries)
+        return read
 
     async def _idle(self) -> None:
         """Wait until a subscription arrives or IDLE_POLL_SECS pass."""
@@ -233,11 +241,31 @@ class StatusHub:
         except TimeoutError:
             pass
 
+    async def _note_newest(self) -> None:
+        """Move the poller's place to the stream's newest entry: every event a later
+        subscriber needs live comes after it.
+
+        Unless a subscription arrived while asking: Redis may have run that
+        subscriber's history read first, and an event written between the two reads
+        would be in neither. The place then stays where it was (or, with none yet,
+        goes to the stream's start; seq dedup drops what is read twice).
+        """
+        joined = self._joined
+        newest = await self._newest_id()
+        if self._joined == joined:
+            self.last_id = newest
+        elif not self.last_id:
+            self.last_id = "0-0"
+
+    async def _newest_id(self) -> str:
+        """The id of the newest entry of the events stream ("0-0" if it is empty)."""
+        newest = cast(StreamEntries, await self.redis.xrevrange(keys.EVENTS_STREAM, count=1))
+        return newest[0][0] if newest else "0-0"
+
     async def _check_position(self) -> None:
         """After an outage: if the stream restarted behind us (Redis came back without
         its data), read it from the start again; seq dedup drops any repeat."""
-        newest = cast(StreamEntries, await self.redis.xrevrange(keys.EVENTS_STREAM, count=1))
-        newest_id = newest[0][0] if newest else "0-0"
+        newest_id = await self._newest_id()
         if _stream_id(newest_id) < _stream_id(self.last_id):
             logger.warning("orders:events is behind the poller (%s < %s); rereading it",
                            newest_id, self.last_id)

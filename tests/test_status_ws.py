@@ -157,26 +157,54 @@ async def test_a_poller_with_no_subscriber_idles_and_the_first_subscription_wake
     http_server_client: Any, services: Services, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     hub = services.hub
-    await eventually(lambda: hub.reads > 0, message="the poller's first read")
+    await eventually(lambda: hub.idle_checks > 0, message="the poller's first idle check")
     # Long enough that only a wake-up can explain a prompt live message below; it
     # applies from the poller's next idle wait on.
     monkeypatch.setattr(updates, "IDLE_POLL_SECS", 60.0)
-    reads = hub.reads
-    await eventually(lambda: hub.reads > reads, message="the idle wait in progress ended")
-    reads = hub.reads
+    checks = hub.idle_checks
+    await eventually(lambda: hub.idle_checks > checks, message="the idle wait in progress ended")
+    reads, place = hub.reads, hub.last_id
     order_ids = [(await post_order(http_server_client))[1]["order_id"] for _ in range(20)]
     await asyncio.sleep(0.2)
     # 20 events and nobody watching: none was read (a live poller reads each batch).
-    assert hub.reads == reads
+    assert (hub.reads, hub.last_id) == (reads, place)
     ws = await subscribe(http_server_client, order_ids[0])
     assert json.loads(await asyncio.wait_for(ws.read_message(), 5) or "")["status"] == "pending"
     await services.store.transition(order_ids[0], "routing")
     live = await asyncio.wait_for(ws.read_message(), 5)  # the poller is awake: not 60 s
     assert json.loads(live or "")["status"] == "routing"
-    # It read past the backlog that piled up while it idled.
+    # It read on from its place, through the events written while it idled.
     newest = await services.redis.xrevrange(keys.EVENTS_STREAM, count=1)
-    assert hub.last_id == newest[0][0]
+    assert hub.last_id == newest[0][0] and hub.reads > reads
     ws.close()
+
+
+async def test_an_idle_check_that_races_a_new_subscription_keeps_the_old_place(
+    http_server_client: Any, services: Services, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Redis may run a new subscriber's history read before the idle poller's check of
+    # the newest entry: an event written between the two is in neither. Here it is
+    # made to happen: the subscriber registers and reads its history, the event is
+    # written, and only then does the check run.
+    hub = services.hub
+    _, accepted = await post_order(http_server_client)
+    order_id = accepted["order_id"]
+    await eventually(lambda: hub.idle_checks > 0, message="the poller's first idle check")
+    monkeypatch.setattr(updates, "IDLE_POLL_SECS", 0.05)
+    received: list[str] = []
+    real_newest_id = hub._newest_id
+
+    async def racing_newest_id() -> str:
+        monkeypatch.setattr(hub, "_newest_id", real_newest_id)
+        sub = hub.subscribe(order_id, lambda data, _end: received.append(data))
+        await sub.sync()
+        assert [json.loads(m)["status"] for m in received] == ["pending"]
+        await services.store.transition(order_id, "routing")
+        return await real_newest_id()
+
+    monkeypatch.setattr(hub, "_newest_id", racing_newest_id)
+    await eventually(lambda: len(received) == 2, timeout=5, message="the event between the reads")
+    assert [json.loads(m)["status"] for m in received] == ["pending", "routing"]
 
 
 @pytest.mark.parametrize(
