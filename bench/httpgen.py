@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import resource
 import sys
@@ -160,8 +161,16 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         connections=args.connections, drain_secs=args.drain,
     )
     await gen.open_pool()
+    # No collection of the generator's own may stall it mid-run (it measured ~30
+    # young collections of up to 0.5 ms in 8,000 requests): each would be charged
+    # to the server as latency. The run is bounded, so its garbage is too.
+    gc.collect()
+    gc.disable()
     cpu_before = _cpu_secs()
-    await gen.run()
+    try:
+        await gen.run()
+    finally:
+        gc.enable()
     return gen.result(_cpu_secs() - cpu_before)
 
 

@@ -165,7 +165,8 @@ def git_state() -> dict[str, Any]:
     def git(*argv: str) -> str:
         result = subprocess.run(["git", *argv], cwd=PROJECT_ROOT, capture_output=True, text=True,
                                 timeout=10, check=False)
-        return result.stdout.strip()
+        # Only the end: porcelain lines start with a space when the index is clean.
+        return result.stdout.rstrip()
 
     changed = [line[3:] for line in git("status", "--porcelain").splitlines()
                if not line[3:].startswith("bench/")]
