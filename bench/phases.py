@@ -303,6 +303,17 @@ def e2e_run(
 # -- 3 and 4. fan-out delay and WebSocket capacity --------------------------------------
 
 
+def create_orders(redis_url: str, count: int) -> list[str]:
+    """``count`` new pending orders, written as the POST handler writes them; their ids."""
+    redis = Redis.from_url(redis_url, decode_responses=True, max_connections=1000)
+    loop = asyncio.new_event_loop()
+    try:
+        return loop.run_until_complete(_create_orders(OrderStore(redis, Config(redis_url=redis_url)), count))
+    finally:
+        loop.run_until_complete(redis.aclose())
+        loop.close()
+
+
 async def _create_orders(store: OrderStore, count: int) -> list[str]:
     order = {"token_in": "SOL", "token_out": "USDC", "amount": 1.0, "order_type": "market",
              "max_slippage": 0.05}
@@ -343,7 +354,7 @@ async def _drive_events(
     return writes
 
 
-def _read_ready_lines(children: list[Child], timeout: float) -> list[tuple[int, int]]:
+def read_ready_lines(children: list[Child], timeout: float) -> list[tuple[int, int]]:
     """Wait for each fan-out client's ``READY open failed`` line."""
     selector = selectors.DefaultSelector()
     for child in children:
@@ -411,7 +422,7 @@ def fanout_run(
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE,
             ))
         connect_started = time.monotonic()
-        ready = _read_ready_lines(children, timeout=60 + sockets / 100)
+        ready = read_ready_lines(children, timeout=60 + sockets / 100)
         connect_secs = time.monotonic() - connect_started
         connect_gc = target.gc_pauses(connect_started, time.monotonic())
         opened = sum(r[0] for r in ready)

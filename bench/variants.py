@@ -16,7 +16,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from bench.phases import Samples, e2e_run, flush_redis, submit_run, wait_worker_ready
+from bench.phases import (
+    Samples,
+    create_orders,
+    e2e_run,
+    flush_redis,
+    read_ready_lines,
+    submit_run,
+    wait_worker_ready,
+)
 from bench.stats import median
 from bench.system import Child, Service, System
 from engine.redis_server import RedisServer
@@ -25,6 +33,7 @@ PIP_TIMEOUT_SECS = 300
 HIREDIS = "hiredis==3.5.0"
 UVLOOP = "uvloop==0.23.0"
 ORJSON = "orjson==3.13.0"
+WATCHED_SOCKETS = 100
 
 _UVLOOP_SITECUSTOMIZE = '''"""Bench variant: the asyncio loop is uvloop (installed beside this file)."""
 import asyncio
@@ -47,6 +56,9 @@ VARIANTS = (
     Variant("uvloop", f"{UVLOOP} as the asyncio loop (via sitecustomize, no code change)"),
     Variant("fsync-other", "Redis with the other appendfsync setting (always vs everysec)"),
     Variant("worker-running", "the worker executing the accepted orders during the load"),
+    Variant("watched", f"{WATCHED_SOCKETS} status sockets open on the web process, each watching "
+            "an order that does not change: its status poller reads every event (with none "
+            "open it only notes the stream's newest entry)"),
 )
 
 
@@ -169,6 +181,8 @@ def run_variants(load: Load, base: Service, names: list[str]) -> list[dict[str, 
                                          variant_redis_pid=extra_redis.process.pid))
             elif variant.name == "worker-running":
                 result.update(_worker_pair(load, base))
+            elif variant.name == "watched":
+                result.update(_watched_pair(load, base))
         except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
             result["error"] = repr(exc)  # one broken variant must not lose the others
         finally:
@@ -201,6 +215,42 @@ def _worker_pair(load: Load, base: Service) -> dict[str, Any]:
                 if worker is not None:
                     system.stop(worker)
                     flush_redis(system.redis_url)
+    return _comparison(load, runs)
+
+
+def _watched_pair(load: Load, base: Service) -> dict[str, Any]:
+    """The baseline web process with no status socket open, then with WATCHED_SOCKETS
+    of them (a fan-out client process), as a web process that also serves watchers."""
+    system = load.system
+    ids_file = load.tmp / "watched-ids.txt"
+    ids_file.write_text("\n".join(create_orders(system.redis_url, WATCHED_SOCKETS)))
+    runs: dict[str, list[dict[str, Any]]] = {"baseline": [], "watched": []}
+    for rep in range(load.repeats):
+        order = ["baseline", "watched"] if rep % 2 == 0 else ["watched", "baseline"]
+        for label in order:
+            watchers: Child | None = None
+            if label == "watched":
+                watchers = system.spawn(
+                    "watchers",
+                    [sys.executable, "-m", "bench.fanout_client", "--port", str(base.port),
+                     "--ids", str(ids_file), "--out", str(load.tmp / "watched-out.json"),
+                     "--deadline", "300"],
+                    stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                )
+                read_ready_lines([watchers], timeout=60)
+            try:
+                runs[label].append(load.run(base, f"{label} (watched)",
+                                            {"web": base.pid, "redis": load.redis_pid}))
+            finally:
+                if watchers is not None:
+                    assert watchers.proc.stdin is not None
+                    watchers.proc.stdin.write(b"STOP\n")  # closes its sockets, then exits
+                    watchers.proc.stdin.flush()
+                    try:
+                        watchers.proc.wait(10)
+                    except subprocess.TimeoutExpired:
+                        pass  # stop() below kills it
+                    system.stop(watchers)
     return _comparison(load, runs)
 
 
