@@ -207,6 +207,40 @@ async def test_an_idle_check_that_races_a_new_subscription_keeps_the_old_place(
     assert [json.loads(m)["status"] for m in received] == ["pending", "routing"]
 
 
+@pytest.mark.parametrize("protocol", [2, 3])
+async def test_the_poller_reads_live_events_over_either_redis_protocol(
+    config: Config, clean_redis: None, protocol: int
+) -> None:
+    # The poller parses XREAD's raw reply itself: a map in RESP3 (redis-py 8's
+    # default), a list in RESP2 (a REDIS_URL may ask for it).
+    assert config.redis_url is not None
+    services = Services.create(config, f"{config.redis_url}?protocol={protocol}")
+    services.hub.start()
+    try:
+        order_id = str(uuid.uuid4())
+        await services.store.create(order_id, VALID_ORDER)
+        received: list[str] = []
+        sub = services.hub.subscribe(order_id, lambda data, _end: received.append(data))
+        await sub.sync()
+        await drive_to_confirmed(services.store, order_id)
+        await eventually(lambda: len(received) == 5, timeout=5, message="every status")
+        assert [json.loads(m)["seq"] for m in received] == [1, 2, 3, 4, 5]
+        assert services.hub.reads > 0  # delivered by the poller, not a history refill
+        assert services.hub.delivered >= 4
+    finally:
+        await services.close()
+
+
+def test_raw_xread_replies_are_parsed_in_both_protocols() -> None:
+    entry = ["1-0", ["id", "abc", "seq", "1", "data", "{}"]]
+    expected = [("1-0", {"id": "abc", "seq": "1", "data": "{}"})]
+    assert updates.stream_entries({"orders:events": [entry]}) == expected
+    assert updates.stream_entries([["orders:events", [entry]]]) == expected
+    assert updates.stream_entries(None) == []
+    with pytest.raises(ValueError):
+        updates.stream_entries({"orders:events": [["1-0", ["id", "abc", "seq"]]]})
+
+
 @pytest.mark.parametrize(
     "first_message", ["not-a-uuid", "", "12345678-1234-1234-1234-1234567890123", "x" * 1000]
 )
