@@ -102,6 +102,17 @@ def redis_command_calls(url: str) -> dict[str, int]:
     return {name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in stats.items()}
 
 
+def redis_forks(url: str) -> int:
+    """Forks the bench's Redis has made (INFO stats ``total_forks``). Its RDB saves are
+    off, so each is an AOF rewrite: a child rewriting the whole file, which on this
+    machine competes for the two cores and the disk, and can stall Redis's own writes."""
+    client = redis_sync.Redis.from_url(url)
+    try:
+        return int(client.info("stats")["total_forks"])
+    finally:
+        client.close()
+
+
 def commands_per_unit(before: Mapping[str, int], after: Mapping[str, int], units: int) -> dict[str, float]:
     """Redis commands per unit of work (request, order, event), largest first."""
     if not units:
@@ -137,6 +148,7 @@ def submit_run(
     start_at = time.monotonic() + GENERATOR_LEAD_SECS
     outs = [tmp / f"gen-{uuid.uuid4().hex[:8]}-{i}.json" for i in range(procs)]
     calls_before = redis_command_calls(redis_url) if redis_url else {}
+    forks_before = redis_forks(system.redis_url)
     cpu_before = _cpu_snapshot(watch)
     foreign_before, wall_start = foreign_cpu_snapshot(), time.monotonic()
     children = [
@@ -153,6 +165,7 @@ def submit_run(
     cpu_after = _cpu_snapshot(watch)
     foreign = foreign_core_pct(foreign_before, foreign_cpu_snapshot(), time.monotonic() - wall_start)
     calls_after = redis_command_calls(redis_url) if redis_url else {}
+    aof_rewrites = redis_forks(system.redis_url) - forks_before
     parts = [json.loads(out.read_text()) for out in outs]
     for out in outs:
         out.unlink()
@@ -190,6 +203,7 @@ def submit_run(
         "redis_commands_per_request": commands_per_unit(calls_before, calls_after, answered),
         "web_gc": target.gc_pauses(first_due, last_done),
         "foreign_core_pct": foreign,
+        "aof_rewrites": aof_rewrites,
     }
 
 
@@ -390,6 +404,7 @@ class _Round:
     cpu: dict[str, dict[str, float]]
     web_gc: dict[str, float]
     foreign_core_pct: float
+    aof_rewrites: int
 
 
 def fanout_run(
@@ -441,6 +456,7 @@ def fanout_run(
             chunk = plan[k * events : (k + 1) * events]
             cpu_before = _cpu_snapshot({"web": target.pid, "redis": redis_pid})
             foreign_before = foreign_cpu_snapshot()
+            forks_before = redis_forks(system.redis_url)
             began = time.monotonic()
             writes = loop.run_until_complete(_drive_events(store, chunk, rate))
             window = (max(w["acked"] for w in writes) - min(w["due"] for w in writes)) if writes else 0.0
@@ -450,7 +466,8 @@ def fanout_run(
                                  _cpu_figures(cpu_before, cpu_after, window or 1.0, len(writes)),
                                  target.gc_pauses(began, time.monotonic()),
                                  foreign_core_pct(foreign_before, foreign_cpu_snapshot(),
-                                                  time.monotonic() - began)))
+                                                  time.monotonic() - began),
+                                 redis_forks(system.redis_url) - forks_before))
         rss_loaded = rss_kb(target.pid)
         during = while_open() if while_open is not None else None
         for child in children:
@@ -494,6 +511,7 @@ def fanout_run(
             "cpu": rnd.cpu,
             "web_gc": rnd.web_gc,
             "foreign_core_pct": rnd.foreign_core_pct,
+            "aof_rewrites": rnd.aof_rewrites,
         })
     return {
         "sockets": sockets,

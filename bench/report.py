@@ -66,6 +66,7 @@ def submit_summary(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "generator_core_share": median(r["generator_core_share"] for r in rs),
             "foreign_core_pct": median(r.get("foreign_core_pct", math.nan) for r in rs),
             "web_gc": _worst_gc(r.get("web_gc") for r in rs),
+            "aof_rewrite_runs": sum(1 for r in rs if r.get("aof_rewrites")),
         })
     return rows
 
@@ -278,7 +279,10 @@ def render_markdown(results: dict[str, Any], rows: list[dict[str, Any]], plot: s
         table_rows = []
         for r in rows:
             codes = ", ".join(f"{k}: {v}" for k, v in sorted(r["status_counts"].items()))
-            note = "generator-limited?" if generator_limited(r) else ""
+            notes = ["generator-limited?"] if generator_limited(r) else []
+            if r.get("aof_rewrite_runs"):
+                notes.append(f"Redis AOF rewrite in {r['aof_rewrite_runs']} of {r['repeats']} runs")
+            note = "; ".join(notes)
             table_rows.append([
                 _f(r["rate"], 0), r["target"], _f(r["achieved_rate"], 0), codes,
                 _f(r["p50_ms"]), _f(r["p99_ms"]), _f(r["max_ms"], 1),
@@ -357,13 +361,14 @@ def render_markdown(results: dict[str, Any], rows: list[dict[str, Any]], plot: s
         out.append(_table(
             ["sockets", "events/s (achieved)", "events", "delay p50 ms", "p99 ms", "max ms",
              "missing / dup", "write call p99 ms", "web CPU µs/event", "web core %",
-             "web GC pauses ≥1 ms: n, max ms", "others' CPU %"],
+             "web GC pauses ≥1 ms: n, max ms", "others' CPU %", ""],
             [[f"{f['sockets']:,}", f"{_f(t['event_rate'], 0)} ({_f(t['achieved_event_rate'], 0)})",
               f"{t['events']:,}", _f(t["delay_ms"]["p50"]), _f(t["delay_ms"]["p99"]),
               _f(t["delay_ms"]["max"], 1), f"{t['missing']} / {t['duplicates']}",
               _f(t["write_call_ms"]["p99"]), _f(t["cpu"]["web"]["us_per_unit"], 0),
               _f(t["cpu"]["web"]["core_pct"], 0), _gc(t.get("web_gc")),
-              _f(t.get("foreign_core_pct", math.nan), 0)]
+              _f(t.get("foreign_core_pct", math.nan), 0),
+              "Redis AOF rewrite during the round (see `write call`)" if t.get("aof_rewrites") else ""]
              for f in fans for t in f["timed"]]))
         out.append("")
         mixed = [(f["sockets"], f["while_open"]) for f in fans if f.get("while_open")]
