@@ -217,10 +217,11 @@ class System:
 
     def start_web(
         self, name: str = "web", extra_env: Mapping[str, str] | None = None,
-        redis_url: str | None = None, gc_log: bool = False,
+        redis_url: str | None = None, gc_log: bool = False, tree: Path = PROJECT_ROOT,
     ) -> Service:
         """``server.py`` on a free loopback port; returns once /readyz answers 200.
-        With ``gc_log``, its GC pauses go to ``Service.gc_log`` (see bench/gclog)."""
+        With ``gc_log``, its GC pauses go to ``Service.gc_log`` (see bench/gclog).
+        ``tree`` is the source tree whose ``server.py`` (and so whose packages) run."""
         port = free_port()
         env = self.base_env()
         env["SERVER_PORT"] = str(port)
@@ -232,7 +233,7 @@ class System:
         if redis_url:
             env["REDIS_URL"] = redis_url
         env.update(extra_env or {})
-        child = self.spawn(name, [sys.executable, str(PROJECT_ROOT / "server.py")], env)
+        child = self.spawn(name, [sys.executable, str(tree / "server.py")], env)
         wait_ready(port, child)
         return Service(child, port, gc_path)
 
