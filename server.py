@@ -21,7 +21,12 @@ from tornado.web import Application
 from engine import apidocs, prefork, runtime
 from engine.config import PROJECT_ROOT, Config, ConfigError
 from engine.logs import setup_logging
-from engine.redis_server import RedisServer, RedisServerError, die_with_parent
+from engine.redis_server import (
+    RedisServer,
+    RedisServerError,
+    die_with_parent,
+    stop_process,
+)
 from engine.services import Services
 from handlers.base import NotFoundHandler, request_logger
 from handlers.health import HealthHandler, MetricsHandler, ReadyHandler
@@ -149,15 +154,8 @@ def start_worker(redis_url: str) -> subprocess.Popen[bytes]:
 
 
 def stop_worker(proc: subprocess.Popen[bytes], grace_secs: float) -> None:
-    if proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(grace_secs + 5)
-    except subprocess.TimeoutExpired:
-        logger.warning("worker did not stop in time; killing it")
-        proc.kill()
-        proc.wait()
+    if stop_process(proc, grace_secs + 5):
+        logger.warning("worker did not stop in time; killed it")
 
 
 def main() -> int:

@@ -15,7 +15,6 @@ import dataclasses
 import json
 import os
 import resource
-import signal
 import subprocess
 import sys
 import time
@@ -26,7 +25,7 @@ from pathlib import Path
 from typing import IO
 
 from engine.config import PROJECT_ROOT
-from engine.redis_server import RedisServer, die_with_parent, free_port
+from engine.redis_server import RedisServer, die_with_parent, free_port, stop_process
 
 GC_LOG_DIR = PROJECT_ROOT / "bench" / "gclog"
 READY_TIMEOUT_SECS = 20.0
@@ -169,17 +168,10 @@ class System:
 
     def stop(self, child: Child, grace_secs: float = STOP_GRACE_SECS) -> int | None:
         """SIGTERM, wait, SIGKILL; the exit code."""
-        proc = child.proc
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(grace_secs)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_process(child.proc, grace_secs)
         if child in self.children:
             self.children.remove(child)
-        return proc.returncode
+        return child.proc.returncode
 
     def stop_all(self) -> None:
         """Stop every child (newest first), then Redis. Safe to call twice."""

@@ -58,6 +58,21 @@ def die_with_parent() -> None:
         pass
 
 
+def stop_process(proc: subprocess.Popen[bytes], grace_secs: float) -> bool:
+    """SIGTERM ``proc`` (as a Procfile host would), wait up to ``grace_secs``, then
+    SIGKILL it. Returns whether it had to be killed; a process already gone is left be."""
+    if proc.poll() is not None:
+        return False
+    proc.terminate()
+    try:
+        proc.wait(grace_secs)
+        return False
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        return True
+
+
 def free_port() -> int:
     """A TCP port on loopback that nothing listens on right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -158,13 +173,8 @@ class RedisServer:
         proc, self.process = self.process, None
         if proc is None or proc.poll() is not None:
             return
-        proc.terminate()
-        try:
-            proc.wait(STOP_TIMEOUT_SECS)
-        except subprocess.TimeoutExpired:
-            logger.warning("redis-server did not stop in %s s; killing it", STOP_TIMEOUT_SECS)
-            proc.kill()
-            proc.wait()
+        if stop_process(proc, STOP_TIMEOUT_SECS):
+            logger.warning("redis-server did not stop in %s s; killed it", STOP_TIMEOUT_SECS)
         logger.info("embedded redis-server stopped")
 
     def kill(self) -> None:

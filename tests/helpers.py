@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import signal
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ from tornado.httpclient import AsyncHTTPClient, HTTPResponse
 from tornado.websocket import WebSocketClientConnection, websocket_connect
 
 from engine.config import PROJECT_ROOT
+from engine.redis_server import stop_process
 from tests.contract import check_message
 
 VALID_ORDER: dict[str, Any] = {
@@ -56,14 +56,7 @@ def start_server(env: Mapping[str, str], log_path: Path) -> subprocess.Popen[byt
 
 def stop_server(proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
     """SIGTERM, as a Procfile host sends it; SIGKILL if it outlives ``timeout``."""
-    if proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    stop_process(proc, timeout)
 
 
 async def wait_until_ready(

@@ -19,7 +19,7 @@ from tornado.websocket import websocket_connect
 from engine import keys
 from engine.config import PROJECT_ROOT, Config
 from engine.connections import connect
-from engine.redis_server import RedisServer, free_port
+from engine.redis_server import RedisServer, free_port, stop_process
 from engine.store import OrderStore
 from tests.helpers import (
     VALID_ORDER,
@@ -197,3 +197,19 @@ async def test_a_stopping_web_process_closes_its_status_sockets_with_1001(
         stop_server(proc)
     assert proc.returncode == 0, log_path.read_text()
     assert "closing 1 status socket(s)" in log_path.read_text()
+
+
+@pytest.mark.parametrize("ignores_sigterm", [False, True])
+def test_stop_process_terminates_and_kills_only_what_outlives_the_grace(ignores_sigterm: bool) -> None:
+    handler = "signal.SIG_IGN" if ignores_sigterm else "signal.SIG_DFL"
+    proc = subprocess.Popen(
+        [sys.executable, "-c",
+         f"import signal, sys, time; signal.signal(signal.SIGTERM, {handler}); print(flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE,
+    )
+    assert proc.stdout is not None
+    proc.stdout.readline()  # its handler is in place
+    assert stop_process(proc, grace_secs=0.5) is ignores_sigterm
+    assert proc.returncode == (-signal.SIGKILL if ignores_sigterm else -signal.SIGTERM)
+    proc.stdout.close()
+    assert stop_process(proc, grace_secs=0.5) is False  # already gone: nothing to do
