@@ -121,6 +121,14 @@ def commands_per_unit(before: Mapping[str, int], after: Mapping[str, int], units
     return {k: round(v / units, 3) for k, v in sorted(diff.items(), key=lambda kv: -kv[1]) if v > 0}
 
 
+def stop_fanout_clients(children: list[Child]) -> None:
+    """Tell each ``bench.fanout_client`` to close its sockets, write its results and exit."""
+    for child in children:
+        assert child.proc.stdin is not None
+        child.proc.stdin.write(b"STOP\n")
+        child.proc.stdin.flush()
+
+
 def _wait_all(children: list[Child], timeout: float, system: System) -> None:
     deadline = time.monotonic() + timeout
     for child in children:
@@ -470,10 +478,7 @@ def fanout_run(
                                  redis_forks(system.redis_url) - forks_before))
         rss_loaded = rss_kb(target.pid)
         during = while_open() if while_open is not None else None
-        for child in children:
-            assert child.proc.stdin is not None
-            child.proc.stdin.write(b"STOP\n")
-            child.proc.stdin.flush()
+        stop_fanout_clients(children)
         _wait_all(children, 60 + sockets / 500, system)
         parts = [json.loads(out.read_text()) for out in outs]
         rss_closed = rss_kb(target.pid)

@@ -22,6 +22,7 @@ from bench.phases import (
     e2e_run,
     flush_redis,
     read_ready_lines,
+    stop_fanout_clients,
     submit_run,
     wait_worker_ready,
 )
@@ -243,9 +244,7 @@ def _watched_pair(load: Load, base: Service) -> dict[str, Any]:
                                             {"web": base.pid, "redis": load.redis_pid}))
             finally:
                 if watchers is not None:
-                    assert watchers.proc.stdin is not None
-                    watchers.proc.stdin.write(b"STOP\n")  # closes its sockets, then exits
-                    watchers.proc.stdin.flush()
+                    stop_fanout_clients([watchers])
                     try:
                         watchers.proc.wait(10)
                     except subprocess.TimeoutExpired:
