@@ -11,6 +11,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from engine.config import Config
+from engine.pipelined import PipelinedRedis
 
 # Connections per client. A burst of requests waits for a free connection (up to the
 # Redis timeout) instead of failing: redis-py's default pool refuses the 101st
@@ -69,6 +70,16 @@ def connect(
         health_check_interval=30,
     )
     return Redis.from_pool(pool)  # the client owns the pool: aclose() closes both
+
+
+def connect_pipelined(url: str, config: Config) -> PipelinedRedis | None:
+    """The web's pipelined connection for creating orders (engine.pipelined), with the
+    same bounds as ``connect``'s clients; None where it does not apply (TLS)."""
+    return PipelinedRedis.for_url(
+        url,
+        connect_timeout=min(config.redis_timeout_secs, 1.0),
+        stall_secs=config.redis_timeout_secs,
+    )
 
 
 def raise_if_cancelled() -> None:

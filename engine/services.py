@@ -8,7 +8,8 @@ from typing import Any
 from redis.asyncio import Redis
 
 from engine.config import Config
-from engine.connections import connect
+from engine.connections import connect, connect_pipelined
+from engine.pipelined import PipelinedRedis
 from engine.metrics import Metrics
 from engine.schemas import Schemas
 from engine.store import OrderStore
@@ -20,6 +21,8 @@ class Services:
     config: Config
     redis: Redis
     poll_redis: Redis
+    # Carries OrderStore.create (None with TLS: then redis-py does).
+    pipe: PipelinedRedis | None
     store: OrderStore
     hub: StatusHub
     schemas: Schemas
@@ -33,11 +36,13 @@ class Services:
         """Build the services; nothing connects until first use."""
         redis = connect(redis_url, config)
         poll_redis = connect(redis_url, config, block_ms=config.poll_block_ms)
-        store = OrderStore(redis, config)
+        pipe = connect_pipelined(redis_url, config)
+        store = OrderStore(redis, config, pipe)
         return cls(
             config=config,
             redis=redis,
             poll_redis=poll_redis,
+            pipe=pipe,
             store=store,
             hub=StatusHub(poll_redis, store, config),
             schemas=schemas or Schemas(),
@@ -48,3 +53,5 @@ class Services:
         await self.hub.stop()
         await self.redis.aclose()
         await self.poll_redis.aclose()
+        if self.pipe is not None:
+            await self.pipe.aclose()

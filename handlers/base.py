@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 from tornado.log import access_log
@@ -152,14 +151,35 @@ class APIHandler(JSONErrors):
             return
         super().log_exception(typ, value, tb)
 
-    @contextlib.asynccontextmanager
-    async def redis_guard(self) -> AsyncIterator[None]:
-        """Turn an unreachable or stalled Redis into a prompt 503 (never a hang or 500)."""
+    def redis_guard(self) -> RedisGuard:
+        """``async with self.redis_guard():`` turns an unreachable or stalled Redis into
+        a prompt 503 (never a hang or a 500)."""
+        return RedisGuard(self)
+
+
+class RedisGuard:
+    """The Redis calls of one request, bounded by REDIS_TIMEOUT_SECS in all; a Redis
+    error or the timeout becomes a 503. A class rather than an asynccontextmanager:
+    it is on every request's path, and a generator costs more to run (see
+    docs/benchmarks.md)."""
+
+    __slots__ = ("_handler", "_timeout")
+
+    def __init__(self, handler: APIHandler) -> None:
+        self._handler = handler
+        self._timeout = asyncio.timeout(handler.services.config.redis_timeout_secs)
+
+    async def __aenter__(self) -> None:
+        await self._timeout.__aenter__()
+
+    async def __aexit__(self, typ: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
         try:
-            async with asyncio.timeout(self.services.config.redis_timeout_secs):
-                yield
-        except (*REDIS_DOWN_ERRORS, TimeoutError) as exc:
-            logger.warning("%s %s: Redis unavailable: %s", self.request.method, self.request.path, exc)
+            await self._timeout.__aexit__(typ, exc, tb)
+        except TimeoutError as expired:  # the timeout turns its cancellation into this
+            exc = expired
+        if isinstance(exc, (*REDIS_DOWN_ERRORS, TimeoutError)):
+            request = self._handler.request
+            logger.warning("%s %s: Redis unavailable: %s", request.method, request.path, exc)
             raise APIError(
                 503, "unavailable", "the order store is unavailable; retry shortly"
             ) from None

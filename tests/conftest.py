@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import signal
 from collections.abc import Iterator
 from typing import Any
 from pathlib import Path
@@ -32,6 +34,17 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
     server = RedisServer(tmp_path_factory.mktemp("redis"), appendfsync="everysec")
     server.start()
     yield server
+    server.stop()
+
+
+@pytest.fixture
+def lonely_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server of the test's own, to stop, freeze and reconfigure."""
+    server = RedisServer(tmp_path / "lonely", appendfsync="no")
+    server.start()
+    yield server
+    if server.process is not None:
+        os.kill(server.process.pid, signal.SIGCONT)
     server.stop()
 
 

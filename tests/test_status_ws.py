@@ -368,17 +368,6 @@ async def test_origin_allow_list(
         assert refused.value.code == 403
 
 
-@pytest.fixture
-def lonely_redis(tmp_path: Any) -> Any:
-    """A redis-server of the test's own, to stop and freeze."""
-    server = RedisServer(tmp_path / "lonely", appendfsync="no")
-    server.start()
-    yield server
-    if server.process is not None:
-        os.kill(server.process.pid, signal.SIGCONT)
-    server.stop()
-
-
 def services_for(url: str, config: Config, schemas: Schemas) -> Services:
     return Services.create(dataclasses.replace(config, redis_url=url), url, schemas)
 

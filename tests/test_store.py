@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 import uuid
+from datetime import datetime, timezone
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from redis.asyncio import Redis
 
 from engine import keys
 from engine.schemas import Schemas
-from engine.store import ALLOWED, OrderStore
+from engine.store import ALLOWED, OrderStore, utc_timestamp
 from tests.helpers import VALID_ORDER
 
 
@@ -104,3 +107,16 @@ async def test_a_burst_larger_than_the_pool_waits_instead_of_failing(
     )
     assert [r for r in results if isinstance(r, BaseException)] == []
     assert await redis.xlen(keys.ORDERS_STREAM) == burst
+
+
+@given(
+    st.one_of(
+        st.floats(min_value=-1e10, max_value=1e10, allow_nan=False),
+        # the edges where rounding to microseconds carries into the next second
+        st.integers(0, 4_000_000_000).map(lambda s: s + 0.9999995),
+        st.integers(0, 4_000_000_000).map(lambda s: s + 0.0005),
+    )
+)
+def test_timestamps_are_the_datetime_isoformat_text(epoch: float) -> None:
+    expected = datetime.fromtimestamp(epoch, tz=timezone.utc).isoformat(timespec="milliseconds")
+    assert utc_timestamp(epoch) == expected[:-6] + "Z"

@@ -1,0 +1,273 @@
+"""One pipelined Redis connection for the POST path's create script.
+
+redis-py's asyncio client takes a connection from its pool for every command (a
+condition, a lock, a timer, observability hooks and an event dispatch around it),
+then sends the command and reads the reply under a second timer. In the web process
+under load that path cost about 125 µs of CPU per POST, a quarter of the POST's
+whole cost (interleaved A/B, docs/benchmarks.md). Redis answers the commands of one
+connection in the order they were sent, so a connection can carry many callers'
+commands at once: each caller writes its command and waits on a future, and the
+replies resolve the futures in order. No pool, no lock, no timer per command.
+
+Only the request path's hottest command goes this way (``OrderStore.create``'s
+EVALSHA); every other command uses redis-py. ``redis://`` and ``unix://`` URLs are
+supported, with ACL user, password and database; for ``rediss://`` (TLS) the store
+keeps using redis-py (``for_url`` returns None).
+
+Faults, each tested against a real Redis (tests/test_pipelined.py):
+
+- The connection is refused, reset or closed: every caller waiting on it gets a
+  redis-py ``ConnectionError`` (a 503 upstream); the next command reconnects.
+- Redis stops answering (frozen, or a half-open socket): callers are bounded by
+  their own timeout (the handler's ``redis_guard``); a watchdog drops the connection
+  once no reply has come for ``stall_secs`` while commands waited, so later commands
+  reconnect instead of queueing behind a dead socket.
+- A caller is cancelled or times out: its reply is still read, and dropped.
+- Error replies raise what redis-py raises for them (``NoScriptError``,
+  ``BusyLoadingError``...), and ``evalsha`` loads its script on NOSCRIPT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from collections import deque
+from collections.abc import Sequence
+from typing import Any, cast
+
+import hiredis
+from redis._parsers.base import BaseParser
+from redis.asyncio.connection import parse_url
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError
+
+logger = logging.getLogger(__name__)
+
+Arg = str | bytes | int | float
+
+
+class Script:
+    """A Lua script, sent by its SHA1 (EVALSHA) and loaded when Redis lacks it."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.sha = hashlib.sha1(text.encode()).hexdigest()
+
+
+class _Connection(asyncio.Protocol):
+    """One socket: commands written as they come, replies matched in order."""
+
+    def __init__(self, owner: PipelinedRedis) -> None:
+        self._owner = owner
+        self._reader = hiredis.Reader(encoding="utf-8")  # str replies, like decode_responses
+        self._waiting: deque[asyncio.Future[Any]] = deque()
+        self._replies = 0
+        self._watchdog: asyncio.TimerHandle | None = None
+        self.transport: asyncio.Transport | None = None
+        self.lost = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses, only alike.
+        self.transport = cast(asyncio.Transport, transport)
+
+    def send(self, args: Sequence[Arg]) -> asyncio.Future[Any]:
+        """Write one command; the future resolves with its reply."""
+        if self.lost or self.transport is None:
+            raise RedisConnectionError("the Redis connection is closed")
+        future = asyncio.get_running_loop().create_future()
+        self._waiting.append(future)
+        self.transport.write(hiredis.pack_command(tuple(args)))  # type: ignore[arg-type]
+        if self._watchdog is None:
+            self._arm_watchdog()
+        return future
+
+    def data_received(self, data: bytes) -> None:
+        reader = self._reader
+        reader.feed(data)
+        while True:
+            try:
+                reply = reader.gets()
+            except hiredis.ProtocolError as exc:
+                self.abort(f"not a Redis reply: {exc}")
+                return
+            if reply is False:
+                return
+            self._replies += 1
+            future = self._waiting.popleft()
+            if future.done():  # its caller gave up; the reply is dropped
+                continue
+            if isinstance(reply, hiredis.ReplyError):
+                # redis-py's own mapping: NOSCRIPT -> NoScriptError, LOADING -> ...
+                future.set_exception(BaseParser.parse_error(str(reply)))  # type: ignore[no-untyped-call]
+            else:
+                future.set_result(reply)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
+        error = RedisConnectionError(f"the Redis connection was lost: {exc or 'closed'}")
+        while self._waiting:
+            future = self._waiting.popleft()
+            if not future.done():
+                future.set_exception(error)
+        self._owner._forget(self)
+
+    def abort(self, why: str) -> None:
+        if not self.lost and self.transport is not None:
+            logger.warning("dropping the request-path Redis connection: %s", why)
+            self.transport.abort()  # connection_lost() follows, and fails every waiter
+
+    # A reply overdue by stall_secs means a frozen Redis or a dead socket. The
+    # watchdog is armed only while a command waits, and never per command: when it
+    # fires, a reply since it was armed means the connection is alive.
+    def _arm_watchdog(self) -> None:
+        self._watchdog = asyncio.get_running_loop().call_later(
+            self._owner.stall_secs, self._check_progress, self._replies
+        )
+
+    def _check_progress(self, replies_when_armed: int) -> None:
+        self._watchdog = None
+        if not self._waiting or self.lost:
+            return
+        if self._replies == replies_when_armed:
+            self.abort(f"no reply for {self._owner.stall_secs:g} s")
+        else:
+            self._arm_watchdog()
+
+
+class PipelinedRedis:
+    """Commands from any number of callers over one connection, made on first use."""
+
+    def __init__(
+        self,
+        *,
+        host: str = "localhost",
+        port: int = 6379,
+        path: str | None = None,
+        db: int = 0,
+        username: str | None = None,
+        password: str | None = None,
+        connect_timeout: float = 1.0,
+        stall_secs: float = 1.5,
+    ) -> None:
+        self.host, self.port, self.path = host, port, path
+        self.db, self.username, self.password = db, username, password
+        self.connect_timeout = connect_timeout
+        self.stall_secs = stall_secs
+        self._connection: _Connection | None = None
+        self._connecting: asyncio.Future[_Connection] | None = None
+        self._closed = False
+
+    @classmethod
+    def for_url(cls, url: str, *, connect_timeout: float, stall_secs: float) -> PipelinedRedis | None:
+        """A pipelined connection to ``url``, or None if the URL needs what this module
+        does not do (TLS, or an option besides user, password and database)."""
+        params = parse_url(url)
+        params.pop("connection_class", None)  # TCP or Unix socket, told apart by "path"
+        if url.startswith("rediss://") or set(params) - {"host", "port", "path", "db", "username", "password"}:
+            return None
+        return cls(
+            host=params.get("host", "localhost"),
+            port=int(params.get("port", 6379)),
+            path=params.get("path"),
+            db=int(params.get("db", 0)),
+            username=params.get("username"),
+            password=params.get("password"),
+            connect_timeout=connect_timeout,
+            stall_secs=stall_secs,
+        )
+
+    @property
+    def address(self) -> str:
+        return self.path or f"{self.host}:{self.port}"
+
+    async def execute(self, *args: Arg) -> Any:
+        """Send one command and return its reply (decoded to str)."""
+        connection = self._connection
+        if connection is None or connection.lost:
+            connection = await self._connected()
+        return await connection.send(args)
+
+    async def evalsha(self, script: Script, keys: Sequence[Arg], args: Sequence[Arg]) -> Any:
+        """Run ``script`` (loading it first if Redis does not have it).
+
+        Sent at most twice: once more after a lost connection, so a script must be
+        safe to run twice (a command's fate is unknown when its connection dies)."""
+        command = ("EVALSHA", script.sha, len(keys), *keys, *args)
+        try:
+            try:
+                return await self.execute(*command)
+            except RedisConnectionError:
+                if self._closed:
+                    raise
+                return await self.execute(*command)
+        except NoScriptError:
+            await self.execute("SCRIPT", "LOAD", script.text)
+            return await self.execute(*command)
+
+    async def _connected(self) -> _Connection:
+        if self._closed:
+            raise RedisConnectionError("the pipelined Redis client is closed")
+        if self._connecting is None:
+            self._connecting = asyncio.ensure_future(self._connect())
+            self._connecting.add_done_callback(self._connect_done)
+        # Shielded: one caller's cancellation must not abort the others' connect.
+        return await asyncio.shield(self._connecting)
+
+    def _connect_done(self, attempt: asyncio.Future[_Connection]) -> None:
+        self._connecting = None
+        if not attempt.cancelled():
+            attempt.exception()  # retrieved: every waiter got it already
+
+    async def _connect(self) -> _Connection:
+        loop = asyncio.get_running_loop()
+        connection: _Connection | None = None
+        setup: list[asyncio.Future[Any]] = []
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                if self.path:
+                    _, connection = await loop.create_unix_connection(
+                        lambda: _Connection(self), self.path
+                    )
+                else:
+                    _, connection = await loop.create_connection(
+                        lambda: _Connection(self), self.host, self.port
+                    )
+                if self.password is not None:
+                    user = () if self.username is None else (self.username,)
+                    setup.append(connection.send(("AUTH", *user, self.password)))
+                if self.db:
+                    setup.append(connection.send(("SELECT", self.db)))
+                for reply in setup:
+                    await reply
+        except BaseException as exc:
+            for reply in setup:
+                reply.cancel()  # e.g. SELECT's, after AUTH failed: nobody awaits it now
+            if connection is not None and connection.transport is not None:
+                connection.transport.abort()
+            if isinstance(exc, (OSError, TimeoutError)):
+                raise RedisConnectionError(
+                    f"cannot connect to Redis at {self.address}: {exc or 'timed out'}"
+                ) from exc
+            raise
+        if self._closed:
+            assert connection.transport is not None
+            connection.transport.abort()
+            raise RedisConnectionError("the pipelined Redis client is closed")
+        self._connection = connection
+        return connection
+
+    def _forget(self, connection: _Connection) -> None:
+        if self._connection is connection:
+            self._connection = None
+
+    async def aclose(self) -> None:
+        """Close the connection; waiting callers get a ConnectionError."""
+        self._closed = True
+        connection, self._connection = self._connection, None
+        if connection is not None and connection.transport is not None:
+            connection.transport.abort()
+        await asyncio.sleep(0)  # let connection_lost run

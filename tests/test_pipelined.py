@@ -1,0 +1,256 @@
+"""The pipelined connection (engine.pipelined) against a real Redis: replies reach
+their callers in order, and every fault ends in a ConnectionError or the caller's own
+timeout, never a wrong reply or a hang."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import uvloop
+from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, ResponseError
+
+from engine import keys
+from engine.config import Config
+from engine.connections import connect_pipelined
+from engine.pipelined import PipelinedRedis, Script
+from engine.redis_server import RedisServer, free_port
+from engine.store import OrderStore
+from tests.helpers import VALID_ORDER, eventually
+
+ECHO_SCRIPT = Script("return {KEYS[1], ARGV[1]}")
+
+
+def pipe_for(url: str, stall_secs: float = 1.5) -> PipelinedRedis:
+    pipe = PipelinedRedis.for_url(url, connect_timeout=1.0, stall_secs=stall_secs)
+    assert pipe is not None
+    return pipe
+
+
+async def closing(pipe: PipelinedRedis, body: Callable[[], Any]) -> Any:
+    try:
+        return await body()
+    finally:
+        await pipe.aclose()
+
+
+async def test_concurrent_callers_each_get_their_own_reply(config: Config, redis: Redis) -> None:
+    pipe = pipe_for(config.redis_url or "")
+    await redis.set("a-string", "x")
+
+    async def call(i: int) -> Any:
+        if i % 7 == 0:  # an error reply in the middle of the stream goes to its caller
+            return await pipe.execute("HGET", "a-string", "field")
+        return await pipe.execute("ECHO", f"reply-{i}")
+
+    async def body() -> None:
+        results = await asyncio.gather(*(call(i) for i in range(300)), return_exceptions=True)
+        for i, result in enumerate(results):
+            if i % 7 == 0:
+                assert isinstance(result, ResponseError) and "WRONGTYPE" in str(result)
+            else:
+                assert result == f"reply-{i}"
+
+    await closing(pipe, body)
+
+
+async def test_create_over_the_pipe_stores_what_the_redis_py_path_stores(
+    config: Config, redis: Redis
+) -> None:
+    pipe = connect_pipelined(config.redis_url or "", config)
+    assert pipe is not None
+    piped, plain = OrderStore(redis, config, pipe), OrderStore(redis, config)
+
+    async def body() -> None:
+        a = await piped.create("a", dict(VALID_ORDER), "key-a")
+        b = await plain.create("b", dict(VALID_ORDER), "key-b")
+        assert (a.outcome, b.outcome) == ("created", "created")
+        stored_a, stored_b = await piped.get("a"), await plain.get("b")
+        assert stored_a is not None and stored_b is not None
+        assert set(stored_a) == set(stored_b)
+        assert stored_a["request"] == stored_b["request"]
+        assert stored_a["status"] == "pending"
+        assert [seq for seq, _ in await piped.history("a")] == [1]
+        assert await redis.xlen(keys.ORDERS_STREAM) == 2
+        # The idempotency outcomes come back over the pipe too.
+        assert (await piped.create("a2", dict(VALID_ORDER), "key-a")).outcome == "replayed"
+        other = {**VALID_ORDER, "amount": 2}
+        conflict = await piped.create("a3", other, "key-a")
+        assert (conflict.outcome, conflict.order_id) == ("conflict", "a")
+
+    await closing(pipe, body)
+
+
+async def test_a_script_redis_does_not_have_is_loaded_and_run(config: Config, redis: Redis) -> None:
+    pipe = pipe_for(config.redis_url or "")
+
+    async def body() -> None:
+        await redis.script_flush()
+        with pytest.raises(NoScriptError):
+            await pipe.execute("EVALSHA", ECHO_SCRIPT.sha, 1, "k")
+        assert await pipe.evalsha(ECHO_SCRIPT, ["k"], ["v"]) == ["k", "v"]
+        assert await redis.script_exists(ECHO_SCRIPT.sha) == [True]
+
+    await closing(pipe, body)
+
+
+async def test_a_cancelled_callers_reply_is_dropped_not_handed_to_the_next(
+    config: Config, redis: Redis
+) -> None:
+    pipe = pipe_for(config.redis_url or "")
+
+    async def body() -> None:
+        # BLPOP holds the connection for 0.3 s, then answers nil. Its caller gives up
+        # first; the PING sent after it must get PONG, not the BLPOP's nil.
+        blocked = asyncio.ensure_future(pipe.execute("BLPOP", "empty-list", 0.3))
+        await asyncio.sleep(0.05)
+        ping = asyncio.ensure_future(pipe.execute("PING"))
+        blocked.cancel()
+        assert await ping == "PONG"
+        assert blocked.cancelled()
+
+    await closing(pipe, body)
+
+
+async def _client_id(pipe: PipelinedRedis) -> int:
+    return int(await pipe.execute("CLIENT", "ID"))
+
+
+async def test_a_killed_connection_fails_its_waiters_and_the_next_command_reconnects(
+    config: Config, redis: Redis
+) -> None:
+    pipe = pipe_for(config.redis_url or "")
+
+    async def body() -> None:
+        first = await _client_id(pipe)
+        waiting = asyncio.ensure_future(pipe.execute("BLPOP", "empty-list", 5))
+        await asyncio.sleep(0.05)
+        await redis.client_kill_filter(_id=first)
+        with pytest.raises(RedisConnectionError, match="lost"):
+            await asyncio.wait_for(waiting, 2)
+        assert await _client_id(pipe) != first  # a new connection
+
+    await closing(pipe, body)
+
+
+async def test_evalsha_is_sent_again_once_when_its_connection_dies(
+    config: Config, redis: Redis
+) -> None:
+    pipe = pipe_for(config.redis_url or "")
+
+    async def body() -> None:
+        first = await _client_id(pipe)
+        # Queue the script behind a blocked command, then kill the connection: the
+        # script's fate is unknown, so it is sent again on a new connection.
+        blocked = asyncio.ensure_future(pipe.execute("BLPOP", "empty-list", 5))
+        await asyncio.sleep(0.05)
+        script = asyncio.ensure_future(pipe.evalsha(ECHO_SCRIPT, ["k"], ["again"]))
+        await asyncio.sleep(0.05)
+        await redis.client_kill_filter(_id=first)
+        assert await asyncio.wait_for(script, 2) == ["k", "again"]
+        with pytest.raises(RedisConnectionError):
+            await blocked
+
+    await closing(pipe, body)
+
+
+async def test_a_refused_connection_is_a_prompt_connection_error() -> None:
+    pipe = pipe_for(f"redis://127.0.0.1:{free_port()}/0")
+
+    async def body() -> None:
+        with pytest.raises(RedisConnectionError, match="cannot connect"):
+            await asyncio.wait_for(pipe.execute("PING"), 2)
+        with pytest.raises(RedisConnectionError):  # and again: no stuck connect attempt
+            await asyncio.wait_for(pipe.evalsha(ECHO_SCRIPT, ["k"], ["v"]), 2)
+
+    await closing(pipe, body)
+
+
+async def test_a_frozen_redis_times_callers_out_and_the_watchdog_drops_the_socket(
+    lonely_redis: RedisServer,
+) -> None:
+    pipe = pipe_for(lonely_redis.url, stall_secs=0.3)
+    assert lonely_redis.process is not None
+    pid = lonely_redis.process.pid
+
+    async def body() -> None:
+        first = await _client_id(pipe)
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(0.2):
+                    await pipe.execute("PING")
+            # The watchdog sees no reply for 0.3 s with a command waiting, and drops
+            # the connection (it fires 0.3 to 0.6 s after the PING was sent).
+            await eventually(lambda: pipe._connection is None, timeout=2,
+                             message="the stalled connection dropped")
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert await _client_id(pipe) != first
+
+    await closing(pipe, body)
+
+
+async def test_slow_replies_that_keep_coming_do_not_trip_the_watchdog(
+    lonely_redis: RedisServer,
+) -> None:
+    pipe = pipe_for(lonely_redis.url, stall_secs=0.3)
+
+    async def body() -> None:
+        first = await _client_id(pipe)
+        # Four 0.2 s blocks in a row: 0.8 s with a command always waiting, but a
+        # reply every 0.2 s, so the connection is alive and must be kept.
+        replies = await asyncio.gather(*(pipe.execute("BLPOP", "empty", 0.2) for _ in range(4)))
+        assert replies == [None] * 4
+        assert await _client_id(pipe) == first
+
+    await closing(pipe, body)
+
+
+async def test_user_password_and_database_come_from_the_url(lonely_redis: RedisServer) -> None:
+    admin = Redis.from_url(lonely_redis.url, decode_responses=True)
+    await admin.acl_setuser("svc", enabled=True, passwords=["+s3cret"], keys="*",
+                            commands=["+@all"])  # fmt: skip
+    pipe = pipe_for(f"redis://svc:s3cret@127.0.0.1:{lonely_redis.port}/3")
+    wrong = pipe_for(f"redis://svc:nope@127.0.0.1:{lonely_redis.port}/3")
+
+    async def body() -> None:
+        assert await pipe.execute("SET", "where", "db3") == "OK"
+        await admin.execute_command("SELECT", 3)
+        assert await admin.get("where") == "db3"
+        assert await pipe.execute("ACL", "WHOAMI") == "svc"
+        with pytest.raises(RedisConnectionError):  # AuthenticationError is one
+            await wrong.execute("PING")
+
+    try:
+        await closing(pipe, body)
+    finally:
+        await wrong.aclose()
+        await admin.aclose()
+
+
+def test_it_runs_on_uvloop_as_the_server_does(config: Config, clean_redis: None) -> None:
+    # The suite's own loop is asyncio's; the web process runs on uvloop, whose
+    # transports are not asyncio.Transport subclasses.
+    async def main() -> list[Any]:
+        pipe = pipe_for(config.redis_url or "")
+        try:
+            return list(await asyncio.gather(
+                pipe.execute("PING"), pipe.evalsha(ECHO_SCRIPT, ["k"], ["v"])))
+        finally:
+            await pipe.aclose()
+
+    assert uvloop.run(main()) == ["PONG", ["k", "v"]]
+
+
+def test_tls_urls_are_left_to_redis_py() -> None:
+    assert PipelinedRedis.for_url("rediss://:pw@example.invalid:6380/0", connect_timeout=1,
+                                  stall_secs=1) is None  # fmt: skip
+    unix = PipelinedRedis.for_url("unix:///tmp/redis.sock?db=2", connect_timeout=1, stall_secs=1)
+    assert unix is not None and (unix.path, unix.db) == ("/tmp/redis.sock", 2)
