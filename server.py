@@ -30,7 +30,7 @@ from engine.redis_server import (
 from engine.services import Services
 from handlers.base import NotFoundHandler, request_logger
 from handlers.health import HealthHandler, MetricsHandler, ReadyHandler
-from handlers.orders import ExecuteOrderHandler, OrderHandler
+from handlers.orders import ExecuteOrderRouter, OrderHandler
 from handlers.schemas import ApiDocumentHandler, SchemaHandler, SchemaIndexHandler
 from handlers.status import CLOSE_GOING_AWAY, OrderStatusSocket
 
@@ -54,9 +54,10 @@ def make_app(services: Services) -> Application:
     deps = {"services": services}
     openapi = {**deps, "document": apidocs.render(apidocs.openapi(services.schemas)).encode()}
     asyncapi = {**deps, "document": apidocs.render(apidocs.asyncapi(services.schemas)).encode()}
-    return Application(
+    execute = ExecuteOrderRouter(services)
+    app = Application(
         [
-            (r"/api/orders/execute", ExecuteOrderHandler, deps),
+            (r"/api/orders/execute", execute),
             (r"/api/orders/status", OrderStatusSocket, deps),
             (r"/api/orders/([^/]+)", OrderHandler, deps),
             (r"/api/openapi\.json", ApiDocumentHandler, openapi),
@@ -74,6 +75,8 @@ def make_app(services: Services) -> Application:
         websocket_ping_timeout=WS_PING_TIMEOUT_SECS,
         websocket_max_message_size=WS_MAX_MESSAGE_BYTES,
     )
+    execute.application = app
+    return app
 
 
 def make_http_server(app: Application, config: Config) -> HTTPServer:

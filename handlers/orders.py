@@ -8,9 +8,12 @@ import re
 import uuid
 from typing import Any
 
-from tornado.web import stream_request_body
+from tornado.httputil import HTTPMessageDelegate, HTTPServerRequest
+from tornado.routing import Router
+from tornado.web import Application, stream_request_body
 
 from engine import strict_json
+from engine.services import Services
 from engine.store import (
     BUILDING,
     FAILED,
@@ -38,43 +41,51 @@ def parse_order_id(text: str) -> str | None:
     return candidate if ORDER_ID.match(candidate) else None
 
 
-@stream_request_body
+def is_json(request: HTTPServerRequest) -> bool:
+    """Whether the body is JSON by its Content-Type (none at all counts as JSON)."""
+    content_type = request.headers.get("Content-Type", "application/json")
+    media_type = content_type.split(";", 1)[0].strip().lower()
+    return media_type == "application/json" or media_type.endswith("+json")
+
+
+class ExecuteOrderRouter(Router):
+    """Picks the handler of ``POST /api/orders/execute`` from the request's headers.
+
+    A JSON body whose Content-Length is within the limit (every real order) goes to
+    ``ExecuteOrderHandler``, which Tornado hands the body read whole. Anything else (a
+    chunked body, one declared too large, another media type) goes to
+    ``StreamedExecuteOrderHandler``, which answers 413 or 415 without buffering it, and
+    keeps Tornado from parsing a form body of its own accord first. One class streaming every body cost
+    ~40 µs of CPU and 0.04 ms of latency per POST (docs/benchmarks.md).
+    """
+
+    def __init__(self, services: Services) -> None:
+        self.services = services
+        self.application: Application | None = None  # set by make_app once it exists
+
+    @override
+    def find_handler(self, request: HTTPServerRequest, **kwargs: Any) -> HTTPMessageDelegate | None:
+        assert self.application is not None, "make_app sets ExecuteOrderRouter.application"
+        declared = request.headers.get("Content-Length")
+        handler: type[ExecuteOrderHandler] = StreamedExecuteOrderHandler
+        if (
+            declared is not None
+            and declared.isdigit()
+            and int(declared) <= MAX_BODY_BYTES
+            and is_json(request)
+        ):
+            handler = ExecuteOrderHandler
+        return self.application.get_handler_delegate(request, handler, {"services": self.services})
+
+
 class ExecuteOrderHandler(APIHandler):
     """Accept a market order: validate it, store it and queue it for the worker."""
 
-    _chunks: list[bytes]
-    _size: int
-
-    @override
-    def prepare(self) -> None:
-        self._chunks, self._size = [], 0
-        if self.request.method != "POST":
-            return
-        content_type = self.request.headers.get("Content-Type", "application/json")
-        media_type = content_type.split(";", 1)[0].strip().lower()
-        if media_type != "application/json" and not media_type.endswith("+json"):
-            raise APIError(
-                415, "unsupported_media_type", "Content-Type must be application/json"
-            )
-        declared = self.request.headers.get("Content-Length")
-        if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-            raise APIError(
-                413, "body_too_large", f"the body must be at most {MAX_BODY_BYTES} bytes"
-            )
-
-    @override
-    def data_received(self, chunk: bytes) -> None:
-        # A chunked body has no Content-Length to check up front. Past the limit the
-        # rest is read and dropped (the server's max_body_size bounds it), then post()
-        # answers 413: an exception raised here would only drop the connection.
-        self._size += len(chunk)
-        if self._size <= MAX_BODY_BYTES:
-            self._chunks.append(chunk)
+    def order_body(self) -> bytes:
+        return self.request.body
 
     async def post(self) -> None:
-        if self._size > MAX_BODY_BYTES:
-            raise APIError(413, "body_too_large", f"the body must be at most {MAX_BODY_BYTES} bytes")
-        body = b"".join(self._chunks)
+        body = self.order_body()
         try:
             order = strict_json.loads(body)
         except strict_json.InvalidJSON as exc:
@@ -106,6 +117,45 @@ class ExecuteOrderHandler(APIHandler):
             logger.info("order %s: accepted -> pending", result.order_id)
         self.set_header("Location", f"/api/orders/{result.order_id}")
         self.write_json({"order_id": result.order_id, "status": "pending"}, status=202)
+
+
+@stream_request_body
+class StreamedExecuteOrderHandler(ExecuteOrderHandler):
+    """``POST /api/orders/execute`` with a chunked body or one declared over the limit
+    (see ExecuteOrderRouter): a 413 before the body is read, if Content-Length says
+    so; otherwise the chunks are collected up to the limit, and past it, read and
+    dropped (the server's max_body_size bounds them), then answered 413."""
+
+    _chunks: list[bytes]
+    _size: int
+
+    @override
+    def prepare(self) -> None:
+        self._chunks, self._size = [], 0
+        if self.request.method != "POST":
+            return
+        if not is_json(self.request):
+            raise APIError(
+                415, "unsupported_media_type", "Content-Type must be application/json"
+            )
+        declared = self.request.headers.get("Content-Length")
+        if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+            raise APIError(
+                413, "body_too_large", f"the body must be at most {MAX_BODY_BYTES} bytes"
+            )
+
+    @override
+    def data_received(self, chunk: bytes) -> None:
+        # An exception raised here would only drop the connection: post() answers.
+        self._size += len(chunk)
+        if self._size <= MAX_BODY_BYTES:
+            self._chunks.append(chunk)
+
+    @override
+    def order_body(self) -> bytes:
+        if self._size > MAX_BODY_BYTES:
+            raise APIError(413, "body_too_large", f"the body must be at most {MAX_BODY_BYTES} bytes")
+        return b"".join(self._chunks)
 
 
 class OrderHandler(APIHandler):

@@ -10,9 +10,12 @@ from typing import Any
 
 import pytest
 from redis.asyncio import Redis
+from tornado.httputil import HTTPHeaders, HTTPServerRequest, RequestStartLine
+from tornado.web import Application
 
 from engine import keys
 from engine.schemas import Schemas
+from handlers.orders import ExecuteOrderHandler, ExecuteOrderRouter, StreamedExecuteOrderHandler
 from tests.helpers import VALID_ORDER, post_order
 
 
@@ -165,6 +168,52 @@ async def test_chunked_body_over_the_limit_is_413(http_server_client: Any) -> No
     )
     assert response.code == 413
     assert json.loads(response.body)["error"] == "body_too_large"
+
+
+async def test_chunked_body_within_the_limit_is_accepted(http_server_client: Any, redis: Redis) -> None:
+    text = json.dumps(VALID_ORDER).encode()
+
+    async def produce(write: Any) -> None:
+        for start in range(0, len(text), 10):
+            await write(text[start : start + 10])
+
+    response = await http_server_client.fetch(
+        "/api/orders/execute",
+        method="POST",
+        body_producer=produce,
+        headers={"Content-Type": "application/json"},
+        raise_error=False,
+    )
+    assert response.code == 202
+    order_id = json.loads(response.body)["order_id"]
+    assert json.loads((await redis.hgetall(keys.order(order_id)))["request"]) == VALID_ORDER
+
+
+@pytest.mark.parametrize(
+    ("headers", "handler"),
+    [
+        ({"Content-Length": "95", "Content-Type": "application/json"}, ExecuteOrderHandler),
+        ({"Content-Length": "95"}, ExecuteOrderHandler),
+        ({"Content-Length": "95", "Content-Type": "application/vnd.x+json"}, ExecuteOrderHandler),
+        ({"Content-Length": str(16 * 1024)}, ExecuteOrderHandler),
+        ({"Content-Length": str(16 * 1024 + 1)}, StreamedExecuteOrderHandler),
+        ({"Transfer-Encoding": "chunked"}, StreamedExecuteOrderHandler),
+        ({"Content-Length": "95", "Content-Type": "multipart/form-data; boundary=x"},
+         StreamedExecuteOrderHandler),
+        ({"Content-Length": "+95"}, StreamedExecuteOrderHandler),
+    ],
+)
+def test_only_json_bodies_declared_within_the_limit_are_read_whole(
+    app: Application, headers: dict[str, str], handler: type
+) -> None:
+    router = app.wildcard_router.rules[0].target
+    assert isinstance(router, ExecuteOrderRouter)
+    request = HTTPServerRequest(
+        start_line=RequestStartLine("POST", "/api/orders/execute", "HTTP/1.1"),
+        headers=HTTPHeaders({"Host": "localhost", **headers}),
+    )
+    delegate = router.find_handler(request)
+    assert getattr(delegate, "handler_class", None) is handler
 
 
 @pytest.mark.parametrize(
