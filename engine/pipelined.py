@@ -93,6 +93,9 @@ class _Connection(asyncio.Protocol):
                 return
             if reply is False:
                 return
+            if not self._waiting:  # RESP2 sends nothing unasked: the stream is broken
+                self.abort("a reply to no command")
+                return
             self._replies += 1
             future = self._waiting.popleft()
             if future.done():  # its caller gave up; the reply is dropped

@@ -160,6 +160,24 @@ async def test_evalsha_is_sent_again_once_when_its_connection_dies(
     await closing(pipe, body)
 
 
+async def test_a_reply_to_no_command_drops_the_connection(
+    config: Config, redis: Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    pipe = pipe_for(config.redis_url or "")
+
+    async def body() -> None:
+        # After SUBSCRIBE, Redis pushes messages nobody sent a command for: the
+        # connection can no longer pair replies with callers, so it must go.
+        first = await _client_id(pipe)
+        assert await pipe.execute("SUBSCRIBE", "news") == ["subscribe", "news", 1]
+        await redis.publish("news", "unasked")
+        await eventually(lambda: pipe._connection is None, timeout=2, message="connection dropped")
+        assert "a reply to no command" in caplog.text
+        assert await _client_id(pipe) != first
+
+    await closing(pipe, body)
+
+
 async def test_a_refused_connection_is_a_prompt_connection_error() -> None:
     pipe = pipe_for(f"redis://127.0.0.1:{free_port()}/0")
 
