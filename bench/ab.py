@@ -47,11 +47,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="counted rounds (default 3)")
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--no-floor", action="store_true", help="leave the floor out")
+    parser.add_argument("--pipelined-floor", action="store_true",
+                        help="also the floor with its XADD over engine.pipelined ('floor-pipelined')")
     parser.add_argument("--out", type=Path, help="write every run's figures here (JSON)")
     args = parser.parse_args(argv)
     names = ["this", *(name for name, _ in args.trees)]
-    if len(set(names)) != len(names) or "floor" in names:
-        parser.error("tree names must be unique and not 'this' or 'floor'")
+    if len(set(names)) != len(names) or {"floor", "floor-pipelined"} & set(names):
+        parser.error("tree names must be unique and not 'this', 'floor' or 'floor-pipelined'")
 
     signal.signal(signal.SIGTERM, _on_signal)
     with tempfile.TemporaryDirectory(prefix="bench-ab-") as tmp_name:
@@ -64,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
             base = system.redis_url.rsplit("/", 1)[0]
             if not args.no_floor:
                 targets.append(("floor", system.start_floor()))
+            if args.pipelined_floor:
+                targets.append(("floor-pipelined", system.start_floor(pipelined=True)))
             for db, (name, tree) in enumerate([("this", PROJECT_ROOT), *args.trees], start=1):
                 targets.append((name, system.start_web(name, redis_url=f"{base}/{db}", tree=tree)))
             for round_no in range(args.repeats + 1):

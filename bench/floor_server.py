@@ -7,6 +7,9 @@ redis-py client, same Redis, same logging level as the service under test, so th
 service's latency divided by this one's is the cost of everything the service adds.
 
 Run as ``python -m bench.floor_server --port P --redis-url redis://127.0.0.1:N/0``.
+With ``--pipelined`` the XADD goes over ``engine.pipelined`` (the connection the
+service's create script uses) instead of redis-py: the floor with the service's own
+client, for the comparison in docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from redis.asyncio import Redis
 from tornado.httpserver import HTTPServer
 from tornado.web import Application, RequestHandler
 
+from engine.pipelined import PipelinedRedis
+
 FLOOR_STREAM = "bench:floor"
 # Keeps the stream from growing without bound over a long run.
 FLOOR_STREAM_MAXLEN = 100_000
@@ -32,14 +37,21 @@ FLOOR_STREAM_MAXLEN = 100_000
 class FloorHandler(RequestHandler):
     """One XADD, then 202."""
 
-    def initialize(self, redis: Redis) -> None:
+    def initialize(self, redis: Redis, pipe: PipelinedRedis | None) -> None:
         self.redis = redis
+        self.pipe = pipe
 
     async def post(self) -> None:
-        await self.redis.xadd(
-            FLOOR_STREAM, {"order": self.request.body}, maxlen=FLOOR_STREAM_MAXLEN,
-            approximate=True,
-        )
+        if self.pipe is not None:
+            await self.pipe.execute(
+                "XADD", FLOOR_STREAM, "MAXLEN", "~", FLOOR_STREAM_MAXLEN, "*",
+                "order", self.request.body,
+            )  # fmt: skip
+        else:
+            await self.redis.xadd(
+                FLOOR_STREAM, {"order": self.request.body}, maxlen=FLOOR_STREAM_MAXLEN,
+                approximate=True,
+            )
         self.set_status(202)
         self.set_header("Content-Type", "application/json")
         self.finish(json.dumps({"order_id": str(uuid.uuid4()), "status": "pending"}))
@@ -50,11 +62,12 @@ class HealthHandler(RequestHandler):
         self.finish({"status": "ok"})
 
 
-async def serve(port: int, redis_url: str) -> None:
+async def serve(port: int, redis_url: str, pipelined: bool = False) -> None:
     redis = Redis.from_url(redis_url, decode_responses=True, socket_timeout=2.0)
+    pipe = PipelinedRedis.for_url(redis_url, connect_timeout=1.0, stall_secs=2.0) if pipelined else None
     app = Application(
         [
-            (r"/api/orders/execute", FloorHandler, {"redis": redis}),
+            (r"/api/orders/execute", FloorHandler, {"redis": redis, "pipe": pipe}),
             (r"/readyz", HealthHandler),
         ]
     )
@@ -67,6 +80,8 @@ async def serve(port: int, redis_url: str) -> None:
     await stop.wait()
     server.stop()
     await redis.aclose()
+    if pipe is not None:
+        await pipe.aclose()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,11 +89,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--redis-url", required=True)
     parser.add_argument("--log-level", default="WARNING")
+    parser.add_argument("--pipelined", action="store_true",
+                        help="XADD over engine.pipelined instead of redis-py")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level, stream=sys.stderr)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    asyncio.run(serve(args.port, args.redis_url))
+    asyncio.run(serve(args.port, args.redis_url, args.pipelined))
     return 0
 
 

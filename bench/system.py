@@ -229,12 +229,14 @@ class System:
         wait_ready(port, child)
         return Service(child, port, gc_path)
 
-    def start_floor(self) -> Service:
+    def start_floor(self, pipelined: bool = False) -> Service:
+        """The floor (bench/floor_server.py); ``pipelined``: its XADD over engine.pipelined."""
         port = free_port()
         child = self.spawn(
-            "floor",
+            "floor-pipelined" if pipelined else "floor",
             [sys.executable, "-m", "bench.floor_server", "--port", str(port),
-             "--redis-url", self.redis_url, "--log-level", SERVICE_ENV["LOG_LEVEL"]],
+             "--redis-url", self.redis_url, "--log-level", SERVICE_ENV["LOG_LEVEL"],
+             *(["--pipelined"] if pipelined else [])],
         )
         wait_ready(port, child)
         return Service(child, port)
