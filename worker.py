@@ -16,9 +16,10 @@ import sys
 
 from engine import runtime
 from engine.config import Config, ConfigError
-from engine.connections import connect, worker_pool_size
+from engine.connections import connect, connect_pipelined, worker_pool_size
 from engine.executor import READ_BLOCK_MS, Executor
 from engine.logs import setup_logging
+from engine.store import OrderStore
 
 logger = logging.getLogger("worker")
 
@@ -32,7 +33,9 @@ async def work(config: Config, redis_url: str) -> None:
         max_connections=worker_pool_size(config),
         wait_for_connection=True,
     )
-    executor = Executor(redis, config)
+    # The store's scripts (the order's transitions) go over one pipelined connection.
+    pipe = connect_pipelined(redis_url, config)
+    executor = Executor(redis, config, store=OrderStore(redis, config, pipe))
     runner = asyncio.create_task(executor.run(), name="executor")
     signals = 0
 
@@ -57,6 +60,8 @@ async def work(config: Config, redis_url: str) -> None:
             raise
     finally:
         await redis.aclose()
+        if pipe is not None:
+            await pipe.aclose()
 
 
 def main() -> int:

@@ -135,6 +135,20 @@ return 1
 """
 
 
+class _StoreScript:
+    """A script run over the pipelined connection when there is one, else redis-py."""
+
+    def __init__(self, redis: Redis, pipe: PipelinedRedis | None, text: str) -> None:
+        self._pipe = pipe
+        self._piped = Script(text)
+        self._registered = redis.register_script(text)
+
+    async def __call__(self, *, keys: list[str], args: list[str | int]) -> Any:
+        if self._pipe is not None:
+            return await self._pipe.evalsha(self._piped, keys, args)
+        return await self._registered(keys=keys, args=args)
+
+
 @dataclasses.dataclass(frozen=True)
 class CreateResult:
     order_id: str
@@ -187,18 +201,18 @@ def event_body(order_id: str, status: str, epoch: float, fields: Mapping[str, An
 class OrderStore:
     """Owns every order key; handlers and the worker go through it.
 
-    With ``pipe`` (the web process), ``create`` goes over that pipelined connection
-    instead of redis-py (see engine.pipelined); everything else uses ``redis``.
+    With ``pipe``, the scripts (create, transition, record_tx) go over that pipelined
+    connection instead of redis-py (see engine.pipelined); everything else uses
+    ``redis``. Each script is safe to run twice, as the pipe may re-send one.
     """
 
     def __init__(self, redis: Redis, config: Config, pipe: PipelinedRedis | None = None) -> None:
         self.redis = redis
         self.config = config
         self.pipe = pipe
-        self._create = redis.register_script(_CREATE_LUA)
-        self._create_script = Script(_CREATE_LUA)
-        self._transition = redis.register_script(_TRANSITION_LUA)
-        self._record_tx = redis.register_script(_RECORD_TX_LUA)
+        self._create = _StoreScript(redis, pipe, _CREATE_LUA)
+        self._transition = _StoreScript(redis, pipe, _TRANSITION_LUA)
+        self._record_tx = _StoreScript(redis, pipe, _RECORD_TX_LUA)
 
     async def create(
         self,
@@ -235,10 +249,7 @@ class OrderStore:
             self.config.idempotency_ttl_secs,
             self.config.events_maxlen,
         ]
-        if self.pipe is not None:
-            outcome, oid = await self.pipe.evalsha(self._create_script, script_keys, script_args)
-        else:
-            outcome, oid = await self._create(keys=script_keys, args=script_args)
+        outcome, oid = await self._create(keys=script_keys, args=script_args)
         return CreateResult(order_id=oid, outcome=outcome)
 
     async def transition(

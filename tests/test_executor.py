@@ -26,7 +26,7 @@ from redis.asyncio import Redis
 
 from engine import keys
 from engine.config import PROJECT_ROOT, Config
-from engine.connections import connect
+from engine.connections import connect, connect_pipelined
 from engine.executor import MAX_ATTEMPTS, Executor, slippage_reason
 from engine.redis_server import RedisServer, free_port
 from engine.schemas import Schemas
@@ -241,6 +241,42 @@ async def test_many_orders_with_bounded_concurrency(
         assert await statuses(store, order_id) == [
             "pending", "routing", "building", "submitted", "confirmed"
         ]
+    await assert_executed_once(redis, order_ids)
+    await assert_stream_drained(redis)
+
+
+async def test_transitions_over_the_pipelined_connection_survive_it_being_killed(
+    redis: Redis, store: OrderStore, config: Config
+) -> None:
+    # worker.py runs the store's scripts over a pipelined connection (engine.pipelined).
+    # Kill that connection again and again while orders execute: a transition whose
+    # reply is lost is sent once more, so every order still ends with each status
+    # exactly once and one ledger entry.
+    pipe = connect_pipelined(config.redis_url or "", config)
+    assert pipe is not None
+    order_ids = [await new_order(store, amount=float(i + 1)) for i in range(30)]
+    executor = executor_for(
+        redis, dataclasses.replace(config, worker_concurrency=8),
+        store=OrderStore(redis, config, pipe),
+    )  # fmt: skip
+    run = asyncio.ensure_future(burst(executor))
+    kills = 0
+    try:
+        while not run.done() and kills < 6:
+            await asyncio.sleep(0.01)
+            if pipe._connection is not None:
+                client_id = int(await pipe.execute("CLIENT", "ID"))
+                kills += await redis.client_kill_filter(_id=client_id)
+        await run
+    finally:
+        await pipe.aclose()
+    assert kills >= 1  # the run did not end before the first kill
+    for order_id in order_ids:
+        history = await messages(store, order_id)
+        assert [m["status"] for m in history] == [
+            "pending", "routing", "building", "submitted", "confirmed"
+        ]  # fmt: skip
+        assert [m["seq"] for m in history] == [1, 2, 3, 4, 5]
     await assert_executed_once(redis, order_ids)
     await assert_stream_drained(redis)
 
