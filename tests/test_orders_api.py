@@ -154,35 +154,32 @@ async def test_body_of_exactly_16_kib_is_read(http_server_client: Any) -> None:
     assert response.code == 202
 
 
-async def test_chunked_body_over_the_limit_is_413(http_server_client: Any) -> None:
-    async def produce(write: Any) -> None:
-        for _ in range(20):
-            await write(b" " * 1024)
+async def post_chunked(client: Any, chunks: list[bytes]) -> Any:
+    """POST the chunks as a chunked body (no Content-Length)."""
 
-    response = await http_server_client.fetch(
+    async def produce(write: Any) -> None:
+        for chunk in chunks:
+            await write(chunk)
+
+    return await client.fetch(
         "/api/orders/execute",
         method="POST",
         body_producer=produce,
         headers={"Content-Type": "application/json"},
         raise_error=False,
     )
+
+
+async def test_chunked_body_over_the_limit_is_413(http_server_client: Any) -> None:
+    response = await post_chunked(http_server_client, [b" " * 1024] * 20)
     assert response.code == 413
     assert json.loads(response.body)["error"] == "body_too_large"
 
 
 async def test_chunked_body_within_the_limit_is_accepted(http_server_client: Any, redis: Redis) -> None:
     text = json.dumps(VALID_ORDER).encode()
-
-    async def produce(write: Any) -> None:
-        for start in range(0, len(text), 10):
-            await write(text[start : start + 10])
-
-    response = await http_server_client.fetch(
-        "/api/orders/execute",
-        method="POST",
-        body_producer=produce,
-        headers={"Content-Type": "application/json"},
-        raise_error=False,
+    response = await post_chunked(
+        http_server_client, [text[start : start + 10] for start in range(0, len(text), 10)]
     )
     assert response.code == 202
     order_id = json.loads(response.body)["order_id"]

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-from collections.abc import Callable
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -15,6 +15,7 @@ import uvloop
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
+from tornado.ioloop import IOLoop
 
 from engine import keys
 from engine.config import Config
@@ -33,15 +34,25 @@ def pipe_for(url: str, stall_secs: float = 1.5) -> PipelinedRedis:
     return pipe
 
 
-async def closing(pipe: PipelinedRedis, body: Callable[[], Any]) -> Any:
-    try:
-        return await body()
-    finally:
-        await pipe.aclose()
+@pytest.fixture
+def pipe(config: Config, clean_redis: None, io_loop: IOLoop) -> Iterator[PipelinedRedis]:
+    """A pipelined connection to the session's Redis, as the web and worker make it."""
+    connection = connect_pipelined(config.redis_url or "", config)
+    assert connection is not None
+    yield connection
+    io_loop.run_sync(connection.aclose)
 
 
-async def test_concurrent_callers_each_get_their_own_reply(config: Config, redis: Redis) -> None:
-    pipe = pipe_for(config.redis_url or "")
+@pytest.fixture
+def lonely_pipe(lonely_redis: RedisServer, io_loop: IOLoop) -> Iterator[PipelinedRedis]:
+    """A pipelined connection to a Redis of the test's own, with a 0.3 s watchdog."""
+    connection = pipe_for(lonely_redis.url, stall_secs=0.3)
+    yield connection
+    io_loop.run_sync(connection.aclose)
+
+
+async def test_concurrent_callers_each_get_their_own_reply(
+    pipe: PipelinedRedis, redis: Redis) -> None:
     await redis.set("a-string", "x")
 
     async def call(i: int) -> Any:
@@ -49,186 +60,148 @@ async def test_concurrent_callers_each_get_their_own_reply(config: Config, redis
             return await pipe.execute("HGET", "a-string", "field")
         return await pipe.execute("ECHO", f"reply-{i}")
 
-    async def body() -> None:
-        results = await asyncio.gather(*(call(i) for i in range(300)), return_exceptions=True)
-        for i, result in enumerate(results):
-            if i % 7 == 0:
-                assert isinstance(result, ResponseError) and "WRONGTYPE" in str(result)
-            else:
-                assert result == f"reply-{i}"
-
-    await closing(pipe, body)
+    results = await asyncio.gather(*(call(i) for i in range(300)), return_exceptions=True)
+    for i, result in enumerate(results):
+        if i % 7 == 0:
+            assert isinstance(result, ResponseError) and "WRONGTYPE" in str(result)
+        else:
+            assert result == f"reply-{i}"
 
 
 async def test_create_over_the_pipe_stores_what_the_redis_py_path_stores(
-    config: Config, redis: Redis
+    pipe: PipelinedRedis, config: Config, redis: Redis
 ) -> None:
-    pipe = connect_pipelined(config.redis_url or "", config)
-    assert pipe is not None
     piped, plain = OrderStore(redis, config, pipe), OrderStore(redis, config)
 
-    async def body() -> None:
-        a = await piped.create("a", dict(VALID_ORDER), "key-a")
-        b = await plain.create("b", dict(VALID_ORDER), "key-b")
-        assert (a.outcome, b.outcome) == ("created", "created")
-        stored_a, stored_b = await piped.get("a"), await plain.get("b")
-        assert stored_a is not None and stored_b is not None
-        assert set(stored_a) == set(stored_b)
-        assert stored_a["request"] == stored_b["request"]
-        assert stored_a["status"] == "pending"
-        assert [seq for seq, _ in await piped.history("a")] == [1]
-        assert await redis.xlen(keys.ORDERS_STREAM) == 2
-        # The idempotency outcomes come back over the pipe too.
-        assert (await piped.create("a2", dict(VALID_ORDER), "key-a")).outcome == "replayed"
-        other = {**VALID_ORDER, "amount": 2}
-        conflict = await piped.create("a3", other, "key-a")
-        assert (conflict.outcome, conflict.order_id) == ("conflict", "a")
-
-    await closing(pipe, body)
+    a = await piped.create("a", dict(VALID_ORDER), "key-a")
+    b = await plain.create("b", dict(VALID_ORDER), "key-b")
+    assert (a.outcome, b.outcome) == ("created", "created")
+    stored_a, stored_b = await piped.get("a"), await plain.get("b")
+    assert stored_a is not None and stored_b is not None
+    assert set(stored_a) == set(stored_b)
+    assert stored_a["request"] == stored_b["request"]
+    assert stored_a["status"] == "pending"
+    assert [seq for seq, _ in await piped.history("a")] == [1]
+    assert await redis.xlen(keys.ORDERS_STREAM) == 2
+    # The idempotency outcomes come back over the pipe too.
+    assert (await piped.create("a2", dict(VALID_ORDER), "key-a")).outcome == "replayed"
+    other = {**VALID_ORDER, "amount": 2}
+    conflict = await piped.create("a3", other, "key-a")
+    assert (conflict.outcome, conflict.order_id) == ("conflict", "a")
 
 
-async def test_a_script_redis_does_not_have_is_loaded_and_run(config: Config, redis: Redis) -> None:
-    pipe = pipe_for(config.redis_url or "")
-
-    async def body() -> None:
-        await redis.script_flush()
-        with pytest.raises(NoScriptError):
-            await pipe.execute("EVALSHA", ECHO_SCRIPT.sha, 1, "k")
-        assert await pipe.evalsha(ECHO_SCRIPT, ["k"], ["v"]) == ["k", "v"]
-        assert await redis.script_exists(ECHO_SCRIPT.sha) == [True]
-
-    await closing(pipe, body)
+async def test_a_script_redis_does_not_have_is_loaded_and_run(
+    pipe: PipelinedRedis, redis: Redis
+) -> None:
+    await redis.script_flush()
+    with pytest.raises(NoScriptError):
+        await pipe.execute("EVALSHA", ECHO_SCRIPT.sha, 1, "k")
+    assert await pipe.evalsha(ECHO_SCRIPT, ["k"], ["v"]) == ["k", "v"]
+    assert await redis.script_exists(ECHO_SCRIPT.sha) == [True]
 
 
 async def test_a_cancelled_callers_reply_is_dropped_not_handed_to_the_next(
-    config: Config, redis: Redis
+    pipe: PipelinedRedis, redis: Redis
 ) -> None:
-    pipe = pipe_for(config.redis_url or "")
-
-    async def body() -> None:
-        # BLPOP holds the connection for 0.3 s, then answers nil. Its caller gives up
-        # first; the PING sent after it must get PONG, not the BLPOP's nil.
-        blocked = asyncio.ensure_future(pipe.execute("BLPOP", "empty-list", 0.3))
-        await asyncio.sleep(0.05)
-        ping = asyncio.ensure_future(pipe.execute("PING"))
-        blocked.cancel()
-        assert await ping == "PONG"
-        assert blocked.cancelled()
-
-    await closing(pipe, body)
+    # BLPOP holds the connection for 0.3 s, then answers nil. Its caller gives up
+    # first; the PING sent after it must get PONG, not the BLPOP's nil.
+    blocked = asyncio.ensure_future(pipe.execute("BLPOP", "empty-list", 0.3))
+    await asyncio.sleep(0.05)
+    ping = asyncio.ensure_future(pipe.execute("PING"))
+    blocked.cancel()
+    assert await ping == "PONG"
+    assert blocked.cancelled()
 
 
 async def _client_id(pipe: PipelinedRedis) -> int:
     return int(await pipe.execute("CLIENT", "ID"))
 
 
+async def _blocked(pipe: PipelinedRedis) -> tuple[int, asyncio.Future[Any]]:
+    """The connection's client id, and a BLPOP holding it for 5 s (sent already)."""
+    first = await _client_id(pipe)
+    blocked = asyncio.ensure_future(pipe.execute("BLPOP", "empty-list", 5))
+    await asyncio.sleep(0.05)
+    return first, blocked
+
+
 async def test_a_killed_connection_fails_its_waiters_and_the_next_command_reconnects(
-    config: Config, redis: Redis
+    pipe: PipelinedRedis, redis: Redis
 ) -> None:
-    pipe = pipe_for(config.redis_url or "")
-
-    async def body() -> None:
-        first = await _client_id(pipe)
-        waiting = asyncio.ensure_future(pipe.execute("BLPOP", "empty-list", 5))
-        await asyncio.sleep(0.05)
-        await redis.client_kill_filter(_id=first)
-        with pytest.raises(RedisConnectionError, match="lost"):
-            await asyncio.wait_for(waiting, 2)
-        assert await _client_id(pipe) != first  # a new connection
-
-    await closing(pipe, body)
+    first, waiting = await _blocked(pipe)
+    await redis.client_kill_filter(_id=first)
+    with pytest.raises(RedisConnectionError, match="lost"):
+        await asyncio.wait_for(waiting, 2)
+    assert await _client_id(pipe) != first  # a new connection
 
 
 async def test_evalsha_is_sent_again_once_when_its_connection_dies(
-    config: Config, redis: Redis
+    pipe: PipelinedRedis, redis: Redis
 ) -> None:
-    pipe = pipe_for(config.redis_url or "")
-
-    async def body() -> None:
-        first = await _client_id(pipe)
-        # Queue the script behind a blocked command, then kill the connection: the
-        # script's fate is unknown, so it is sent again on a new connection.
-        blocked = asyncio.ensure_future(pipe.execute("BLPOP", "empty-list", 5))
-        await asyncio.sleep(0.05)
-        script = asyncio.ensure_future(pipe.evalsha(ECHO_SCRIPT, ["k"], ["again"]))
-        await asyncio.sleep(0.05)
-        await redis.client_kill_filter(_id=first)
-        assert await asyncio.wait_for(script, 2) == ["k", "again"]
-        with pytest.raises(RedisConnectionError):
-            await blocked
-
-    await closing(pipe, body)
+    # Queue the script behind a blocked command, then kill the connection: the
+    # script's fate is unknown, so it is sent again on a new connection.
+    first, blocked = await _blocked(pipe)
+    script = asyncio.ensure_future(pipe.evalsha(ECHO_SCRIPT, ["k"], ["again"]))
+    await asyncio.sleep(0.05)
+    await redis.client_kill_filter(_id=first)
+    assert await asyncio.wait_for(script, 2) == ["k", "again"]
+    with pytest.raises(RedisConnectionError):
+        await blocked
 
 
 async def test_a_reply_to_no_command_drops_the_connection(
-    config: Config, redis: Redis, caplog: pytest.LogCaptureFixture
+    pipe: PipelinedRedis, redis: Redis, caplog: pytest.LogCaptureFixture
 ) -> None:
-    pipe = pipe_for(config.redis_url or "")
-
-    async def body() -> None:
-        # After SUBSCRIBE, Redis pushes messages nobody sent a command for: the
-        # connection can no longer pair replies with callers, so it must go.
-        first = await _client_id(pipe)
-        assert await pipe.execute("SUBSCRIBE", "news") == ["subscribe", "news", 1]
-        await redis.publish("news", "unasked")
-        await eventually(lambda: pipe._connection is None, timeout=2, message="connection dropped")
-        assert "a reply to no command" in caplog.text
-        assert await _client_id(pipe) != first
-
-    await closing(pipe, body)
+    # After SUBSCRIBE, Redis pushes messages nobody sent a command for: the
+    # connection can no longer pair replies with callers, so it must go.
+    first = await _client_id(pipe)
+    assert await pipe.execute("SUBSCRIBE", "news") == ["subscribe", "news", 1]
+    await redis.publish("news", "unasked")
+    await eventually(lambda: pipe._connection is None, timeout=2, message="connection dropped")
+    assert "a reply to no command" in caplog.text
+    assert await _client_id(pipe) != first
 
 
 async def test_a_refused_connection_is_a_prompt_connection_error() -> None:
     pipe = pipe_for(f"redis://127.0.0.1:{free_port()}/0")
-
-    async def body() -> None:
-        with pytest.raises(RedisConnectionError, match="cannot connect"):
-            await asyncio.wait_for(pipe.execute("PING"), 2)
-        with pytest.raises(RedisConnectionError):  # and again: no stuck connect attempt
-            await asyncio.wait_for(pipe.evalsha(ECHO_SCRIPT, ["k"], ["v"]), 2)
-
-    await closing(pipe, body)
+    with pytest.raises(RedisConnectionError, match="cannot connect"):
+        await asyncio.wait_for(pipe.execute("PING"), 2)
+    with pytest.raises(RedisConnectionError):  # and again: no stuck connect attempt
+        await asyncio.wait_for(pipe.evalsha(ECHO_SCRIPT, ["k"], ["v"]), 2)
 
 
 async def test_a_frozen_redis_times_callers_out_and_the_watchdog_drops_the_socket(
-    lonely_redis: RedisServer,
+    lonely_redis: RedisServer, lonely_pipe: PipelinedRedis
 ) -> None:
-    pipe = pipe_for(lonely_redis.url, stall_secs=0.3)
+    pipe = lonely_pipe
     assert lonely_redis.process is not None
     pid = lonely_redis.process.pid
 
-    async def body() -> None:
-        first = await _client_id(pipe)
-        os.kill(pid, signal.SIGSTOP)
-        try:
-            with pytest.raises(TimeoutError):
-                async with asyncio.timeout(0.2):
-                    await pipe.execute("PING")
-            # The watchdog sees no reply for 0.3 s with a command waiting, and drops
-            # the connection (it fires 0.3 to 0.6 s after the PING was sent).
-            await eventually(lambda: pipe._connection is None, timeout=2,
-                             message="the stalled connection dropped")
-        finally:
-            os.kill(pid, signal.SIGCONT)
-        assert await _client_id(pipe) != first
-
-    await closing(pipe, body)
+    first = await _client_id(pipe)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.2):
+                await pipe.execute("PING")
+        # The watchdog sees no reply for 0.3 s with a command waiting, and drops
+        # the connection (it fires 0.3 to 0.6 s after the PING was sent).
+        await eventually(lambda: pipe._connection is None, timeout=2,
+                         message="the stalled connection dropped")
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert await _client_id(pipe) != first
 
 
 async def test_slow_replies_that_keep_coming_do_not_trip_the_watchdog(
-    lonely_redis: RedisServer,
+    lonely_redis: RedisServer, lonely_pipe: PipelinedRedis
 ) -> None:
-    pipe = pipe_for(lonely_redis.url, stall_secs=0.3)
-
-    async def body() -> None:
-        first = await _client_id(pipe)
-        # Four 0.2 s blocks in a row: 0.8 s with a command always waiting, but a
-        # reply every 0.2 s, so the connection is alive and must be kept.
-        replies = await asyncio.gather(*(pipe.execute("BLPOP", "empty", 0.2) for _ in range(4)))
-        assert replies == [None] * 4
-        assert await _client_id(pipe) == first
-
-    await closing(pipe, body)
+    pipe = lonely_pipe
+    first = await _client_id(pipe)
+    # Four 0.2 s blocks in a row: 0.8 s with a command always waiting, but a
+    # reply every 0.2 s, so the connection is alive and must be kept.
+    replies = await asyncio.gather(*(pipe.execute("BLPOP", "empty", 0.2) for _ in range(4)))
+    assert replies == [None] * 4
+    assert await _client_id(pipe) == first
 
 
 async def test_user_password_and_database_come_from_the_url(lonely_redis: RedisServer) -> None:
@@ -238,17 +211,15 @@ async def test_user_password_and_database_come_from_the_url(lonely_redis: RedisS
     pipe = pipe_for(f"redis://svc:s3cret@127.0.0.1:{lonely_redis.port}/3")
     wrong = pipe_for(f"redis://svc:nope@127.0.0.1:{lonely_redis.port}/3")
 
-    async def body() -> None:
+    try:
         assert await pipe.execute("SET", "where", "db3") == "OK"
         await admin.execute_command("SELECT", 3)
         assert await admin.get("where") == "db3"
         assert await pipe.execute("ACL", "WHOAMI") == "svc"
         with pytest.raises(RedisConnectionError):  # AuthenticationError is one
             await wrong.execute("PING")
-
-    try:
-        await closing(pipe, body)
     finally:
+        await pipe.aclose()
         await wrong.aclose()
         await admin.aclose()
 
