@@ -9,10 +9,11 @@ connection in the order they were sent, so a connection can carry many callers'
 commands at once: each caller writes its command and waits on a future, and the
 replies resolve the futures in order. No pool, no lock, no timer per command.
 
-Only the request path's hottest command goes this way (``OrderStore.create``'s
-EVALSHA); every other command uses redis-py. ``redis://`` and ``unix://`` URLs are
-supported, with ACL user, password and database; for ``rediss://`` (TLS) the store
-keeps using redis-py (``for_url`` returns None).
+Only the order store's scripts go this way (EVALSHA of create, transition and
+record_tx: a POST's one command, and most of the worker's per order); every other
+command uses redis-py. ``redis://`` and ``unix://`` URLs are supported, with ACL
+user, password and database; for ``rediss://`` (TLS) the store keeps using redis-py
+(``for_url`` returns None).
 
 Faults, each tested against a real Redis (tests/test_pipelined.py):
 
@@ -38,7 +39,7 @@ from typing import Any, cast
 
 import hiredis
 from redis._parsers.base import BaseParser
-from redis.asyncio.connection import parse_url
+from redis.asyncio.connection import SSLConnection, parse_url
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError
 
@@ -75,9 +76,12 @@ class _Connection(asyncio.Protocol):
         """Write one command; the future resolves with its reply."""
         if self.lost or self.transport is None:
             raise RedisConnectionError("the Redis connection is closed")
+        # Packed first: an argument it refuses must not leave a future in the queue
+        # with no command sent for it, or every later reply would go to the wrong caller.
+        packed = hiredis.pack_command(tuple(args))  # type: ignore[arg-type]
         future = asyncio.get_running_loop().create_future()
         self._waiting.append(future)
-        self.transport.write(hiredis.pack_command(tuple(args)))  # type: ignore[arg-type]
+        self.transport.write(packed)
         if self._watchdog is None:
             self._arm_watchdog()
         return future
@@ -111,11 +115,11 @@ class _Connection(asyncio.Protocol):
         if self._watchdog is not None:
             self._watchdog.cancel()
             self._watchdog = None
-        error = RedisConnectionError(f"the Redis connection was lost: {exc or 'closed'}")
+        why = f"the Redis connection was lost: {exc or 'closed'}"
         while self._waiting:
             future = self._waiting.popleft()
-            if not future.done():
-                future.set_exception(error)
+            if not future.done():  # one exception each: a raise adds to its traceback
+                future.set_exception(RedisConnectionError(why))
         self._owner._forget(self)
 
     def abort(self, why: str) -> None:
@@ -169,8 +173,10 @@ class PipelinedRedis:
         """A pipelined connection to ``url``, or None if the URL needs what this module
         does not do (TLS, or an option besides user, password and database)."""
         params = parse_url(url)
-        params.pop("connection_class", None)  # TCP or Unix socket, told apart by "path"
-        if url.startswith("rediss://") or set(params) - {"host", "port", "path", "db", "username", "password"}:
+        # TCP or Unix socket are told apart by "path"; TLS is not done here.
+        if params.pop("connection_class", None) is SSLConnection:
+            return None
+        if set(params) - {"host", "port", "path", "db", "username", "password"}:
             return None
         return cls(
             host=params.get("host", "localhost"),
@@ -247,13 +253,15 @@ class PipelinedRedis:
                 for reply in setup:
                     await reply
         except BaseException as exc:
-            for reply in setup:
-                reply.cancel()  # e.g. SELECT's, after AUTH failed: nobody awaits it now
+            for reply in setup:  # e.g. SELECT's, after AUTH failed: nobody awaits it now
+                if reply.done() and not reply.cancelled():
+                    reply.exception()  # retrieved, so not logged as never retrieved
+                reply.cancel()
             if connection is not None and connection.transport is not None:
                 connection.transport.abort()
             if isinstance(exc, (OSError, TimeoutError)):
                 raise RedisConnectionError(
-                    f"cannot connect to Redis at {self.address}: {exc or 'timed out'}"
+                    f"cannot connect to Redis at {self.address}: {str(exc) or 'timed out'}"
                 ) from exc
             raise
         if self._closed:
@@ -269,7 +277,7 @@ class PipelinedRedis:
 
     async def aclose(self) -> None:
         """Close the connection; waiting callers get a ConnectionError."""
-        self._closed = True
+        self._closed = True  # a connect under way ends with a ConnectionError
         connection, self._connection = self._connection, None
         if connection is not None and connection.transport is not None:
             connection.transport.abort()

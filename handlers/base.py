@@ -192,7 +192,8 @@ def request_logger(services: Services) -> Callable[[RequestHandler], None]:
     def log_request(handler: RequestHandler) -> None:
         status = handler.get_status()
         seconds = handler.request.request_time()
-        metrics.observe_request(type(handler).__name__, handler.request.method or "", status, seconds)
+        name = getattr(handler, "metrics_name", None) or type(handler).__name__
+        metrics.observe_request(name, handler.request.method or "", status, seconds)
         level = logging.INFO if status < 400 else logging.WARNING if status < 500 else logging.ERROR
         if access_log.isEnabledFor(level):  # the summary costs a few us; skip it if unused
             access_log.log(

@@ -106,6 +106,22 @@ async def post_order(
     return response, json.loads(response.body)
 
 
+async def post_chunked(client: Any, chunks: list[bytes]) -> Any:
+    """POST the chunks as a chunked body (no Content-Length)."""
+
+    async def produce(write: Any) -> None:
+        for chunk in chunks:
+            await write(chunk)
+
+    return await client.fetch(
+        "/api/orders/execute",
+        method="POST",
+        body_producer=produce,
+        headers={"Content-Type": "application/json"},
+        raise_error=False,
+    )
+
+
 async def open_socket(client: Any, headers: dict[str, str] | None = None) -> WebSocketClientConnection:
     """A WebSocket to /api/orders/status of the test server."""
     from tornado.httpclient import HTTPRequest

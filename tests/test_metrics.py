@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -13,7 +14,7 @@ from engine import keys
 from engine.config import Config
 from engine.executor import MAX_ATTEMPTS, Executor
 from engine.services import Services
-from tests.helpers import VALID_ORDER, eventually, open_socket, post_order
+from tests.helpers import VALID_ORDER, eventually, open_socket, post_chunked, post_order
 
 
 async def scrape(client: Any) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -34,13 +35,16 @@ async def test_metrics_count_requests_orders_sockets_and_workers(
         assert response.code == 202
     bad, _ = await post_order(http_server_client, {**VALID_ORDER, "amount": -1})
     assert bad.code == 400
+    # A chunked body goes to the streaming handler: still counted as this endpoint's.
+    chunked = await post_chunked(http_server_client, [json.dumps(VALID_ORDER).encode()])
+    assert chunked.code == 202
     ws = await open_socket(http_server_client)
 
     worker = Executor(services.redis, config)
     task = asyncio.create_task(worker.run())
     try:
         await eventually(lambda: redis.exists(keys.worker(worker.consumer)), message="worker alive")
-        await eventually(lambda: _drained(redis), message="orders confirmed")
+        await eventually(lambda: _drained(redis, 3), message="orders confirmed")
         samples = await scrape(http_server_client)
     finally:
         worker.stop()
@@ -51,12 +55,12 @@ async def test_metrics_count_requests_orders_sockets_and_workers(
         return samples[(name, tuple(sorted(labels.items())))]
 
     execute = {"handler": "ExecuteOrderHandler", "method": "POST"}
-    assert value("http_requests_total", **execute, code="202") == 2
+    assert value("http_requests_total", **execute, code="202") == 3
     assert value("http_requests_total", **execute, code="400") == 1
-    assert value("order_submit_seconds_count") == 3
+    assert value("order_submit_seconds_count") == 4
     assert value("websockets_open") == 1
-    assert value("orders_total", status="pending") == 2
-    assert value("orders_total", status="confirmed") == 2
+    assert value("orders_total", status="pending") == 3
+    assert value("orders_total", status="confirmed") == 3
     assert value("orders_total", status="failed") == 0
     assert value("order_retries_total") == 0
     assert value("dead_letters_total") == 0
@@ -90,9 +94,9 @@ async def test_metrics_show_lag_retries_and_dead_letters(
     assert samples[("dead_letters_total", ())] == 1
 
 
-async def _drained(redis: Redis) -> bool:
+async def _drained(redis: Redis, orders: int) -> bool:
     counters = await redis.hgetall(keys.COUNTERS)
-    return counters.get("confirmed") == "2" and await redis.xlen(keys.ORDERS_STREAM) == 0
+    return counters.get("confirmed") == str(orders) and await redis.xlen(keys.ORDERS_STREAM) == 0
 
 
 async def test_metrics_are_served_when_redis_is_down(http_server_client: Any, services: Services) -> None:

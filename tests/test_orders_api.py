@@ -16,7 +16,8 @@ from tornado.web import Application
 from engine import keys
 from engine.schemas import Schemas
 from handlers.orders import ExecuteOrderHandler, ExecuteOrderRouter, StreamedExecuteOrderHandler
-from tests.helpers import VALID_ORDER, post_order
+from tests.faults.clients import raw_http
+from tests.helpers import VALID_ORDER, post_chunked, post_order
 
 
 def with_(**changes: Any) -> dict[str, Any]:
@@ -154,22 +155,6 @@ async def test_body_of_exactly_16_kib_is_read(http_server_client: Any) -> None:
     assert response.code == 202
 
 
-async def post_chunked(client: Any, chunks: list[bytes]) -> Any:
-    """POST the chunks as a chunked body (no Content-Length)."""
-
-    async def produce(write: Any) -> None:
-        for chunk in chunks:
-            await write(chunk)
-
-    return await client.fetch(
-        "/api/orders/execute",
-        method="POST",
-        body_producer=produce,
-        headers={"Content-Type": "application/json"},
-        raise_error=False,
-    )
-
-
 async def test_chunked_body_over_the_limit_is_413(http_server_client: Any) -> None:
     response = await post_chunked(http_server_client, [b" " * 1024] * 20)
     assert response.code == 413
@@ -187,6 +172,22 @@ async def test_chunked_body_within_the_limit_is_accepted(http_server_client: Any
 
 
 @pytest.mark.parametrize(
+    "length", [b"\xb2", b"9" * 4400, b"1e3", b"0x10"], ids=["superscript_two", "huge", "float", "hex"]
+)
+async def test_a_content_length_that_is_not_a_number_is_a_json_400(
+    http_server_client: Any, length: bytes
+) -> None:
+    port = int(http_server_client.get_url("").rsplit(":", 1)[1].strip("/"))
+    request = (
+        b"POST /api/orders/execute HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        b"Content-Type: application/json\r\nContent-Length: " + length + b"\r\n\r\n{}"
+    )
+    status, head, body = await raw_http("127.0.0.1", port, request)
+    assert status == 400, head
+    assert json.loads(body)["error"] == "bad_request"
+
+
+@pytest.mark.parametrize(
     ("headers", "handler"),
     [
         ({"Content-Length": "95", "Content-Type": "application/json"}, ExecuteOrderHandler),
@@ -198,6 +199,7 @@ async def test_chunked_body_within_the_limit_is_accepted(http_server_client: Any
         ({"Content-Length": "95", "Content-Type": "multipart/form-data; boundary=x"},
          StreamedExecuteOrderHandler),
         ({"Content-Length": "+95"}, StreamedExecuteOrderHandler),
+        ({"Content-Length": "\xb2"}, StreamedExecuteOrderHandler),
     ],
 )
 def test_only_json_bodies_declared_within_the_limit_are_read_whole(

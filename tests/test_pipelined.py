@@ -100,6 +100,17 @@ async def test_a_script_redis_does_not_have_is_loaded_and_run(
     assert await redis.script_exists(ECHO_SCRIPT.sha) == [True]
 
 
+async def test_an_argument_that_cannot_be_sent_leaves_the_replies_in_step(
+    pipe: PipelinedRedis,
+) -> None:
+    assert await pipe.execute("PING") == "PONG"
+    with pytest.raises(TypeError):
+        await pipe.execute("ECHO", None)  # type: ignore[arg-type]
+    # Had the refused command left a waiter behind, each reply would now go to the
+    # caller before: the ECHO would get the PING's reply and so on.
+    assert await asyncio.gather(pipe.execute("PING"), pipe.execute("ECHO", "x")) == ["PONG", "x"]
+
+
 async def test_a_cancelled_callers_reply_is_dropped_not_handed_to_the_next(
     pipe: PipelinedRedis, redis: Redis
 ) -> None:
@@ -239,7 +250,7 @@ def test_it_runs_on_uvloop_as_the_server_does(config: Config, clean_redis: None)
 
 
 def test_tls_urls_are_left_to_redis_py() -> None:
-    assert PipelinedRedis.for_url("rediss://:pw@example.invalid:6380/0", connect_timeout=1,
-                                  stall_secs=1) is None  # fmt: skip
+    for url in ("rediss://:pw@example.invalid:6380/0", "REDISS://example.invalid:6380"):
+        assert PipelinedRedis.for_url(url, connect_timeout=1, stall_secs=1) is None
     unix = PipelinedRedis.for_url("unix:///tmp/redis.sock?db=2", connect_timeout=1, stall_secs=1)
     assert unix is not None and (unix.path, unix.db) == ("/tmp/redis.sock", 2)
