@@ -73,8 +73,8 @@ def connect(
 
 
 def connect_pipelined(url: str, config: Config) -> PipelinedRedis | None:
-    """The web's pipelined connection for creating orders (engine.pipelined), with the
-    same bounds as ``connect``'s clients; None where it does not apply (TLS)."""
+    """A pipelined connection for the order store's scripts (engine.pipelined), with
+    the same bounds as ``connect``'s clients; None where it does not apply (TLS)."""
     return PipelinedRedis.for_url(
         url,
         connect_timeout=min(config.redis_timeout_secs, 1.0),

@@ -21,7 +21,7 @@ class Services:
     config: Config
     redis: Redis
     poll_redis: Redis
-    # Carries OrderStore.create (None with TLS: then redis-py does).
+    # Carries the store's scripts (None with TLS: then redis-py does); closed here.
     pipe: PipelinedRedis | None
     store: OrderStore
     hub: StatusHub

@@ -1,9 +1,9 @@
 """The order store: every read and atomic write of order state in Redis.
 
 Each state change is one Lua script, so a status is checked, recorded and published
-to both event streams in a single step. Scripts are safe to run twice (redis-py may
-re-send a command after a connection error): creating an order whose hash exists, or
-moving an order to the status it already has, changes nothing.
+to both event streams in a single step. Scripts are safe to run twice (redis-py and
+engine.pipelined may re-send one after a connection error): creating an order whose
+hash exists, or moving an order to the status it already has, changes nothing.
 """
 
 from __future__ import annotations
@@ -209,7 +209,6 @@ class OrderStore:
     def __init__(self, redis: Redis, config: Config, pipe: PipelinedRedis | None = None) -> None:
         self.redis = redis
         self.config = config
-        self.pipe = pipe
         self._create = _StoreScript(redis, pipe, _CREATE_LUA)
         self._transition = _StoreScript(redis, pipe, _TRANSITION_LUA)
         self._record_tx = _StoreScript(redis, pipe, _RECORD_TX_LUA)

@@ -129,10 +129,11 @@ class ExecuteOrderHandler(APIHandler):
 
 @stream_request_body
 class StreamedExecuteOrderHandler(ExecuteOrderHandler):
-    """``POST /api/orders/execute`` with a chunked body or one declared over the limit
-    (see ExecuteOrderRouter): a 413 before the body is read, if Content-Length says
-    so; otherwise the chunks are collected up to the limit, and past it, read and
-    dropped (the server's max_body_size bounds them), then answered 413."""
+    """``POST /api/orders/execute`` with any body ExecuteOrderRouter does not send to
+    ExecuteOrderHandler: not JSON (415), a Content-Length that is not a number (400)
+    or over the limit (413), all before the body is read; or chunked, when the chunks
+    are collected up to the limit, and past it read and dropped (the server's
+    max_body_size bounds them), then answered 413."""
 
     _chunks: list[bytes]
     _size: int
@@ -146,9 +147,9 @@ class StreamedExecuteOrderHandler(ExecuteOrderHandler):
             raise APIError(
                 415, "unsupported_media_type", "Content-Type must be application/json"
             )
-        if "Content-Length" in self.request.headers and declared_length(self.request) is None:
-            raise APIError(400, "bad_request", "Content-Length must be a decimal number")
         declared = declared_length(self.request)
+        if declared is None and "Content-Length" in self.request.headers:
+            raise APIError(400, "bad_request", "Content-Length must be a decimal number")
         if declared is not None and declared > MAX_BODY_BYTES:
             raise APIError(
                 413, "body_too_large", f"the body must be at most {MAX_BODY_BYTES} bytes"
