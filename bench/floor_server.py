@@ -8,7 +8,7 @@ service's latency divided by this one's is the cost of everything the service ad
 
 Run as ``python -m bench.floor_server --port P --redis-url redis://127.0.0.1:N/0``.
 With ``--pipelined`` the XADD goes over ``engine.pipelined`` (the connection the
-service's create script uses) instead of redis-py: the floor with the service's own
+service's store scripts use) instead of redis-py: the floor with the service's own
 client, for the comparison in docs/benchmarks.md.
 """
 
