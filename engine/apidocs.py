@@ -68,7 +68,8 @@ _ANY_JSON_DOCUMENT = {
     "description": "The document",
     "content": {"application/json": {"schema": {"type": "object"}}},
 }
-_UNAVAILABLE = _error("Redis is unreachable; retry after the Retry-After delay")
+_UNAVAILABLE = _error("Redis is unreachable; nothing was done: retry after the Retry-After delay")
+_FOREIGN_ORIGIN = _error("Sent by a browser page on an origin not allowed (Origin header)")
 _ORDER_ID_PARAM = {
     "name": "order_id",
     "in": "path",
@@ -95,8 +96,15 @@ def openapi(schemas: Schemas) -> dict[str, Any]:
                             "name": "Idempotency-Key",
                             "in": "header",
                             "required": False,
-                            "schema": {"type": "string", "pattern": "^[!-~]{1,255}$"},
-                            "description": "Same key and order within 24 h: the same order",
+                            "schema": {
+                                "type": "string",
+                                "pattern": '^([!#-+\\--~]{1,255}|"([ !#-\\[\\]-~]|\\\\["\\\\]){1,255}")$',
+                            },
+                            "description": (
+                                "Same key and the same order (equal values, any JSON spelling) "
+                                "within 24 h: the same order. Sent once; bare, or as a quoted "
+                                "string (the same key)."
+                            ),
                         }
                     ],
                     "requestBody": {"required": True, "content": _json("OrderRequest")},
@@ -109,10 +117,16 @@ def openapi(schemas: Schemas) -> dict[str, Any]:
                             "content": _json("OrderAccepted"),
                         },
                         "400": _error("Not strict JSON, or not a valid order (see details)"),
+                        "403": _FOREIGN_ORIGIN,
                         "413": _error("Body over 16 KiB"),
                         "415": _error("Content-Type is not JSON"),
                         "422": _error("Idempotency-Key reused with another order"),
                         "503": _UNAVAILABLE,
+                        "504": _error(
+                            "The order store took the order but did not answer in time: it "
+                            "may or may not exist (order_id names it). Retry with the same "
+                            "Idempotency-Key, or GET the order: a 404 now is final."
+                        ),
                     },
                 }
             },
@@ -132,6 +146,7 @@ def openapi(schemas: Schemas) -> dict[str, Any]:
                     "summary": "Cancel an order whose transaction is not yet sent",
                     "responses": {
                         "200": {"description": "Cancelled", "content": _json("OrderCancelled")},
+                        "403": _FOREIGN_ORIGIN,
                         "404": _error("No such order"),
                         "409": _error("Too late: a transaction may already be sent"),
                         "503": _UNAVAILABLE,

@@ -32,18 +32,19 @@ import contextvars
 import dataclasses
 import json
 import logging
-import math
 import os
 import secrets
 import socket
 import time
 from collections.abc import Mapping
+from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from engine import keys
+from engine import amounts, keys, strict_json
+from engine.amounts import Token
 from engine.config import Config
 from engine.connections import REDIS_DOWN_ERRORS, raise_if_cancelled
 from engine.router import QUOTE_TIMEOUT_SECS, Router
@@ -56,6 +57,7 @@ from engine.store import (
     SUBMITTED,
     TERMINAL,
     OrderStore,
+    stored_field,
 )
 from engine.venues import (
     SLIPPAGE,
@@ -143,27 +145,30 @@ class InvalidOrderError(Exception):
 
 @dataclasses.dataclass(frozen=True)
 class OrderRequest:
-    """The parts of a stored order request the executor needs."""
+    """The parts of a stored order request the executor needs, exactly."""
 
-    token_in: str
-    token_out: str
-    amount: float
-    max_slippage: float
+    token_in: Token
+    token_out: Token
+    amount_in: int  # base units of token_in
+    max_slippage: Decimal  # a fraction: 0.01 is 1%
 
     @classmethod
     def from_order(cls, order: Mapping[str, str]) -> OrderRequest:
-        """Parse the ``request`` field of an order hash; raise InvalidOrderError."""
+        """Parse the ``request`` field of an order hash (its numbers exactly, as the
+        client wrote them); raise InvalidOrderError."""
         try:
-            data = json.loads(order.get("request") or "")
+            data = strict_json.loads(order.get("request") or "")
             request = cls(
-                token_in=str(data["token_in"]),
-                token_out=str(data["token_out"]),
-                amount=float(data["amount"]),
-                max_slippage=float(data["max_slippage"]),
+                token_in=amounts.token(data["token_in"]),
+                token_out=amounts.token(data["token_out"]),
+                amount_in=amounts.token(data["token_in"]).to_base_units(data["amount"]),
+                max_slippage=Decimal(data["max_slippage"]),
             )
-        except (ValueError, TypeError, KeyError) as exc:
+        except amounts.AmountError as exc:
+            raise InvalidOrderError(f"The order amount cannot be traded: {exc}") from None
+        except (ValueError, TypeError, KeyError, ArithmeticError) as exc:
             raise InvalidOrderError(f"The order request is unreadable ({exc!r})") from None
-        if not (math.isfinite(request.amount) and request.amount > 0):
+        if request.amount_in <= 0:
             raise InvalidOrderError("The order amount must be a positive number")
         if not 0 < request.max_slippage < 1:
             raise InvalidOrderError("max_slippage must be between 0 and 1")
@@ -175,23 +180,18 @@ def consumer_name() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
 
 
-def slippage_reason(moved: float, max_slippage: float) -> str:
-    """The failure reason for a price move, e.g. ``Price moved 1.8% (max allowed: 1.0%)``."""
-    moved_pct = round(moved * 100, 1)
-    max_pct = round(max_slippage * 100, 1)
+_TENTH = Decimal("0.1")
+
+
+def slippage_reason(moved: Decimal, max_slippage: Decimal) -> str:
+    """The failure reason for a price move (fractions), e.g.
+    ``Price moved 1.8% (max allowed: 1.0%)``: percentages to one decimal, half up."""
+    moved_pct = (moved * 100).quantize(_TENTH, ROUND_HALF_UP)
+    max_pct = (max_slippage * 100).quantize(_TENTH, ROUND_HALF_UP)
     if moved_pct <= max_pct:
         # The move did exceed the limit; rounding must not make it read as within it.
-        moved_pct = max_pct + 0.1
-    return f"Price moved {moved_pct:.1f}% (max allowed: {max_pct:.1f}%)"
-
-
-def _round_sig(value: float, digits: int = 10) -> float:
-    return float(f"{value:.{digits}g}")
-
-
-def _stored(value: Any) -> str:
-    """A field as OrderStore.transition stores it on the order hash."""
-    return value if isinstance(value, str) else json.dumps(value)
+        moved_pct = max_pct + _TENTH
+    return f"Price moved {moved_pct}% (max allowed: {max_pct}%)"
 
 
 class Executor:
@@ -728,14 +728,16 @@ class Executor:
 
     async def _route(self, order: dict[str, str]) -> dict[str, str]:
         request = OrderRequest.from_order(order)
-        quote = await self.router.best_quote(request.token_in, request.token_out, request.amount)
+        sold, bought = request.token_in, request.token_out
+        quote = await self.router.best_quote(sold.symbol, bought.symbol, request.amount_in)
+        least = amounts.min_amount_out(quote.amount_out, request.max_slippage)
         return await self._advance(
             order,
             BUILDING,
             venue=quote.venue,
-            quoted_price=_round_sig(quote.price),
-            expected_amount_out=quote.amount_out,
-            min_amount_out=_round_sig(quote.amount_out * (1.0 - request.max_slippage)),
+            quoted_price=quote.price,
+            expected_amount_out=bought.from_base_units(quote.amount_out),
+            min_amount_out=bought.from_base_units(least),
         )
 
     def _transaction(self, order: Mapping[str, str]) -> tuple[SwapTx, Venue]:
@@ -745,13 +747,18 @@ class Executor:
         if venue is None:
             # Not a failure of the order: a worker that knows the venue can finish it.
             raise RuntimeError(f"order {order['id']} was routed to unknown venue {order.get('venue')!r}")
+        try:
+            least = request.token_out.to_base_units(Decimal(order["min_amount_out"]))
+        except (KeyError, ArithmeticError, ValueError) as exc:
+            # Not a failure of the order either: its transaction may be out.
+            raise RuntimeError(f"order {order['id']} has no usable min_amount_out ({exc!r})") from None
         tx = SwapTx.build(
             order_id=order["id"],
             venue=venue.name,
-            token_in=request.token_in,
-            token_out=request.token_out,
-            amount_in=request.amount,
-            min_amount_out=float(order["min_amount_out"]),
+            token_in=request.token_in.symbol,
+            token_out=request.token_out.symbol,
+            amount_in=request.amount_in,
+            min_amount_out=least,
         )
         return tx, venue
 
@@ -793,13 +800,14 @@ class Executor:
                 status = None
             if status is not None:
                 if status.state is TxState.CONFIRMED:
-                    assert status.amount_out is not None and status.execution_price is not None
+                    assert status.amount_out is not None
+                    sold, bought = amounts.token(tx.token_in), amounts.token(tx.token_out)
                     return await self._advance(
                         order,
                         CONFIRMED,
                         tx_hash=tx.tx_hash,
-                        execution_price=status.execution_price,
-                        amount_out=status.amount_out,
+                        execution_price=amounts.price(tx.amount_in, sold, status.amount_out, bought),
+                        amount_out=bought.from_base_units(status.amount_out),
                         venue=venue.name,
                     )
                 if status.state is TxState.REVERTED:
@@ -821,11 +829,13 @@ class Executor:
 
     @staticmethod
     def _revert_reason(order: Mapping[str, str], status: TxStatus) -> str:
-        if status.reason == SLIPPAGE and status.execution_price is not None:
+        if status.reason == SLIPPAGE and status.amount_out is not None:
             request = OrderRequest.from_order(order)
-            quoted = float(order["quoted_price"])
-            moved = (quoted - status.execution_price) / quoted
-            return slippage_reason(moved, request.max_slippage)
+            would_pay = amounts.price(
+                request.amount_in, request.token_in, status.amount_out, request.token_out
+            )
+            quoted = Decimal(order["quoted_price"])
+            return slippage_reason((quoted - would_pay) / quoted, request.max_slippage)
         return f"Transaction reverted: {status.reason or 'no reason given'}"
 
     async def _may_fail(self, order: Mapping[str, str]) -> bool:
@@ -862,7 +872,7 @@ class Executor:
             details = "".join(f" {k}={v}" for k, v in fields.items() if v is not None)
             logger.info("order %s: %s -> %s%s", order_id, order["status"], status, details)
             updated = dict(order, status=status)
-            updated.update({k: _stored(v) for k, v in fields.items() if v is not None})
+            updated.update({k: stored_field(v) for k, v in fields.items() if v is not None})
             return updated
         current = await self._load(order_id)
         if current["status"] == order["status"]:

@@ -26,6 +26,9 @@ Faults, each tested against a real Redis (tests/test_pipelined.py):
 - A caller is cancelled or times out: its reply is still read, and dropped.
 - Error replies raise what redis-py raises for them (``NoScriptError``,
   ``BusyLoadingError``...), and ``evalsha`` loads its script on NOSCRIPT.
+- A caller that passes an ``Unanswered`` learns, when its call fails, whether Redis
+  may have executed the command anyway: a command written to a connection that was
+  lost or stalled before its reply may or may not have run.
 """
 
 from __future__ import annotations
@@ -56,13 +59,25 @@ class Script:
         self.sha = hashlib.sha1(text.encode()).hexdigest()
 
 
+class Unanswered:
+    """Sends of one logical command (``evalsha`` may send it twice) still waiting for
+    their reply. When the call fails, ``count > 0`` means Redis may have executed the
+    command: its outcome is unknown, not a failure. Not thread-safe; one per call."""
+
+    __slots__ = ("count",)
+
+    def __init__(self) -> None:
+        self.count = 0
+
+
 class _Connection(asyncio.Protocol):
     """One socket: commands written as they come, replies matched in order."""
 
     def __init__(self, owner: PipelinedRedis) -> None:
         self._owner = owner
         self._reader = hiredis.Reader(encoding="utf-8")  # str replies, like decode_responses
-        self._waiting: deque[asyncio.Future[Any]] = deque()
+        # A future per command written, in order, and the caller's Unanswered if any.
+        self._waiting: deque[tuple[asyncio.Future[Any], Unanswered | None]] = deque()
         self._replies = 0
         self._watchdog: asyncio.TimerHandle | None = None
         self.transport: asyncio.Transport | None = None
@@ -72,16 +87,19 @@ class _Connection(asyncio.Protocol):
         # uvloop's transports are not asyncio.Transport subclasses, only alike.
         self.transport = cast(asyncio.Transport, transport)
 
-    def send(self, args: Sequence[Arg]) -> asyncio.Future[Any]:
-        """Write one command; the future resolves with its reply."""
+    def send(self, args: Sequence[Arg], unanswered: Unanswered | None = None) -> asyncio.Future[Any]:
+        """Write one command; the future resolves with its reply. ``unanswered``
+        counts it from now until its reply arrives."""
         if self.lost or self.transport is None:
             raise RedisConnectionError("the Redis connection is closed")
         # Packed first: an argument it refuses must not leave a future in the queue
         # with no command sent for it, or every later reply would go to the wrong caller.
         packed = hiredis.pack_command(tuple(args))  # type: ignore[arg-type]
         future = asyncio.get_running_loop().create_future()
-        self._waiting.append(future)
+        self._waiting.append((future, unanswered))
         self.transport.write(packed)
+        if unanswered is not None:
+            unanswered.count += 1
         if self._watchdog is None:
             self._arm_watchdog()
         return future
@@ -101,7 +119,9 @@ class _Connection(asyncio.Protocol):
                 self.abort("a reply to no command")
                 return
             self._replies += 1
-            future = self._waiting.popleft()
+            future, unanswered = self._waiting.popleft()
+            if unanswered is not None:
+                unanswered.count -= 1
             if future.done():  # its caller gave up; the reply is dropped
                 continue
             if isinstance(reply, hiredis.ReplyError):
@@ -117,7 +137,7 @@ class _Connection(asyncio.Protocol):
             self._watchdog = None
         why = f"the Redis connection was lost: {exc or 'closed'}"
         while self._waiting:
-            future = self._waiting.popleft()
+            future, _unanswered = self._waiting.popleft()  # stays counted: fate unknown
             if not future.done():  # one exception each: a raise adds to its traceback
                 future.set_exception(RedisConnectionError(why))
         self._owner._forget(self)
@@ -193,14 +213,20 @@ class PipelinedRedis:
     def address(self) -> str:
         return self.path or f"{self.host}:{self.port}"
 
-    async def execute(self, *args: Arg) -> Any:
+    async def execute(self, *args: Arg, unanswered: Unanswered | None = None) -> Any:
         """Send one command and return its reply (decoded to str)."""
         connection = self._connection
         if connection is None or connection.lost:
             connection = await self._connected()
-        return await connection.send(args)
+        return await connection.send(args, unanswered)
 
-    async def evalsha(self, script: Script, keys: Sequence[Arg], args: Sequence[Arg]) -> Any:
+    async def evalsha(
+        self,
+        script: Script,
+        keys: Sequence[Arg],
+        args: Sequence[Arg],
+        unanswered: Unanswered | None = None,
+    ) -> Any:
         """Run ``script`` (loading it first if Redis does not have it).
 
         Sent at most twice: once more after a lost connection, so a script must be
@@ -208,14 +234,14 @@ class PipelinedRedis:
         command = ("EVALSHA", script.sha, len(keys), *keys, *args)
         try:
             try:
-                return await self.execute(*command)
+                return await self.execute(*command, unanswered=unanswered)
             except RedisConnectionError:
                 if self._closed:
                     raise
-                return await self.execute(*command)
+                return await self.execute(*command, unanswered=unanswered)
         except NoScriptError:
             await self.execute("SCRIPT", "LOAD", script.text)
-            return await self.execute(*command)
+            return await self.execute(*command, unanswered=unanswered)
 
     async def _connected(self) -> _Connection:
         if self._closed:

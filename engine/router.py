@@ -37,13 +37,14 @@ class Router:
         self.timeout_secs = timeout_secs
 
     async def quotes(
-        self, token_in: str, token_out: str, amount: float
+        self, token_in: str, token_out: str, amount_in: int
     ) -> tuple[list[Quote], dict[str, BaseException]]:
-        """Every venue's quote, and every venue's error, by venue name."""
+        """Every venue's quote for ``amount_in`` base units of ``token_in``, and every
+        venue's error, by venue name."""
         names = list(self.venues)
         results = await asyncio.gather(
             *(
-                asyncio.wait_for(self.venues[name].quote(token_in, token_out, amount), self.timeout_secs)
+                asyncio.wait_for(self.venues[name].quote(token_in, token_out, amount_in), self.timeout_secs)
                 for name in names
             ),
             return_exceptions=True,
@@ -64,14 +65,16 @@ class Router:
                 errors[name] = result
         return quotes, errors
 
-    async def best_quote(self, token_in: str, token_out: str, amount: float) -> Quote:
-        """The quote with the most token_out, net of fees and price impact.
+    async def best_quote(self, token_in: str, token_out: str, amount_in: int) -> Quote:
+        """The quote with the most token_out for ``amount_in`` base units of
+        ``token_in``, net of fees and price impact (amounts are exact integers, so
+        "most" is exact too).
 
         Raises TransientVenueError when no venue answered and at least one might next
         time, and RejectedSwapError (UnsupportedPairError when no venue has the pair)
         when every venue refused the swap for good.
         """
-        quotes, errors = await self.quotes(token_in, token_out, amount)
+        quotes, errors = await self.quotes(token_in, token_out, amount_in)
         for name, error in errors.items():
             if not isinstance(error, VenueError):
                 # A bug in an adapter must not stop trading on the other venues.
@@ -80,8 +83,8 @@ class Router:
             # Ties go to the first venue by name, so routing is deterministic.
             best = max(sorted(quotes, key=lambda q: q.venue), key=lambda q: q.amount_out)
             logger.debug(
-                "routed %s %s->%s to %s (%s)",
-                amount,
+                "routed %s base units %s->%s to %s (%s)",
+                amount_in,
                 token_in,
                 token_out,
                 best.venue,

@@ -7,13 +7,18 @@ and ``GET /api/schemas/{name}`` serves them unchanged to integrators.
 Two validators are compiled from the same files. ``jsonschema_rs`` (Rust) answers
 "valid or not" in about 1 us where ``jsonschema`` takes about 180 us for an order
 request; ``jsonschema`` then explains an invalid document field by field. A
-differential test keeps the two in agreement.
+differential test keeps the two in agreement. Both compare numbers exactly: the
+documents validated hold ``Decimal`` numbers (engine.strict_json), ``jsonschema_rs``
+compares those with arbitrary precision, and ``jsonschema`` is given the schema
+files with their numbers as ``Decimal`` too (a float bound like ``0.01`` is
+0.01000000000000000020816..., which the exact ``Decimal("0.01")`` is below).
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +28,7 @@ from jsonschema.exceptions import ValidationError
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
+from engine import strict_json
 from engine.config import PROJECT_ROOT
 
 SCHEMA_DIR = PROJECT_ROOT / "schemas"
@@ -37,17 +43,18 @@ class Schemas:
         for path in sorted(directory.glob("*.json")):
             self.raw[path.stem] = path.read_bytes()
             documents[path.stem] = json.loads(self.raw[path.stem])
+        exact = {name: json.loads(raw, parse_float=Decimal) for name, raw in self.raw.items()}
         registry: Registry[Any] = Registry().with_resources(
             (doc["$id"], Resource.from_contents(doc, default_specification=DRAFT202012))
-            for doc in documents.values()
+            for doc in exact.values()
         )
         self.documents = documents
         self.validators = {}
         self._fast: dict[str, Callable[[Any], bool]] = {}
         fast_registry = jsonschema_rs.Registry([(d["$id"], d) for d in documents.values()])
         for name, doc in documents.items():
-            Draft202012Validator.check_schema(doc)
-            self.validators[name] = Draft202012Validator(doc, registry=registry)
+            Draft202012Validator.check_schema(exact[name])
+            self.validators[name] = Draft202012Validator(exact[name], registry=registry)
             self._fast[name] = jsonschema_rs.validator_for(doc, registry=fast_registry).is_valid
 
     def is_valid(self, name: str, instance: Any) -> bool:
@@ -107,7 +114,7 @@ def _describe(error: ValidationError) -> list[dict[str, str]]:
         return [{"field": field, "message": _range_message(schema)}]
     if kind in ("enum", "const"):
         allowed = error.validator_value if kind == "enum" else [error.validator_value]
-        what = f"{instance!r}" if isinstance(instance, str) else json.dumps(instance)
+        what = _shown(instance)
         return [
             {
                 "field": field,
@@ -118,6 +125,19 @@ def _describe(error: ValidationError) -> list[dict[str, str]]:
     if kind == "not" and not field:
         return [{"field": "token_out", "message": "must be different from token_in"}]
     return [{"field": field, "message": error.message}]
+
+
+def _shown(value: Any) -> str:
+    """A client's value, quoted in a message: short, and never a lone surrogate."""
+    if isinstance(value, str):
+        text = repr(value)  # escapes control characters and surrogates as \x.. or \ud800
+    elif isinstance(value, Decimal):
+        text = str(value)  # 1E+999999, not a million digits
+    elif isinstance(value, (list, dict)):
+        text = "an array" if isinstance(value, list) else "an object"  # of any depth
+    else:
+        text = strict_json.dumps_text(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _range_message(schema: dict[str, Any]) -> str:

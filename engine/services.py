@@ -2,18 +2,28 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import logging
 from typing import Any
 
 from redis.asyncio import Redis
 
 from engine.config import Config
-from engine.connections import connect, connect_pipelined
+from engine.connections import REDIS_DOWN_ERRORS, connect, connect_pipelined, raise_if_cancelled
 from engine.pipelined import PipelinedRedis
 from engine.metrics import Metrics
 from engine.schemas import Schemas
 from engine.store import OrderStore
 from engine.updates import StatusHub
+
+logger = logging.getLogger(__name__)
+
+# How often a web process measures Redis's clock (engine.store.RedisClock, for the
+# create script's deadline): clocks drift by parts per million, so once a minute is
+# plenty; after a failed or too slow sample, again after a second.
+CLOCK_SYNC_SECS = 60.0
+CLOCK_RETRY_SECS = 1.0
 
 
 @dataclasses.dataclass
@@ -30,6 +40,7 @@ class Services:
     # The open status WebSockets (handlers.status.OrderStatusSocket), so that a
     # shutdown can close them with 1001 rather than drop them.
     open_sockets: set[Any] = dataclasses.field(default_factory=set)
+    _clock_task: asyncio.Task[None] | None = None
 
     @classmethod
     def create(cls, config: Config, redis_url: str, schemas: Schemas | None = None) -> Services:
@@ -49,7 +60,29 @@ class Services:
             metrics=Metrics(),
         )
 
+    def start(self) -> None:
+        """Start the background tasks: the status poller, and the clock sync."""
+        self.hub.start()
+        if self._clock_task is None:
+            self._clock_task = asyncio.create_task(self._keep_clock(), name="redis-clock")
+
+    async def _keep_clock(self) -> None:
+        while True:
+            try:
+                synced = await self.store.sync_clock()
+            except REDIS_DOWN_ERRORS as exc:
+                logger.debug("cannot read Redis's clock: %s", exc)
+                synced = False
+            # A cancel that lands inside redis-py can come out as an error, or not at
+            # all: without this check, close() would wait out the next sleep.
+            raise_if_cancelled()
+            await asyncio.sleep(CLOCK_SYNC_SECS if synced else CLOCK_RETRY_SECS)
+
     async def close(self) -> None:
+        if self._clock_task is not None:
+            self._clock_task.cancel()
+            await asyncio.gather(self._clock_task, return_exceptions=True)
+            self._clock_task = None
         await self.hub.stop()
         await self.redis.aclose()
         await self.poll_redis.aclose()

@@ -12,17 +12,21 @@ import dataclasses
 import functools
 import hashlib
 import json
+import logging
 import math
 import time
-from collections.abc import Collection, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from datetime import datetime, timezone
 from typing import Any, Literal, cast
 
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
-from engine import keys
+from engine import keys, strict_json
 from engine.config import Config
-from engine.pipelined import PipelinedRedis, Script
+from engine.pipelined import PipelinedRedis, Script, Unanswered
+
+logger = logging.getLogger(__name__)
 
 PENDING = "pending"
 ROUTING = "routing"
@@ -60,7 +64,10 @@ def _lua_allowed_table() -> str:
 # KEYS: order hash, order events, all events, orders stream, idempotency key (or any
 #       placeholder when there is none), status counters
 # ARGV: order id, event body (JSON object without seq), now, request JSON,
-#       request hash ("" = no idempotency key), idempotency TTL, events maxlen
+#       request hash ("" = no idempotency key), idempotency TTL, events maxlen,
+#       deadline: Redis TIME in microseconds after which nothing is created ("" = none)
+# The deadline is checked after the two "already done" answers, so a re-sent script
+# whose first run created the order still says so, however late it arrives.
 _CREATE_LUA = """
 if ARGV[5] ~= '' then
   local existing = redis.call('GET', KEYS[5])
@@ -76,6 +83,14 @@ end
 if redis.call('EXISTS', KEYS[1]) == 1 then
   -- A re-sent script whose first run succeeded.
   return {'created', ARGV[1]}
+end
+if ARGV[8] ~= '' then
+  local now = redis.call('TIME')
+  if tonumber(now[1]) * 1000000 + tonumber(now[2]) > tonumber(ARGV[8]) then
+    -- The request has been answered (or is about to be) without this order: a
+    -- late create must not make an order the client was told does not exist.
+    return {'expired', ARGV[1]}
+  end
 end
 local data = '{"seq":1,' .. string.sub(ARGV[2], 2)
 redis.call('HSET', KEYS[1], 'id', ARGV[1], 'status', 'pending', 'seq', 1,
@@ -143,16 +158,69 @@ class _StoreScript:
         self._piped = Script(text)
         self._registered = redis.register_script(text)
 
-    async def __call__(self, *, keys: list[str], args: list[str | int]) -> Any:
+    async def __call__(
+        self, *, keys: list[str], args: list[str | int], unanswered: Unanswered | None = None
+    ) -> Any:
         if self._pipe is not None:
-            return await self._pipe.evalsha(self._piped, keys, args)
-        return await self._registered(keys=keys, args=args)
+            return await self._pipe.evalsha(self._piped, keys, args, unanswered)
+        if unanswered is None:
+            return await self._registered(keys=keys, args=args)
+        # redis-py does not say whether it wrote the command (or re-sent it): counted
+        # as unanswered until a reply, an error reply included, comes back.
+        unanswered.count += 1
+        try:
+            result = await self._registered(keys=keys, args=args)
+        except ResponseError:
+            unanswered.count -= 1
+            raise
+        unanswered.count -= 1
+        return result
+
+
+class RedisClock:
+    """This process's view of Redis's clock (``TIME``), for deadlines that a script
+    checks against it: hosts' clocks may differ, Redis's is the one that decides.
+
+    ``offset_secs`` is Redis's time less this host's, measured over one round trip
+    (so within half of it); 0 until the first ``sync``.
+    """
+
+    # A sample over a slower round trip than this says too little; keep the last.
+    MAX_SAMPLE_RTT_SECS = 0.2
+    # Offsets beyond this are worth an operator's attention (NTP not running?).
+    WARN_OFFSET_SECS = 0.25
+
+    def __init__(self) -> None:
+        self.offset_secs = 0.0
+
+    async def sync(self, read_time: Callable[[], Awaitable[Sequence[int | str]]]) -> bool:
+        """Measure the offset with one TIME command (``read_time`` sends it and
+        returns its reply: seconds and microseconds); False if the sample was too
+        slow to use. Raises what the client raises when Redis is unreachable."""
+        sent = time.time()
+        seconds, micros = (int(part) for part in await read_time())
+        received = time.time()
+        if received - sent > self.MAX_SAMPLE_RTT_SECS:
+            return False
+        offset = seconds + micros / 1e6 - (sent + received) / 2
+        if abs(offset) > self.WARN_OFFSET_SECS and abs(self.offset_secs) <= self.WARN_OFFSET_SECS:
+            logger.warning("Redis's clock is %+.3f s from this host's; deadlines follow Redis's",
+                           offset)  # fmt: skip
+        self.offset_secs = offset
+        return True
+
+    def redis_micros(self, epoch: float) -> int:
+        """Local epoch seconds as Redis's TIME would read them, in microseconds."""
+        return int((epoch + self.offset_secs) * 1_000_000)
 
 
 @dataclasses.dataclass(frozen=True)
 class CreateResult:
+    """What the create script did. ``expired``: nothing was created, because the
+    script ran after the request's deadline (Redis was slow or stalled)."""
+
     order_id: str
-    outcome: Literal["created", "replayed", "conflict"]
+    outcome: Literal["created", "replayed", "conflict", "expired"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,12 +258,18 @@ def _utc_second(second: int) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
 
 
+def stored_field(value: Any) -> str:
+    """A value as the order hash stores it: text as it is, anything else as JSON
+    (a Decimal as its exact number)."""
+    return value if isinstance(value, str) else strict_json.dumps_text(value)
+
+
 def event_body(order_id: str, status: str, epoch: float, fields: Mapping[str, Any]) -> str:
     """A status message without its seq (the scripts add it, atomically)."""
     message: dict[str, Any] = {"order_id": order_id, "status": status}
     message.update(fields)
     message["timestamp"] = utc_timestamp(epoch)
-    return json.dumps(message, separators=(",", ":"), allow_nan=False)
+    return strict_json.dumps_text(message)
 
 
 class OrderStore:
@@ -209,23 +283,41 @@ class OrderStore:
     def __init__(self, redis: Redis, config: Config, pipe: PipelinedRedis | None = None) -> None:
         self.redis = redis
         self.config = config
+        self.clock = RedisClock()
+        self._pipe = pipe
         self._create = _StoreScript(redis, pipe, _CREATE_LUA)
         self._transition = _StoreScript(redis, pipe, _TRANSITION_LUA)
         self._record_tx = _StoreScript(redis, pipe, _RECORD_TX_LUA)
+
+    async def sync_clock(self) -> bool:
+        """Measure Redis's clock (RedisClock.sync) over the connection the create
+        script goes over; see RedisClock.sync for the answer and errors."""
+        pipe = self._pipe
+        if pipe is not None:
+            return await self.clock.sync(lambda: pipe.execute("TIME"))
+        return await self.clock.sync(self.redis.time)
 
     async def create(
         self,
         order_id: str,
         request: Mapping[str, Any],
         idempotency_key: str | None = None,
+        *,
+        deadline: float | None = None,
+        unanswered: Unanswered | None = None,
     ) -> CreateResult:
         """Store a new order, its ``pending`` event and its orders-stream entry at once.
 
-        With an idempotency key, an earlier order made with the same key is returned
-        instead (``replayed``), or ``conflict`` if its request differed.
+        ``request`` is stored in its canonical form (strict_json.canonical: exact
+        numbers, sorted keys). With an idempotency key, an earlier order made with
+        the same key is returned instead (``replayed``) if its request had the same
+        canonical form, else ``conflict``. With ``deadline`` (epoch seconds on this
+        host), a script that runs after it (on Redis's clock) creates nothing:
+        ``expired``. ``unanswered`` tells a caller whose call failed whether the
+        script may have run all the same (see engine.pipelined.Unanswered).
         """
         now = time.time()
-        request_json = json.dumps(request, separators=(",", ":"), sort_keys=True)
+        request_json = strict_json.canonical(request)
         request_hash = ""
         idem_key = keys.order(order_id)  # a placeholder the script does not touch
         if idempotency_key:
@@ -247,8 +339,9 @@ class OrderStore:
             request_hash,
             self.config.idempotency_ttl_secs,
             self.config.events_maxlen,
+            "" if deadline is None else self.clock.redis_micros(deadline),
         ]
-        outcome, oid = await self._create(keys=script_keys, args=script_args)
+        outcome, oid = await self._create(keys=script_keys, args=script_args, unanswered=unanswered)
         return CreateResult(order_id=oid, outcome=outcome)
 
     async def transition(
@@ -258,6 +351,7 @@ class OrderStore:
         *,
         only_from: Collection[str] = (),
         unless_recorded: str = "",
+        unanswered: Unanswered | None = None,
         **fields: Any,
     ) -> TransitionResult:
         """Move an order to ``status`` and publish the message, if the move is allowed
@@ -265,7 +359,7 @@ class OrderStore:
         ``unless_recorded``, if the order has no such field, e.g. no tx_hash yet).
 
         ``fields`` go both into the message and onto the order hash (``None`` values
-        are left out).
+        are left out). ``unanswered``: as for ``create``.
         """
         if status not in ALLOWED:
             raise ValueError(f"unknown status {status!r}")
@@ -273,7 +367,7 @@ class OrderStore:
         clean = {k: v for k, v in fields.items() if v is not None}
         pairs: list[Any] = []
         for name, value in clean.items():
-            pairs.extend((name, value if isinstance(value, str) else json.dumps(value)))
+            pairs.extend((name, stored_field(value)))
         applied, data = await self._transition(
             keys=[
                 keys.order(order_id),
@@ -291,6 +385,7 @@ class OrderStore:
                 unless_recorded,
                 *pairs,
             ],
+            unanswered=unanswered,
         )
         if applied:
             return TransitionResult(applied=True, current=status, event=data)

@@ -2,7 +2,8 @@
 
 A venue quotes a swap, accepts a signed transaction and answers "did it land?" for a
 tx_hash. A real adapter (an RPC client for a DEX) implements the same three calls;
-the executor and the router never look behind the ``Venue`` protocol.
+the executor and the router never look behind the ``Venue`` protocol. Every amount
+that crosses it is an integer in base units (engine.amounts), as on a chain.
 
 The simulated market has real mechanics rather than canned answers:
 
@@ -12,7 +13,8 @@ The simulated market has real mechanics rather than canned answers:
 * Each venue has a constant-product pool (x·y = k) per pair, re-derived from the
   reference prices at a given time, with its own fee, depth and a small deterministic
   offset from the reference price: the best venue changes over time, and price impact
-  grows with the size of the order.
+  grows with the size of the order. Swaps are computed in integer base units, as
+  Uniswap V2's ``getAmountOut`` does, rounded down.
 * Sent transactions are recorded in a ledger in Redis, keyed by tx_hash. Sending the
   same transaction twice records and executes it once. A transaction executes at its
   confirmation time, at that time's pool price: if the price moved beyond what the
@@ -32,11 +34,12 @@ import struct
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
+from decimal import Decimal
 from typing import Protocol, cast
 
 from redis.asyncio import Redis
 
-from engine import keys
+from engine import amounts, keys
 from engine.config import Config
 
 logger = logging.getLogger(__name__)
@@ -64,22 +67,26 @@ class UnsupportedPairError(RejectedSwapError):
 
 @dataclasses.dataclass(frozen=True)
 class Quote:
-    """What a venue would pay now for ``amount_in`` of ``token_in``."""
+    """What a venue would pay now for ``amount_in`` base units of ``token_in``."""
 
     venue: str
     token_in: str
     token_out: str
-    amount_in: float
-    # Net of the venue's fee and of the price impact of this size on the pool.
-    amount_out: float
-    fee: float  # fraction of amount_in kept by the pool
-    price_impact: float  # fraction lost to the pool's curve, against its mid price
+    amount_in: int  # base units of token_in
+    # Base units of token_out, net of the venue's fee and of the price impact of
+    # this size on the pool; at least 1 (a swap that pays nothing is refused).
+    amount_out: int
+    fee: Decimal  # fraction of amount_in kept by the pool
+    price_impact: Decimal  # fraction lost to the pool's curve, against its mid price
     quoted_at: float  # epoch seconds, on the venue's clock
 
     @property
-    def price(self) -> float:
-        """token_out per token_in, after fees and price impact."""
-        return self.amount_out / self.amount_in
+    def price(self) -> Decimal:
+        """token_out per token_in in whole tokens, after fees and price impact
+        (engine.amounts.price: 10 significant digits)."""
+        return amounts.price(
+            self.amount_in, amounts.token(self.token_in), self.amount_out, amounts.token(self.token_out)
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,9 +98,9 @@ class SwapTx:
     venue: str
     token_in: str
     token_out: str
-    amount_in: float
-    # The transaction reverts rather than pay less than this.
-    min_amount_out: float
+    amount_in: int  # base units of token_in
+    # Base units of token_out: the transaction reverts rather than pay less.
+    min_amount_out: int
 
     @classmethod
     def build(
@@ -102,8 +109,8 @@ class SwapTx:
         venue: str,
         token_in: str,
         token_out: str,
-        amount_in: float,
-        min_amount_out: float,
+        amount_in: int,
+        min_amount_out: int,
     ) -> SwapTx:
         """The transaction for an order; the same inputs always give the same tx_hash."""
         return cls(
@@ -122,17 +129,17 @@ def tx_hash_for(
     venue: str,
     token_in: str,
     token_out: str,
-    amount_in: float,
-    min_amount_out: float,
+    amount_in: int,
+    min_amount_out: int,
 ) -> str:
-    """``0x`` + 64 lowercase hex digits, deterministic in the transaction's content.
+    """``0x`` + 64 lowercase hex digits, deterministic in the transaction's content
+    (amounts in base units).
 
     Deterministic so that a worker resuming an order after a crash rebuilds the very
     transaction the first worker may already have sent, and the ledger dedupes it.
     """
-    # repr() round-trips floats exactly, so the hash does not depend on formatting.
     material = "|".join(
-        ("swap-v1", order_id, venue, token_in, token_out, repr(amount_in), repr(min_amount_out))
+        ("swap-v2", order_id, venue, token_in, token_out, str(amount_in), str(min_amount_out))
     )
     return "0x" + hashlib.sha256(material.encode()).hexdigest()
 
@@ -149,10 +156,10 @@ class TxStatus:
     """What a venue knows about a transaction."""
 
     state: TxState
-    # CONFIRMED: what was received. REVERTED for slippage: what the swap would have
-    # paid at execution time (so the caller can say by how much the price moved).
-    amount_out: float | None = None
-    execution_price: float | None = None
+    # Base units of token_out. CONFIRMED: what was received. REVERTED for slippage:
+    # what the swap would have paid when it executed (so the caller can say by how
+    # much the price moved).
+    amount_out: int | None = None
     # REVERTED: a short machine-readable cause, e.g. SLIPPAGE.
     reason: str | None = None
 
@@ -166,8 +173,10 @@ class Venue(Protocol):
     @property
     def name(self) -> str: ...
 
-    async def quote(self, token_in: str, token_out: str, amount: float) -> Quote:
-        """Raise TransientVenueError, or RejectedSwapError for a swap it cannot do."""
+    async def quote(self, token_in: str, token_out: str, amount_in: int) -> Quote:
+        """A quote for ``amount_in`` base units of ``token_in``. Raise
+        TransientVenueError, or RejectedSwapError for a swap it cannot do (one that
+        would pay less than one base unit of ``token_out`` included)."""
         ...
 
     async def send(self, tx: SwapTx) -> str:
@@ -288,23 +297,36 @@ METEORA = VenueProfile(
 DEFAULT_PROFILES = (RAYDIUM, METEORA)
 
 
+# Fees are whole parts per million of the input, so a swap is integer arithmetic.
+FEE_DENOMINATOR = 1_000_000
+
+
 @dataclasses.dataclass(frozen=True)
 class Pool:
-    """A constant-product pool, seen from the side of one swap direction."""
+    """A constant-product pool, seen from the side of one swap direction; reserves
+    in base units, the fee in parts per million of the input."""
 
-    reserve_in: float
-    reserve_out: float
-    fee: float
+    reserve_in: int
+    reserve_out: int
+    fee_ppm: int
 
     @property
-    def mid_price(self) -> float:
-        """token_out per token_in for an infinitesimal trade, before fees."""
-        return self.reserve_out / self.reserve_in
+    def fee(self) -> Decimal:
+        """The fee as a fraction of the input."""
+        return Decimal(self.fee_ppm) / FEE_DENOMINATOR
 
-    def amount_out(self, amount_in: float) -> float:
-        """x·y = k: what ``amount_in`` buys, after the fee."""
-        effective = amount_in * (1.0 - self.fee)
-        return self.reserve_out * effective / (self.reserve_in + effective)
+    def amount_out(self, amount_in: int) -> int:
+        """x·y = k: what ``amount_in`` base units buy after the fee, rounded down,
+        exactly as Uniswap V2's ``UniswapV2Library.getAmountOut`` computes it (with
+        the fee in ppm instead of per mille)."""
+        with_fee = amount_in * (FEE_DENOMINATOR - self.fee_ppm)
+        return with_fee * self.reserve_out // (self.reserve_in * FEE_DENOMINATOR + with_fee)
+
+    def price_impact(self, amount_in: int, amount_out: int) -> Decimal:
+        """The fraction of the fee-less mid-price output lost to the curve."""
+        no_impact = amount_in * (FEE_DENOMINATOR - self.fee_ppm) * self.reserve_out
+        lost = no_impact - amount_out * FEE_DENOMINATOR * self.reserve_in
+        return Decimal(lost) / Decimal(no_impact)
 
 
 class ManualClock:
@@ -394,11 +416,15 @@ class SimulatedMarket:
         offset = max_offset * (2.0 * u_offset - 1.0)
         fee = (profile.stable_fee if stable else profile.fee) + profile.dynamic_fee_max * u_fee
         depth = PAIR_DEPTH_USD[key] * profile.depth_factor
-        reserve_a = depth / self.reference_price(key[0], at)
-        reserve_b = depth / self.reference_price(key[1], at) * (1.0 + offset)
+        # Reserves in base units (the walk is in floats; the pool itself is exact).
+        reserve_a = int(depth / self.reference_price(key[0], at) * 10 ** amounts.token(key[0]).decimals)
+        reserve_b = int(
+            depth / self.reference_price(key[1], at) * (1.0 + offset) * 10 ** amounts.token(key[1]).decimals
+        )
+        fee_ppm = round(fee * FEE_DENOMINATOR)
         if token_in == key[0]:
-            return Pool(reserve_in=reserve_a, reserve_out=reserve_b, fee=fee)
-        return Pool(reserve_in=reserve_b, reserve_out=reserve_a, fee=fee)
+            return Pool(reserve_in=reserve_a, reserve_out=reserve_b, fee_ppm=fee_ppm)
+        return Pool(reserve_in=reserve_b, reserve_out=reserve_a, fee_ppm=fee_ppm)
 
     def _increment(self, token: str, bucket: int) -> int:
         """One step of the walk, in _LOG_UNITs (before the volatility multiplier)."""
@@ -471,11 +497,6 @@ return 1
 """
 
 
-def _round_sig(value: float, digits: int = 10) -> float:
-    """Round to significant digits: messages read 220.45, not 220.45000000000002."""
-    return float(f"{value:.{digits}g}")
-
-
 class SimulatedVenue:
     """A simulated DEX: pools from a SimulatedMarket, transactions in a Redis ledger."""
 
@@ -506,24 +527,27 @@ class SimulatedVenue:
     def name(self) -> str:
         return self.profile.name
 
-    async def quote(self, token_in: str, token_out: str, amount: float) -> Quote:
+    async def quote(self, token_in: str, token_out: str, amount_in: int) -> Quote:
         await self._network("quote")
-        if not (math.isfinite(amount) and amount > 0):
-            raise RejectedSwapError(f"amount must be a positive number, not {amount!r}")
+        if isinstance(amount_in, bool) or not isinstance(amount_in, int) or amount_in <= 0:
+            raise RejectedSwapError(f"amount_in must be a positive number of base units, not {amount_in!r}")
         at = self.market.now()
         pool = self.market.pool(self.profile, token_in, token_out, at)
-        amount_out = pool.amount_out(amount)
-        if not amount_out > 0 or not math.isfinite(amount_out):
-            raise RejectedSwapError(f"{amount} {token_in} is too small to swap")
-        no_impact = amount * (1.0 - pool.fee) * pool.mid_price
+        amount_out = pool.amount_out(amount_in)
+        if amount_out <= 0:
+            sold, bought = amounts.token(token_in), amounts.token(token_out)
+            raise RejectedSwapError(
+                f"{sold.from_base_units(amount_in)} {token_in} would buy less than the smallest "
+                f"unit of {token_out} ({bought.unit:f}): too small to swap"
+            )
         return Quote(
             venue=self.name,
             token_in=token_in,
             token_out=token_out,
-            amount_in=amount,
-            amount_out=_round_sig(amount_out),
+            amount_in=amount_in,
+            amount_out=amount_out,
             fee=pool.fee,
-            price_impact=1.0 - amount_out / no_impact,
+            price_impact=pool.price_impact(amount_in, amount_out),
             quoted_at=at,
         )
 
@@ -542,8 +566,8 @@ class SimulatedVenue:
             "venue": tx.venue,
             "token_in": tx.token_in,
             "token_out": tx.token_out,
-            "amount_in": repr(tx.amount_in),
-            "min_amount_out": repr(tx.min_amount_out),
+            "amount_in": str(tx.amount_in),
+            "min_amount_out": str(tx.min_amount_out),
             "sent_at": repr(sent_at),
             "confirm_at": repr(confirm_at),
             "state": TxState.PENDING.value,
@@ -587,13 +611,12 @@ class SimulatedVenue:
 
     def _execute(self, record: Mapping[str, str], at: float) -> dict[str, str]:
         """Run the swap on the pool as it is at ``at``: the outcome to record."""
-        amount_in = float(record["amount_in"])
+        amount_in = int(record["amount_in"])
         pool = self.market.pool(self.profile, record["token_in"], record["token_out"], at)
-        amount_out = _round_sig(pool.amount_out(amount_in))
+        amount_out = pool.amount_out(amount_in)
         state = TxState.CONFIRMED
-        outcome = {"amount_out": repr(amount_out), "executed_at": repr(at)}
-        outcome["execution_price"] = repr(_round_sig(amount_out / amount_in))
-        if amount_out < float(record["min_amount_out"]):
+        outcome = {"amount_out": str(amount_out), "executed_at": repr(at)}
+        if amount_out < int(record["min_amount_out"]):
             state = TxState.REVERTED
             outcome["reason"] = SLIPPAGE
         outcome["state"] = state.value
@@ -616,12 +639,7 @@ def _status_from_record(record: Mapping[str, str]) -> TxStatus:
     state = TxState(record["state"])
     if state is TxState.PENDING:
         return TxStatus(state)
-    return TxStatus(
-        state,
-        amount_out=float(record["amount_out"]),
-        execution_price=float(record["execution_price"]),
-        reason=record.get("reason"),
-    )
+    return TxStatus(state, amount_out=int(record["amount_out"]), reason=record.get("reason"))
 
 
 def make_simulated_venues(

@@ -3,26 +3,31 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import urlparse
 
+from tornado.httputil import HTTPServerRequest
 from tornado.log import access_log
 from tornado.web import HTTPError, RequestHandler
 
+from engine import strict_json
+from engine.config import Config
 from engine.connections import REDIS_DOWN_ERRORS
+from engine.pipelined import Unanswered
 from engine.services import Services
 
 from typing_extensions import override
 
-__all__ = ["APIError", "APIHandler", "JSONErrors", "NotFoundHandler", "override"]
+__all__ = ["APIError", "APIHandler", "JSONErrors", "NotFoundHandler", "origin_allowed", "override"]
 
 logger = logging.getLogger(__name__)
 
 # Error codes for the statuses Tornado raises by itself (unknown path, bad method...).
 _DEFAULT_CODES = {
     400: "bad_request",
+    403: "forbidden",
     404: "not_found",
     405: "method_not_allowed",
     413: "body_too_large",
@@ -70,20 +75,27 @@ class JSONErrors(RequestHandler):
             body = {"error": code, "message": message}
         self.set_header("Content-Type", "application/json")
         if status_code == 503:
+            # Only a 503 invites a retry: it means nothing was done. A 504 (outcome
+            # unknown) must not, or a naive client would place the order twice.
             self.set_header("Retry-After", "1")
         if status_code == 405:
             self.set_header("Allow", ", ".join(self.allowed_methods()))
-        self.finish(json.dumps(body, separators=(",", ":")))
+        self.finish(strict_json.dumps(body))
 
     @classmethod
     def allowed_methods(cls) -> list[str]:
-        """The methods this handler implements (for a 405's Allow header)."""
-        return [
+        """The methods this handler implements (for a 405's Allow header): HEAD with
+        GET (RFC 9110 section 9.3.2), never OPTIONS (answered only as a CORS
+        preflight)."""
+        implemented = {
             method
             for method in cls.SUPPORTED_METHODS
-            if method != "OPTIONS"  # answered only as a CORS preflight
+            if method not in ("OPTIONS", "HEAD")
             and getattr(cls, method.lower()) is not getattr(RequestHandler, method.lower())
-        ]
+        }
+        if "GET" in implemented:
+            implemented.add("HEAD")
+        return [method for method in cls.SUPPORTED_METHODS if method in implemented]
 
 
 # CORS, for browser pages on an origin listed in ALLOWED_ORIGINS (no other origin
@@ -92,6 +104,24 @@ class JSONErrors(RequestHandler):
 CORS_ALLOW_HEADERS = "Content-Type, Idempotency-Key"
 CORS_EXPOSE_HEADERS = "Location, Idempotent-Replayed, Retry-After"
 CORS_MAX_AGE_SECS = 600
+
+# Methods that change state: from a browser page on a foreign origin they are
+# refused (403), since a "simple" cross-site POST needs no CORS preflight and the
+# browser would deliver it with the visitor's network position.
+STATE_CHANGING_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+# Header fields that a request may carry once (RFC 9110 section 5.3: Tornado joins
+# repeated lines with a comma, so a repeat would be read as one odd value). Host is
+# one too (RFC 9112 section 3.2), refused by Tornado itself (handlers/http1.py
+# answers that in JSON).
+SINGLETON_HEADERS = ("Content-Type", "Origin")
+
+
+def origin_allowed(origin: str, request: HTTPServerRequest, config: Config) -> bool:
+    """Whether a browser page at ``origin`` may act on this service: its own origin
+    (the request's Host, any scheme), or one listed in ALLOWED_ORIGINS."""
+    if origin.rstrip("/").lower() in config.allowed_origins:
+        return True
+    return urlparse(origin).netloc.lower() == request.host.lower()
 
 
 class APIHandler(JSONErrors):
@@ -112,6 +142,36 @@ class APIHandler(JSONErrors):
         # Tornado's __init__, initialize() has not run yet.
         if hasattr(self, "services"):
             self._set_cors_headers()
+
+    @override
+    def prepare(self) -> None:
+        """Refuse a repeated singleton header (400) and a state-changing request
+        from a browser page on a foreign origin (403), before anything else."""
+        headers = self.request.headers
+        for name in SINGLETON_HEADERS:
+            if len(headers.get_list(name)) > 1:
+                raise APIError(400, "bad_request", f"the {name} header must be sent once")
+        origin = headers.get("Origin")
+        if (
+            origin is not None
+            and self.request.method in STATE_CHANGING_METHODS
+            and not origin_allowed(origin, self.request, self.services.config)
+        ):
+            raise APIError(
+                403,
+                "origin_not_allowed",
+                f"requests from pages at {origin[:100]} may not change orders; "
+                "an operator can allow an origin with ALLOWED_ORIGINS",
+            )
+
+    async def head(self, *args: str, **kwargs: str) -> None:
+        """HEAD of a GET resource: the GET answer's status and headers, no body
+        (RFC 9110 section 9.3.2; Tornado drops the body of a HEAD answer)."""
+        if "GET" not in self.allowed_methods():
+            raise HTTPError(405)
+        result = self.get(*args, **kwargs)
+        if result is not None:
+            await result
 
     def _cors_origin(self) -> str | None:
         origin = self.request.headers.get("Origin")
@@ -140,8 +200,10 @@ class APIHandler(JSONErrors):
         self.finish()
 
     def write_json(self, body: Any, status: int = 200) -> None:
+        """Finish with ``body`` as JSON (engine.strict_json.dumps: exact numbers,
+        valid UTF-8 whatever the data)."""
         self.set_status(status)
-        self.finish(json.dumps(body, separators=(",", ":")))
+        self.finish(strict_json.dumps(body))
 
     @override
     def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
@@ -151,23 +213,41 @@ class APIHandler(JSONErrors):
             return
         super().log_exception(typ, value, tb)
 
-    def redis_guard(self) -> RedisGuard:
+    def redis_guard(
+        self,
+        unanswered: Unanswered | None = None,
+        order_id: str | None = None,
+        unknown_message: str = "",
+    ) -> RedisGuard:
         """``async with self.redis_guard():`` turns an unreachable or stalled Redis into
-        a prompt 503 (never a hang or a 500)."""
-        return RedisGuard(self)
+        a prompt 503 (never a hang or a 500). For a write, pass its ``unanswered``: if
+        Redis may have executed it, the answer is 504 ``outcome_unknown`` (naming
+        ``order_id``, saying ``unknown_message``) instead, never a "nothing was
+        done" 503."""
+        return RedisGuard(self, unanswered, order_id, unknown_message or OUTCOME_UNKNOWN_MESSAGE)
 
 
 class RedisGuard:
-    """The Redis calls of one request, bounded by REDIS_TIMEOUT_SECS in all; a Redis
-    error or the timeout becomes a 503. A class rather than an asynccontextmanager:
-    it is on every request's path, and a generator costs more to run (see
-    docs/benchmarks.md)."""
+    """The Redis calls of one request, bounded by REDIS_TIMEOUT_SECS in all. A Redis
+    error or the timeout becomes a 503 when nothing was done, or a 504 when a write
+    was sent and its reply never came (invariant 6: a retryable error means nothing
+    happened). A class rather than an asynccontextmanager: it is on every request's
+    path, and a generator costs more to run (see docs/benchmarks.md)."""
 
-    __slots__ = ("_handler", "_timeout")
+    __slots__ = ("_handler", "_timeout", "_unanswered", "_order_id", "_unknown_message")
 
-    def __init__(self, handler: APIHandler) -> None:
+    def __init__(
+        self,
+        handler: APIHandler,
+        unanswered: Unanswered | None,
+        order_id: str | None,
+        unknown_message: str,
+    ) -> None:
         self._handler = handler
         self._timeout = asyncio.timeout(handler.services.config.redis_timeout_secs)
+        self._unanswered = unanswered
+        self._order_id = order_id
+        self._unknown_message = unknown_message
 
     async def __aenter__(self) -> None:
         await self._timeout.__aenter__()
@@ -179,10 +259,24 @@ class RedisGuard:
             exc = expired
         if isinstance(exc, (*REDIS_DOWN_ERRORS, TimeoutError)):
             request = self._handler.request
+            if self._unanswered is not None and self._unanswered.count > 0:
+                logger.warning("%s %s: Redis did not answer a write (order %s): %s",
+                               request.method, request.path, self._order_id, exc or "timed out")
+                raise APIError(504, "outcome_unknown", self._unknown_message,
+                               order_id=self._order_id) from None  # fmt: skip
             logger.warning("%s %s: Redis unavailable: %s", request.method, request.path, exc)
             raise APIError(
-                503, "unavailable", "the order store is unavailable; retry shortly"
+                503, "unavailable", "the order store is unavailable; nothing was done: retry shortly"
             ) from None
+
+
+OUTCOME_UNKNOWN_MESSAGE = (
+    "the order store did not answer in time after the order was sent to it, so the "
+    "order may or may not exist. Retry with the same Idempotency-Key (safe: it returns "
+    "the order if it exists, else creates it once), or GET /api/orders/{order_id}: "
+    "from now on a 404 there means it does not exist and never will. Without an "
+    "Idempotency-Key, a blind retry may create a second order."
+)
 
 
 def request_logger(services: Services) -> Callable[[RequestHandler], None]:

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import re
+import time
 import uuid
+from decimal import Decimal
 from typing import Any
 
 from tornado.httputil import HTTPMessageDelegate, HTTPServerRequest
 from tornado.routing import Router
 from tornado.web import Application, stream_request_body
 
-from engine import strict_json
+from engine import amounts, strict_json
+from engine.pipelined import Unanswered
 from engine.services import Services
 from engine.store import (
     BUILDING,
@@ -30,8 +32,17 @@ logger = logging.getLogger(__name__)
 # A request body larger than this is refused with 413 before it is read in full:
 # a valid order is well under 200 bytes.
 MAX_BODY_BYTES = 16 * 1024
-# Idempotency keys: printable ASCII, as an HTTP header value can carry it.
-_IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
+# Idempotency keys: 1-255 printable ASCII characters, sent bare (``K``) or as a
+# Structured Field string (``"K"``, as draft-ietf-httpapi-idempotency-key-header
+# writes it), which is the same key. A bare key may not hold a comma or a quote: a
+# proxy may join two header lines into one with a comma (RFC 9110 section 5.3), and
+# Tornado does, so ``K,K`` could be two keys.
+_BARE_KEY = re.compile(r"[\x21\x23-\x2b\x2d-\x7e]{1,255}")
+_QUOTED_KEY = re.compile(r'"((?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\["\\])*)"')
+# The create script refuses to run this long before the request's Redis timeout
+# (on Redis's clock): by the time the client is told "unknown" (504), a create still
+# queued in a stalled Redis can no longer run, so a 404 for the order is final.
+CREATE_DEADLINE_MARGIN_SECS = 0.5
 ORDER_ID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 
 
@@ -83,6 +94,33 @@ class ExecuteOrderRouter(Router):
         return self.application.get_handler_delegate(request, handler, {"services": self.services})
 
 
+def idempotency_key(request: HTTPServerRequest) -> str | None:
+    """The request's Idempotency-Key, unquoted, or None if it has none.
+
+    Raises APIError 400 ``invalid_idempotency_key`` for a malformed key, and for a
+    header sent more than once: a retry that sends it once must find the same key.
+    """
+    lines = request.headers.get_list("Idempotency-Key")
+    if not lines:
+        return None
+    if len(lines) > 1:
+        raise APIError(
+            400, "invalid_idempotency_key", "send the Idempotency-Key header once, with one key"
+        )
+    value = lines[0]
+    quoted = _QUOTED_KEY.fullmatch(value)
+    if quoted is not None:
+        value = re.sub(r"\\(.)", r"\1", quoted.group(1))
+    if (quoted is None and not _BARE_KEY.fullmatch(value)) or not 1 <= len(value) <= 255:
+        raise APIError(
+            400,
+            "invalid_idempotency_key",
+            "Idempotency-Key must be 1 to 255 printable ASCII characters, with no comma "
+            'or quote unless the key is a quoted string ("...")',
+        )
+    return value
+
+
 class ExecuteOrderHandler(APIHandler):
     """Accept a market order: validate it, store it and queue it for the worker."""
 
@@ -92,25 +130,35 @@ class ExecuteOrderHandler(APIHandler):
     def order_body(self) -> bytes:
         return self.request.body
 
-    async def post(self) -> None:
-        body = self.order_body()
+    def valid_order(self) -> dict[str, Any]:
+        """The body as a schema-valid order with an exact amount; raises APIError."""
         try:
-            order = strict_json.loads(body)
+            order = strict_json.loads(self.order_body())
         except strict_json.InvalidJSON as exc:
             raise APIError(400, "invalid_json", f"the body is not valid JSON: {exc}") from None
-        schemas = self.services.schemas
-        details = schemas.errors("order_request", order)
+        details = self.services.schemas.errors("order_request", order)
+        if not details:
+            details = amounts.amount_errors(order)
         if details:
             raise APIError(400, "invalid_order", "the order is not valid", details)
-        idempotency_key = self.request.headers.get("Idempotency-Key")
-        if idempotency_key is not None and not _IDEMPOTENCY_KEY.match(idempotency_key):
-            raise APIError(
-                400,
-                "invalid_idempotency_key",
-                "Idempotency-Key must be 1 to 255 printable ASCII characters",
+        return dict(order)
+
+    async def post(self) -> None:
+        order = self.valid_order()
+        key = idempotency_key(self.request)
+        order_id = str(uuid.uuid4())
+        unanswered = Unanswered()
+        timeout = self.services.config.redis_timeout_secs
+        deadline = time.time() + timeout - min(CREATE_DEADLINE_MARGIN_SECS, timeout / 3)
+        async with self.redis_guard(unanswered, order_id):
+            result = await self.services.store.create(
+                order_id, order, key, deadline=deadline, unanswered=unanswered
             )
-        async with self.redis_guard():
-            result = await self.services.store.create(str(uuid.uuid4()), order, idempotency_key)
+        if result.outcome == "expired":
+            # Redis ran the create too late to answer in time: it created nothing.
+            logger.warning("order %s: Redis ran its create past the deadline; not created", order_id)
+            raise APIError(503, "unavailable", "the order store answered too late; "
+                           "nothing was created: retry shortly")  # fmt: skip
         if result.outcome == "conflict":
             raise APIError(
                 422,
@@ -124,7 +172,7 @@ class ExecuteOrderHandler(APIHandler):
             # The first transition of an order; the worker logs the others.
             logger.info("order %s: accepted -> pending", result.order_id)
         self.set_header("Location", f"/api/orders/{result.order_id}")
-        self.write_json({"order_id": result.order_id, "status": "pending"}, status=202)
+        self.write_json({"order_id": result.order_id, "status": PENDING}, status=202)
 
 
 @stream_request_body
@@ -141,6 +189,7 @@ class StreamedExecuteOrderHandler(ExecuteOrderHandler):
     @override
     def prepare(self) -> None:
         self._chunks, self._size = [], 0
+        super().prepare()
         if self.request.method != "POST":
             return
         if not is_json(self.request):
@@ -189,8 +238,9 @@ class OrderHandler(APIHandler):
         order_id = parse_order_id(raw_id)
         if order_id is None:
             raise APIError(404, "not_found", f"{raw_id[:64]!r} is not an order id")
-        async with self.redis_guard():
-            result = await cancel(self.services.store, order_id)
+        unanswered = Unanswered()
+        async with self.redis_guard(unanswered, order_id, CANCEL_UNKNOWN_MESSAGE):
+            result = await cancel(self.services.store, order_id, unanswered)
             stored = None if result.applied else await self.services.store.get(order_id)
         if result.applied:
             logger.info("order %s: cancelled by client -> failed", order_id)
@@ -216,23 +266,34 @@ CANCELLABLE = (PENDING, ROUTING, BUILDING)
 CANCEL_REASON = "cancelled by client"
 
 
-async def cancel(store: OrderStore, order_id: str) -> TransitionResult:
+CANCEL_UNKNOWN_MESSAGE = (
+    "the order store did not answer in time after the cancel was sent to it, so the "
+    "order may or may not be cancelled. DELETE it again (safe: a cancelled order is "
+    "answered the same), or GET it."
+)
+
+
+async def cancel(
+    store: OrderStore, order_id: str, unanswered: Unanswered | None = None
+) -> TransitionResult:
     """Fail the order with CANCEL_REASON if no transaction of it can be out yet."""
     return await store.transition(
-        order_id, FAILED, only_from=CANCELLABLE, unless_recorded="tx_hash", reason=CANCEL_REASON
-    )
+        order_id, FAILED, only_from=CANCELLABLE, unless_recorded="tx_hash",
+        unanswered=unanswered, reason=CANCEL_REASON,
+    )  # fmt: skip
 
-# Hash fields published as they are (strings) or decoded (numbers stored as JSON).
+# Hash fields published as they are (strings) or as the exact numbers they hold.
 _TEXT_FIELDS = ("venue", "tx_hash", "reason")
 _NUMBER_FIELDS = ("execution_price", "amount_out")
 
 
 def order_view(order_id: str, stored: dict[str, str], history: list[tuple[int, str]]) -> dict[str, Any]:
-    """The public shape of an order (schemas/order.json) from its stored hash."""
+    """The public shape of an order (schemas/order.json) from its stored hash. The
+    history's messages are passed through as stored (exact JSON text)."""
     view: dict[str, Any] = {
         "order_id": order_id,
         "status": stored["status"],
-        "request": json.loads(stored["request"]),
+        "request": strict_json.loads(stored["request"]),
         "created_at": utc_timestamp(float(stored["created_at"])),
         "updated_at": utc_timestamp(float(stored["updated_at"])),
     }
@@ -241,6 +302,6 @@ def order_view(order_id: str, stored: dict[str, str], history: list[tuple[int, s
             view[name] = stored[name]
     for name in _NUMBER_FIELDS:
         if name in stored:
-            view[name] = json.loads(stored[name])
-    view["history"] = [json.loads(data) for _seq, data in history]
+            view[name] = Decimal(stored[name])
+    view["history"] = [strict_json.raw(data) for _seq, data in history]
     return view

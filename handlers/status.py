@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
+import base64
+import binascii
 import logging
 from typing import Any
-from urllib.parse import urlparse
 
 from asyncio import Future
 
@@ -18,10 +18,11 @@ from tornado.websocket import (
     WebSocketProtocol13,
 )
 
+from engine import strict_json
 from engine.connections import REDIS_DOWN_ERRORS
 from engine.services import Services
 from engine.updates import Subscription
-from handlers.base import APIError, JSONErrors, override
+from handlers.base import APIError, JSONErrors, origin_allowed, override
 from handlers.orders import parse_order_id
 
 logger = logging.getLogger(__name__)
@@ -37,6 +38,26 @@ CLOSE_TIMEOUT = 4408
 
 
 _HANDSHAKE_ERRORS = {400: "bad_handshake", 403: "origin_not_allowed", 426: "upgrade_required"}
+
+
+def valid_websocket_key(key: str | None) -> bool:
+    """RFC 6455 section 4.2.1, item 5: Sec-WebSocket-Key is the base64 encoding of a
+    16-byte value (24 characters, the last two ``==``). A key sent twice arrives
+    joined by a comma, and fails too."""
+    if key is None or len(key) != 24:
+        return False
+    try:
+        return len(base64.b64decode(key, validate=True)) == 16
+    except binascii.Error:
+        return False
+
+
+def _quiet_write_result(future: Future[None]) -> None:
+    """Retrieve a write's outcome: a client that has gone away fails the write with
+    WebSocketClosedError, which is normal (on_close says it once), and a future whose
+    exception nobody retrieves is logged as an ERROR with a traceback."""
+    if not future.cancelled():
+        future.exception()
 
 
 def _valid_close_payload(data: bytes) -> bool:
@@ -155,7 +176,21 @@ class OrderStatusSocket(WebSocketHandler, JSONErrors):
             raise APIError(
                 400, "websocket_required", "connect with a WebSocket client (Upgrade: websocket)"
             )
+        # Tornado takes any key; a client whose key is malformed is not following
+        # RFC 6455 and would get an accept value it cannot check.
+        if not valid_websocket_key(self.request.headers.get("Sec-WebSocket-Key")):
+            raise APIError(
+                400,
+                "bad_handshake",
+                "Sec-WebSocket-Key must be sent once, as the base64 of 16 bytes (RFC 6455 4.2.1)",
+            )
         await super().get(*args, **kwargs)
+
+    async def head(self, *args: Any, **kwargs: Any) -> None:
+        """HEAD: as a GET without Upgrade would be answered, with no body."""
+        raise APIError(
+            400, "websocket_required", "connect with a WebSocket client (Upgrade: websocket)"
+        )
 
     @override
     def finish(self, chunk: str | bytes | dict[str, Any] | None = None) -> Future[None]:
@@ -168,7 +203,8 @@ class OrderStatusSocket(WebSocketHandler, JSONErrors):
         ):
             message = chunk if isinstance(chunk, str) and chunk else self._reason
             self.set_header("Content-Type", "application/json")
-            chunk = json.dumps({"error": _HANDSHAKE_ERRORS.get(status, "bad_request"), "message": message})
+            error = _HANDSHAKE_ERRORS.get(status, "bad_request")
+            chunk = strict_json.dumps({"error": error, "message": message})
         return super().finish(chunk)
 
     @override
@@ -182,10 +218,7 @@ class OrderStatusSocket(WebSocketHandler, JSONErrors):
     def check_origin(self, origin: str) -> bool:
         # Browsers send Origin; other clients usually don't, and Tornado only calls
         # this when one is present. Same-origin is always allowed.
-        allowed = self.services.config.allowed_origins
-        if origin.rstrip("/").lower() in allowed:
-            return True
-        return urlparse(origin).netloc.lower() == self.request.host.lower()
+        return origin_allowed(origin, self.request, self.services.config)
 
     @override
     def open(self, *args: str, **kwargs: str) -> None:
@@ -224,23 +257,25 @@ class OrderStatusSocket(WebSocketHandler, JSONErrors):
             logger.exception("status socket for %s failed", order_id)
             self._fail(CLOSE_INTERNAL_ERROR, "internal_error", "order updates failed; retry shortly")
 
-    def _send(self, data: str, terminal: bool) -> None:
+    def _write(self, data: str | bytes) -> bool:
+        """Send one text message; False if the client has gone (nothing to do then)."""
         try:
-            self.write_message(data)
+            future = self.write_message(data if isinstance(data, str) else data.decode())
         except WebSocketClosedError:
-            return
-        if terminal:
+            return False
+        future.add_done_callback(_quiet_write_result)
+        return True
+
+    def _send(self, data: str, terminal: bool) -> None:
+        if self._write(data) and terminal:
             self.close(CLOSE_FINISHED, "order finished")
 
     def _fail(self, code: int, error: str, message: str, order_id: str | None = None) -> None:
         body: dict[str, Any] = {"error": error, "message": message}
         if order_id:
             body["order_id"] = order_id
-        try:
-            self.write_message(json.dumps(body))
-        except WebSocketClosedError:
-            return
-        self.close(code, message[:120])
+        if self._write(strict_json.dumps(body)):
+            self.close(code, message[:120])
 
     def _on_first_message_timeout(self) -> None:
         self._first_message_timer = None

@@ -22,8 +22,10 @@ from engine.schemas import Schemas
 from engine.services import Services
 from engine.store import OrderStore
 from pytest_tornasync.plugin import AsyncHTTPServerClient
-from server import make_app
+from server import make_app, make_http_server
 from tests.contract import check_response
+from tests.faults.cluster import Cluster
+from tests.faults.report import Figures, figures_fixture
 
 
 @pytest.fixture(scope="session")
@@ -46,6 +48,24 @@ def lonely_redis(tmp_path: Path) -> Iterator[RedisServer]:
     if server.process is not None:
         os.kill(server.process.pid, signal.SIGCONT)
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def figures(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Figures:
+    """The figures the fault and fuzz tests record (tests/faults/report.py)."""
+    return figures_fixture(request, tmp_path_factory)
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[Cluster]:
+    """A Redis of the test's own (appendfsync always); the test starts the web
+    processes and workers (tests/faults/cluster.py), all killed at the end."""
+    system = Cluster(tmp_path)
+    system.start_redis()
+    try:
+        yield system
+    finally:
+        system.close()
 
 
 @pytest.fixture(scope="session")
@@ -104,7 +124,7 @@ def services(config: Config, clean_redis: None, schemas: Schemas, io_loop: IOLoo
 
 def _start_hub(services: Services):  # type: ignore[no-untyped-def]
     async def start() -> None:
-        services.hub.start()
+        services.start()
 
     return start
 
@@ -112,6 +132,16 @@ def _start_hub(services: Services):  # type: ignore[no-untyped-def]
 @pytest.fixture
 def app(services: Services) -> Application:
     return make_app(services)
+
+
+@pytest.fixture
+def http_server(app: Application, config: Config, http_server_port: Any) -> Iterator[Any]:
+    """Overrides pytest-tornasync's fixture of the same name: the server the web
+    process runs (server.make_http_server: its body limit, its HTTP/1.1 connection)."""
+    server = make_http_server(app, config)
+    server.add_socket(http_server_port[0])
+    yield server
+    server.stop()
 
 
 class CheckedClient(AsyncHTTPServerClient):

@@ -100,6 +100,8 @@ async def test_schemathesis_finds_no_server_error_or_contract_violation(live_ser
             "--max-examples", "60", "--generation-deterministic",
         ],
         capture_output=True, text=True, timeout=300,
+        env={**os.environ, "SCHEMATHESIS_HOOKS": "tests.schemathesis_hooks",
+             "PYTHONPATH": str(PROJECT_ROOT)},
     )  # fmt: skip
     summary = result.stdout[-3000:]
     assert result.returncode == 0, summary

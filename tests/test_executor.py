@@ -19,12 +19,13 @@ import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from decimal import Decimal
 from typing import Any, cast
 
 import pytest
 from redis.asyncio import Redis
 
-from engine import keys
+from engine import amounts, keys, strict_json
 from engine.config import PROJECT_ROOT, Config
 from engine.connections import connect, connect_pipelined
 from engine.executor import MAX_ATTEMPTS, Executor, slippage_reason
@@ -61,7 +62,8 @@ async def new_order(store: OrderStore, **overrides: Any) -> str:
 
 
 async def messages(store: OrderStore, order_id: str) -> list[dict[str, Any]]:
-    return [json.loads(data) for _seq, data in await store.history(order_id)]
+    """An order's status messages, their numbers exact (Decimal) as the JSON has them."""
+    return [strict_json.loads(data) for _seq, data in await store.history(order_id)]
 
 
 async def statuses(store: OrderStore, order_id: str) -> list[str]:
@@ -152,9 +154,9 @@ class WrappedVenue:
             self.failures[operation] -= 1
             raise TransientVenueError(f"{self.name}: {operation} failed (forced)")
 
-    async def quote(self, token_in: str, token_out: str, amount: float) -> Quote:
+    async def quote(self, token_in: str, token_out: str, amount_in: int) -> Quote:
         self._fail("quote")
-        return await self.inner.quote(token_in, token_out, amount)
+        return await self.inner.quote(token_in, token_out, amount_in)
 
     async def send(self, tx: SwapTx) -> str:
         self._fail("send")
@@ -206,12 +208,19 @@ async def test_an_order_goes_through_every_status_to_confirmed(
     _pending, _routing, building, submitted, confirmed = history
     assert building["venue"] in {"raydium", "meteora"}
     assert 200 < building["quoted_price"] < 240
-    assert building["min_amount_out"] == pytest.approx(building["expected_amount_out"] * 0.95)
+    # Exact amounts: USDC has 6 decimals, and min_amount_out is expected less 5%,
+    # rounded down to a whole micro-USDC.
+    usdc = amounts.token("USDC")
+    expected = usdc.to_base_units(building["expected_amount_out"])
+    assert usdc.to_base_units(building["min_amount_out"]) == expected * 95 // 100
     assert TX_HASH.match(submitted["tx_hash"])
     assert confirmed["tx_hash"] == submitted["tx_hash"]
     assert confirmed["venue"] == building["venue"]
     assert confirmed["amount_out"] >= building["min_amount_out"]
-    assert confirmed["execution_price"] == pytest.approx(confirmed["amount_out"] / 12.5)
+    received = usdc.to_base_units(confirmed["amount_out"])  # raises if finer than 1e-6
+    assert confirmed["execution_price"] == amounts.price(
+        12_500_000_000, amounts.token("SOL"), received, usdc
+    )
 
     order = await store.get(order_id)
     assert order is not None
@@ -297,10 +306,14 @@ async def test_each_transition_is_logged_with_the_order_id(
 
 
 def test_slippage_reason_has_the_seed_form() -> None:
-    assert slippage_reason(0.018, 0.01) == "Price moved 1.8% (max allowed: 1.0%)"
-    assert slippage_reason(0.1234, 0.05) == "Price moved 12.3% (max allowed: 5.0%)"
+    def reason(moved: str, limit: str) -> str:
+        return slippage_reason(Decimal(moved), Decimal(limit))
+
+    assert reason("0.018", "0.01") == "Price moved 1.8% (max allowed: 1.0%)"
+    assert reason("0.1234", "0.05") == "Price moved 12.3% (max allowed: 5.0%)"
+    assert reason("0.5004", "0.5") == "Price moved 50.1% (max allowed: 50.0%)"
     # A move just past the limit never reads as within it.
-    assert slippage_reason(0.0102, 0.01) == "Price moved 1.1% (max allowed: 1.0%)"
+    assert reason("0.0102", "0.01") == "Price moved 1.1% (max allowed: 1.0%)"
 
 
 async def test_a_price_move_beyond_max_slippage_fails_the_order(
@@ -891,10 +904,10 @@ async def test_a_cancelled_pending_order_is_dropped_unsent(
 class QuoteGate(WrappedVenue):
     """Holds every quote until released: the order sits in ``routing``."""
 
-    async def quote(self, token_in: str, token_out: str, amount: float) -> Quote:
+    async def quote(self, token_in: str, token_out: str, amount_in: int) -> Quote:
         self.blocked.set()
         await self.release.wait()
-        return await self.inner.quote(token_in, token_out, amount)
+        return await self.inner.quote(token_in, token_out, amount_in)
 
 
 async def test_an_order_cancelled_while_routing_is_never_sent(

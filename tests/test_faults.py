@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import json
 import random
 import signal
 import time
 import uuid
-from collections.abc import AsyncIterator, Coroutine, Iterator
+from collections.abc import Coroutine
 from typing import Any
 
 import pytest
@@ -48,8 +47,8 @@ from tests.faults.clients import (
     random_order,
     watch,
 )
-from tests.faults.cluster import Cluster, ServiceProcess, WebProcess
-from tests.faults.report import Figures, figures_fixture
+from tests.faults.cluster import Cluster, ServiceProcess, WebProcess, connections, start_web
+from tests.faults.report import Figures
 from tests.helpers import eventually
 
 pytestmark = pytest.mark.slow
@@ -63,42 +62,8 @@ MANY_IN_FLIGHT = {"WORKER_CONCURRENCY": "2000"}
 FINISH_TIMEOUT_SECS = scaled(90, 600)
 
 
-@pytest.fixture(scope="session")
-def figures(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Figures:
-    return figures_fixture(request, tmp_path_factory)
-
-
-@pytest.fixture
-def cluster(tmp_path: Any) -> Iterator[Cluster]:
-    """A Redis of the test's own; the test starts the web processes and workers."""
-    system = Cluster(tmp_path)
-    system.start_redis()
-    try:
-        yield system
-    finally:
-        system.close()
-
-
 def run(scenario: Coroutine[Any, Any, None], timeout: float = SCENARIO_TIMEOUT_SECS) -> None:
     run_scenario(scenario, timeout)
-
-
-@contextlib.asynccontextmanager
-async def connections(cluster: Cluster) -> AsyncIterator[tuple[Redis, AsyncHTTPClient]]:
-    """The test's own Redis and HTTP clients, closed at the end."""
-    redis = cluster.client()
-    http = http_client()
-    try:
-        yield redis, http
-    finally:
-        http.close()
-        await redis.aclose()
-
-
-async def start_web(cluster: Cluster, http: AsyncHTTPClient, **settings: str) -> WebProcess:
-    web = cluster.start_web(**settings)
-    await cluster.wait_web_ready(web, http)
-    return web
 
 
 async def gauges(http: AsyncHTTPClient, web: WebProcess) -> dict[str, float]:
@@ -387,7 +352,9 @@ class Load:
         self.codes: collections.Counter[int] = collections.Counter()
         self.accepted: dict[str, str] = {}  # idempotency key -> order id
         self.refused: dict[str, dict[str, Any]] = {}  # key -> order, answered 503
-        self.bad_answers: list[Any] = []  # 503 that is not the JSON error, other 5xx
+        # key -> order, answered 504: sent to Redis, which died before it answered
+        self.unknown: dict[str, dict[str, Any]] = {}
+        self.bad_answers: list[Any] = []  # 503/504 not the JSON error, other 5xx
         self.stop = asyncio.Event()
         self.on_accept: list[Any] = []
 
@@ -409,6 +376,17 @@ class Load:
                 ):
                     self.bad_answers.append(answer.body)
                 # A real client backs off; so does this one, a little.
+                await asyncio.sleep(0.05)
+            elif answer.code == 504:
+                # The outcome is unknown: retried with the same key once Redis is back.
+                self.unknown[key] = order
+                if not (
+                    isinstance(answer.body, dict)
+                    and answer.body.get("error") == "outcome_unknown"
+                    and answer.body.get("order_id")
+                    and "Retry-After" not in answer.headers
+                ):
+                    self.bad_answers.append(answer.body)
                 await asyncio.sleep(0.05)
             else:
                 self.bad_answers.append((answer.code, answer.body))
@@ -459,10 +437,14 @@ async def _redis_crash(cluster: Cluster, figures: Figures) -> None:
                          timeout=60, message="orders accepted after the restart")
         load.stop.set()
         await running
-        # The clients that got a 503 try again with the same key: each gets its order,
-        # created now or (when Redis stored it but the answer was lost) replayed.
+        # A 503 means nothing was created (invariant 6): Redis has no trace of its key.
+        created_behind_503 = [key for key in load.refused
+                              if await redis.exists(keys.idempotency(key))]  # fmt: skip
+        # The clients that got a 503 or a 504 try again with the same key: each gets
+        # its order, created now or (a 504 whose create ran before Redis died)
+        # replayed.
         replayed = 0
-        for key, order in load.refused.items():
+        for key, order in [*load.refused.items(), *load.unknown.items()]:
             answer = await post_order(http, web.base_url, order, {"Idempotency-Key": key})
             assert answer.code == 202, answer
             load.accepted[key] = answer.body["order_id"]
@@ -474,7 +456,7 @@ async def _redis_crash(cluster: Cluster, figures: Figures) -> None:
         found = await audit(redis, order_ids)
         ready = await http.fetch(f"{web.base_url}/readyz", raise_error=False)
 
-        other_5xx = sum(n for code, n in load.codes.items() if code >= 500 and code != 503)
+        other_5xx = sum(n for code, n in load.codes.items() if code >= 500 and code not in (503, 504))
         figures.record("redis_kill", {
             "posts": sum(load.codes.values()),
             "answers": {str(k): v for k, v in sorted(load.codes.items())},
@@ -485,6 +467,8 @@ async def _redis_crash(cluster: Cluster, figures: Figures) -> None:
             "no_answer": load.codes[599],
             "outage_secs": round(outage_secs, 1),
             "retried_after_503": len(load.refused),
+            "created_behind_a_503": len(created_behind_503),
+            "outcome_unknown_504": len(load.unknown),
             "replayed_on_retry": replayed,
             "subscriber_arriving_in_outage": {
                 "close_codes": dict(collections.Counter(str(c) for c in during.close_codes)),
@@ -502,6 +486,7 @@ async def _redis_crash(cluster: Cluster, figures: Figures) -> None:
             **found.figures(),
         })  # fmt: skip
         assert load.bad_answers == [] and other_5xx == 0 and load.codes[599] == 0
+        assert created_behind_503 == []
         assert refused_in_outage >= REFUSED_IN_OUTAGE
         assert_clean(found, cluster)
         for w in [*seen, during]:

@@ -6,12 +6,14 @@ import asyncio
 import dataclasses
 import itertools
 import re
+from decimal import Decimal
 from typing import cast
 
 import pytest
 from redis.asyncio import Redis
 
 from engine import keys
+from engine.amounts import token
 from engine.config import Config
 from engine.router import Router
 from engine.schemas import Schemas
@@ -22,6 +24,7 @@ from engine.venues import (
     RAYDIUM,
     REFERENCE_PRICES_USD,
     ManualClock,
+    Pool,
     Quote,
     RejectedSwapError,
     SimulatedMarket,
@@ -37,6 +40,12 @@ from engine.venues import (
 )
 
 TX_HASH = re.compile(r"^0x[0-9a-f]{64}$")
+SOL, USDC = token("SOL"), token("USDC")
+
+
+def sol(amount: str | int) -> int:
+    """Whole SOL (exact, as text) in lamports."""
+    return SOL.to_base_units(Decimal(amount))
 
 
 def test_reference_tokens_are_the_schema_tokens(schemas: Schemas) -> None:
@@ -91,18 +100,20 @@ def _venues(
 async def test_sol_usdc_quotes_near_the_reference_price(redis: Redis, config: Config) -> None:
     venues = _venues(redis, config, ManualClock(), volatility=0)
     for venue in venues.values():
-        quote = await venue.quote("SOL", "USDC", 12.5)
+        quote = await venue.quote("SOL", "USDC", sol("12.5"))
         assert quote.venue == venue.name
+        assert isinstance(quote.amount_out, int) and quote.amount_in == 12_500_000_000
         # 220 less at most 0.55% fee, 0.15% venue offset and a little price impact.
-        assert 218 < quote.price < 220.4
-        assert 0 < quote.fee < 0.01
-    reverse = await venues["raydium"].quote("USDC", "SOL", 220.0)
-    assert 0.97 < reverse.amount_out < 1.0
+        assert 218 < quote.price < Decimal("220.4")
+        assert isinstance(quote.price, Decimal) and len(quote.price.as_tuple().digits) <= 10
+        assert 0 < quote.fee < Decimal("0.01")
+    reverse = await venues["raydium"].quote("USDC", "SOL", USDC.to_base_units(220))
+    assert sol("0.97") < reverse.amount_out < sol(1)
 
 
 async def test_price_impact_grows_with_size(redis: Redis, config: Config) -> None:
     venue = _venues(redis, config, ManualClock())["meteora"]
-    small, medium, large = [await venue.quote("SOL", "USDC", a) for a in (1.0, 1_000.0, 100_000.0)]
+    small, medium, large = [await venue.quote("SOL", "USDC", sol(a)) for a in (1, 1_000, 100_000)]
     assert small.price > medium.price > large.price
     assert small.price_impact < medium.price_impact < large.price_impact
     assert large.price_impact > 0.5  # 100k SOL is most of the pool
@@ -113,7 +124,7 @@ async def test_the_best_venue_changes_over_time(redis: Redis, config: Config) ->
     router = Router(_venues(redis, config, clock))
     winners = set()
     for _ in range(40):
-        winners.add((await router.best_quote("SOL", "USDC", 10.0)).venue)
+        winners.add((await router.best_quote("SOL", "USDC", sol(10))).venue)
         clock.advance(5)
     assert winners == {"raydium", "meteora"}
 
@@ -122,20 +133,38 @@ async def test_unsupported_pair_and_bad_amounts_are_refused(redis: Redis, config
     meteora = _venues(redis, config, ManualClock())["meteora"]
     assert not METEORA.supports("BONK", "RAY") and RAYDIUM.supports("BONK", "RAY")
     with pytest.raises(UnsupportedPairError):
-        await meteora.quote("BONK", "RAY", 1.0)
+        await meteora.quote("BONK", "RAY", 100_000)
     with pytest.raises(UnsupportedPairError):
-        await meteora.quote("SOL", "SOL", 1.0)
-    with pytest.raises(RejectedSwapError):
-        await meteora.quote("SOL", "USDC", 0.0)
-    with pytest.raises(RejectedSwapError):
-        await meteora.quote("SOL", "USDC", float("nan"))
+        await meteora.quote("SOL", "SOL", sol(1))
+    for bad in (0, -1, 1.5, float("nan"), Decimal("1.5"), True):
+        with pytest.raises(RejectedSwapError):
+            await meteora.quote("SOL", "USDC", bad)  # type: ignore[arg-type]
+
+
+async def test_a_swap_that_buys_less_than_one_unit_is_refused(redis: Redis, config: Config) -> None:
+    # 1 lamport is ~2.2e-7 USDC, below USDC's smallest unit (1e-6): no trade.
+    venue = _venues(redis, config, ManualClock(), volatility=0)["raydium"]
+    with pytest.raises(RejectedSwapError, match=r"less than the smallest unit of USDC \(0\.000001\)"):
+        await venue.quote("SOL", "USDC", 1)
+    assert (await venue.quote("SOL", "USDC", 10_000)).amount_out >= 1
+
+
+def test_pool_swaps_like_uniswap_v2_get_amount_out() -> None:
+    # UniswapV2Library.getAmountOut(100, 1000, 1000) with its 0.3% fee: 99700 * 1000
+    # / (1000 * 1000 + 99700) = 90.66..., rounded down.
+    assert Pool(reserve_in=1000, reserve_out=1000, fee_ppm=3000).amount_out(100) == 90
+    big = Pool(reserve_in=10**30, reserve_out=3 * 10**30, fee_ppm=2500)
+    amount_in = 10**27 + 7
+    expected = amount_in * 997_500 * 3 * 10**30 // (10**30 * 10**6 + amount_in * 997_500)
+    assert big.amount_out(amount_in) == expected  # exact at any size: integers
 
 
 def test_tx_hash_is_deterministic_and_well_formed() -> None:
-    args = ("order-1", "raydium", "SOL", "USDC", 12.5, 2700.0)
+    args = ("order-1", "raydium", "SOL", "USDC", 12_500_000_000, 2_700_000_000)
     assert TX_HASH.match(tx_hash_for(*args))
     assert tx_hash_for(*args) == tx_hash_for(*args)
-    assert tx_hash_for(*args) != tx_hash_for("order-1", "meteora", "SOL", "USDC", 12.5, 2700.0)
+    assert tx_hash_for(*args) != tx_hash_for("order-1", "meteora", "SOL", "USDC", *args[4:])
+    assert tx_hash_for(*args) != tx_hash_for(*args[:5], 2_700_000_001)
     assert SwapTx.build(*args).tx_hash == tx_hash_for(*args)
 
 
@@ -147,8 +176,8 @@ async def test_sending_twice_records_and_executes_once(redis: Redis, config: Con
     clock = ManualClock()
     slow = dataclasses.replace(config, confirm_latency_min_ms=1000, confirm_latency_max_ms=1000)
     venue = _venues(redis, slow, clock)["raydium"]
-    quote = await venue.quote("SOL", "USDC", 2.0)
-    tx = SwapTx.build("order-1", "raydium", "SOL", "USDC", 2.0, quote.amount_out * 0.99)
+    quote = await venue.quote("SOL", "USDC", sol(2))
+    tx = SwapTx.build("order-1", "raydium", "SOL", "USDC", sol(2), quote.amount_out * 99 // 100)
 
     assert await venue.status(tx.tx_hash) == TxStatus(TxState.UNKNOWN)
     assert await venue.send(tx) == tx.tx_hash
@@ -161,7 +190,7 @@ async def test_sending_twice_records_and_executes_once(redis: Redis, config: Con
     confirmed = await venue.status(tx.tx_hash)
     assert confirmed.state is TxState.CONFIRMED
     assert confirmed.amount_out is not None and confirmed.amount_out >= tx.min_amount_out
-    assert confirmed.execution_price == pytest.approx(confirmed.amount_out / 2.0)
+    assert isinstance(confirmed.amount_out, int)
 
     # Another process (its own market object, its own shocks) reads the same outcome.
     other = _venues(redis, slow, clock)["raydium"]
@@ -175,8 +204,8 @@ async def test_a_price_move_past_min_amount_out_reverts(redis: Redis, config: Co
     clock = ManualClock()
     slow = dataclasses.replace(config, confirm_latency_min_ms=1000, confirm_latency_max_ms=1000)
     venue = _venues(redis, slow, clock, volatility=0)["meteora"]
-    quote = await venue.quote("SOL", "USDC", 2.0)
-    tx = SwapTx.build("order-2", "meteora", "SOL", "USDC", 2.0, quote.amount_out * 0.99)
+    quote = await venue.quote("SOL", "USDC", sol(2))
+    tx = SwapTx.build("order-2", "meteora", "SOL", "USDC", sol(2), quote.amount_out * 99 // 100)
     await venue.send(tx)
     venue.market.shock("SOL", 0.98)  # after the send, before it executes
     clock.advance(1.0)
@@ -191,9 +220,9 @@ async def test_a_price_move_past_min_amount_out_reverts(redis: Redis, config: Co
 async def test_transient_failures_record_nothing(redis: Redis, config: Config) -> None:
     flaky = dataclasses.replace(config, venue_failure_rate=1.0)
     venue = _venues(redis, flaky, ManualClock())["raydium"]
-    tx = SwapTx.build("order-3", "raydium", "SOL", "USDC", 1.0, 200.0)
+    tx = SwapTx.build("order-3", "raydium", "SOL", "USDC", sol(1), USDC.to_base_units(200))
     with pytest.raises(TransientVenueError):
-        await venue.quote("SOL", "USDC", 1.0)
+        await venue.quote("SOL", "USDC", sol(1))
     with pytest.raises(TransientVenueError):
         await venue.send(tx)
     with pytest.raises(TransientVenueError):
@@ -204,17 +233,18 @@ async def test_transient_failures_record_nothing(redis: Redis, config: Config) -
 class _StubVenue:
     """A venue that answers quotes from a script: a Quote's amount_out, or an error."""
 
-    def __init__(self, name: str, answer: float | BaseException | None) -> None:
+    def __init__(self, name: str, answer: int | BaseException | None) -> None:
         self.name = name
         self.answer = answer
 
-    async def quote(self, token_in: str, token_out: str, amount: float) -> Quote:
+    async def quote(self, token_in: str, token_out: str, amount_in: int) -> Quote:
         if self.answer is None:
             await asyncio.Event().wait()  # never answers
         if isinstance(self.answer, BaseException):
             raise self.answer
-        assert isinstance(self.answer, float)
-        return Quote(self.name, token_in, token_out, amount, self.answer, 0.0025, 0.0, 0.0)
+        assert isinstance(self.answer, int)
+        return Quote(self.name, token_in, token_out, amount_in, self.answer,
+                     Decimal("0.0025"), Decimal(0), 0.0)  # fmt: skip
 
     async def send(self, tx: SwapTx) -> str:
         raise NotImplementedError
@@ -224,8 +254,8 @@ class _StubVenue:
 
 
 async def test_router_picks_the_best_net_output() -> None:
-    router = Router([_StubVenue("a", 219.0), _StubVenue("b", 220.5), _StubVenue("c", 218.0)])
-    assert (await router.best_quote("SOL", "USDC", 1.0)).venue == "b"
+    router = Router([_StubVenue("a", 219_000_000), _StubVenue("b", 219_000_001), _StubVenue("c", 218)])
+    assert (await router.best_quote("SOL", "USDC", sol(1))).venue == "b"  # by one base unit
 
 
 async def test_router_uses_the_venues_that_answer() -> None:
@@ -233,11 +263,11 @@ async def test_router_uses_the_venues_that_answer() -> None:
         [
             _StubVenue("down", TransientVenueError("down: outage")),
             _StubVenue("slow", None),
-            _StubVenue("up", 219.0),
+            _StubVenue("up", 219_000_000),
         ],
         timeout_secs=0.05,
     )
-    assert (await router.best_quote("SOL", "USDC", 1.0)).venue == "up"
+    assert (await router.best_quote("SOL", "USDC", sol(1))).venue == "up"
 
 
 async def test_router_asks_every_venue_at_once() -> None:
@@ -248,16 +278,16 @@ async def test_router_asks_every_venue_at_once() -> None:
     everyone_asked = asyncio.Event()
 
     class _Rendezvous(_StubVenue):
-        async def quote(self, token_in: str, token_out: str, amount: float) -> Quote:
+        async def quote(self, token_in: str, token_out: str, amount_in: int) -> Quote:
             asked.append(self.name)
             if len(asked) == 3:
                 everyone_asked.set()
             await everyone_asked.wait()
-            return await super().quote(token_in, token_out, amount)
+            return await super().quote(token_in, token_out, amount_in)
 
-    router = Router([_Rendezvous("a", 219.0), _Rendezvous("b", 220.5), _Rendezvous("c", 218.0)],
+    router = Router([_Rendezvous("a", 219), _Rendezvous("b", 220), _Rendezvous("c", 218)],
                     timeout_secs=5.0)  # fmt: skip
-    assert (await router.best_quote("SOL", "USDC", 1.0)).venue == "b"
+    assert (await router.best_quote("SOL", "USDC", sol(1))).venue == "b"
     assert sorted(asked) == ["a", "b", "c"]
 
 
@@ -267,7 +297,7 @@ async def test_router_all_venues_down_is_transient() -> None:
         timeout_secs=0.05,
     )
     with pytest.raises(TransientVenueError, match=r"down: outage; slow: no quote within 0\.05 s"):
-        await router.best_quote("SOL", "USDC", 1.0)
+        await router.best_quote("SOL", "USDC", sol(1))
 
 
 async def test_router_pair_nobody_has_is_not_transient() -> None:
@@ -278,10 +308,10 @@ async def test_router_pair_nobody_has_is_not_transient() -> None:
         ]
     )
     with pytest.raises(UnsupportedPairError, match="No venue offers a BONK/RAY pool"):
-        await router.best_quote("BONK", "RAY", 1.0)
+        await router.best_quote("BONK", "RAY", 100_000)
     # One venue down and the other without the pair: the first may have it later.
     router = Router(
         [_StubVenue("a", UnsupportedPairError("no pool")), _StubVenue("b", TransientVenueError("x"))]
     )
     with pytest.raises(TransientVenueError):
-        await router.best_quote("BONK", "RAY", 1.0)
+        await router.best_quote("BONK", "RAY", 100_000)

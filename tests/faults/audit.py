@@ -15,11 +15,12 @@ import dataclasses
 import json
 from collections import defaultdict
 from collections.abc import Iterable
+from decimal import Decimal
 from typing import Any
 
 from redis.asyncio import Redis
 
-from engine import keys
+from engine import amounts, keys
 
 PATH = ("pending", "routing", "building", "submitted")
 TERMINAL = ("confirmed", "failed")
@@ -213,9 +214,10 @@ def _check_ledger(
     if entry["tx_hash"] != stored.get("tx_hash"):
         result.ledger_mismatch.append(order_id)
     elif status == "confirmed":
-        if entry["state"] != "confirmed" or float(entry["execution_price"]) != json.loads(
-            stored["execution_price"]
-        ):
+        # The ledger has what the venue paid, in base units; the order, in whole tokens.
+        token_out = amounts.token(json.loads(stored["request"])["token_out"])
+        paid = token_out.to_base_units(Decimal(stored["amount_out"]))
+        if entry["state"] != "confirmed" or int(entry["amount_out"]) != paid:
             result.ledger_mismatch.append(order_id)
     elif status == "failed" and entry["state"] != "reverted":
         # Reported failed, but the trade went through (or may yet): a lie to the user.

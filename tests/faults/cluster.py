@@ -8,12 +8,14 @@ SIGTERM if pytest itself dies (``die_with_parent``).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import signal
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 from redis.asyncio import Redis
@@ -25,6 +27,7 @@ from tornado.httpclient import AsyncHTTPClient
 from engine import keys
 from engine.config import PROJECT_ROOT, Config
 from engine.redis_server import RedisServer, die_with_parent, free_port
+from tests.faults.clients import http_client
 from tests.helpers import eventually
 
 # Every variable Config.from_env reads: none is inherited from the shell running pytest.
@@ -246,3 +249,22 @@ class Cluster:
             process.close()
         if self.redis.process is not None:
             self.redis.stop()
+
+
+@contextlib.asynccontextmanager
+async def connections(cluster: Cluster) -> AsyncIterator[tuple[Redis, AsyncHTTPClient]]:
+    """The test's own Redis and HTTP clients, closed at the end."""
+    redis = cluster.client()
+    http = http_client()
+    try:
+        yield redis, http
+    finally:
+        http.close()
+        await redis.aclose()
+
+
+async def start_web(cluster: Cluster, http: AsyncHTTPClient, **settings: str) -> WebProcess:
+    """A web process of ``cluster``, once it answers /readyz."""
+    web = cluster.start_web(**settings)
+    await cluster.wait_web_ready(web, http)
+    return web
