@@ -4,7 +4,13 @@
 
 Shows each status as it arrives (a progress bar on a terminal, one line per status
 otherwise), then the tx hash and price. Exit code: 0 confirmed, 1 failed, 2 the order
-was refused (the server's reasons are printed), 3 the service could not be reached.
+was refused (the server's reasons are printed), 3 the service could not be reached
+or could not say whether it took the order.
+
+Amounts go out and come back exactly as written (no binary floats), and every order
+is sent with an Idempotency-Key (a new one unless ``--idempotency-key`` gives it):
+after an answer that leaves the order's fate unknown, the client prints the command
+that retries it safely.
 """
 
 from __future__ import annotations
@@ -13,11 +19,15 @@ import argparse
 import asyncio
 import json
 import os
+import shlex
 import sys
+import uuid
 from typing import Any, TextIO
 
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 from tornado.websocket import websocket_connect
+
+from engine import strict_json
 
 STEPS = ("pending", "routing", "building", "submitted", "confirmed")
 EXIT_CONFIRMED, EXIT_FAILED, EXIT_REFUSED, EXIT_UNREACHABLE = 0, 1, 2, 3
@@ -44,10 +54,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _number(text: str) -> Any:
-    """Send numbers as numbers, anything else as typed: the server explains what is wrong."""
+    """Send numbers as numbers, exactly as typed (``0.1`` stays one tenth), anything
+    else as typed: the server explains what is wrong."""
     try:
-        return json.loads(text)
-    except ValueError:
+        return strict_json.loads(text)
+    except strict_json.InvalidJSON:
         return text
 
 
@@ -87,19 +98,23 @@ async def run(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = 
         "order_type": "market",
         "max_slippage": _number(args.slippage),
     }
-    headers = {"Content-Type": "application/json"}
-    if args.idempotency_key:
-        headers["Idempotency-Key"] = args.idempotency_key
+    key = args.idempotency_key or str(uuid.uuid4())
+    headers = {"Content-Type": "application/json", "Idempotency-Key": key}
     http = AsyncHTTPClient()
     try:
         response = await http.fetch(
-            f"{base}/api/orders/execute", method="POST", body=json.dumps(order), headers=headers
+            f"{base}/api/orders/execute", method="POST", body=strict_json.dumps(order), headers=headers
         )
     except HTTPClientError as exc:
         body = json.loads(exc.response.body) if exc.response and exc.response.body else {}
         err.write(f"order refused ({exc.code}): {body.get('message', exc.message)}\n")
         for detail in body.get("details", []):
             err.write(f"  {detail['field'] or 'body'}: {detail['message']}\n")
+        if exc.code in (503, 504):
+            # 503: nothing was created; 504: perhaps it was. The same key is safe either way.
+            again = [args.token_in, args.token_out, args.amount, "--slippage", args.slippage,
+                     "--url", args.url, "--idempotency-key", key]  # fmt: skip
+            err.write(f"retry safely with: python -m engine.client {shlex.join(again)}\n")
         return EXIT_UNREACHABLE if exc.code >= 500 or exc.code == 599 else EXIT_REFUSED
     except OSError as exc:
         err.write(f"cannot reach {base}: {exc}\n")
@@ -114,7 +129,7 @@ async def run(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = 
         ws = await websocket_connect(HTTPRequest(f"{ws_url}/api/orders/status"))
         await ws.write_message(order_id)
         while (raw := await ws.read_message()) is not None:
-            last = json.loads(raw)
+            last = strict_json.loads(raw)  # amounts exactly as the service wrote them
             if "error" in last:
                 break
             progress.show(last)

@@ -261,7 +261,7 @@ class RedisGuard:
             request = self._handler.request
             if self._unanswered is not None and self._unanswered.count > 0:
                 logger.warning("%s %s: Redis did not answer a write (order %s): %s",
-                               request.method, request.path, self._order_id, exc or "timed out")
+                               request.method, request.path, self._order_id, str(exc) or "timed out")
                 raise APIError(504, "outcome_unknown", self._unknown_message,
                                order_id=self._order_id) from None  # fmt: skip
             logger.warning("%s %s: Redis unavailable: %s", request.method, request.path, exc)

@@ -1,13 +1,15 @@
-"""Every answer a test receives is checked against its schema file."""
+"""Every answer a test receives is checked against its schema file, after being
+decoded by the strict parser (engine.strict_json: no lone surrogate, no duplicate key,
+no NaN, numbers exact), so an answer a strict client could not read fails the test."""
 
 from __future__ import annotations
 
-import json
 import re
 from typing import Any
 
 from tornado.httpclient import HTTPResponse
 
+from engine import strict_json
 from engine.schemas import Schemas
 
 _SCHEMAS = Schemas()
@@ -27,7 +29,7 @@ def check_response(method: str, path: str, response: HTTPResponse) -> None:
     content_type = response.headers.get("Content-Type", "")
     if not content_type.startswith("application/json") or not response.body:
         return
-    body = json.loads(response.body)
+    body = strict_json.loads(response.body)
     if response.code >= 400:
         name = "error"
     else:
@@ -43,7 +45,7 @@ def check_response(method: str, path: str, response: HTTPResponse) -> None:
 
 def check_message(text: str) -> dict[str, Any]:
     """A WebSocket message: a status message or an error, valid against its schema."""
-    message: dict[str, Any] = json.loads(text)
+    message: dict[str, Any] = strict_json.loads(text)
     name = "error" if "error" in message else "status_message"
     problems = _SCHEMAS.errors(name, message)
     assert problems == [], f"not a valid {name}: {problems}: {text}"

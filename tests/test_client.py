@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import os
+import shlex
+import signal
 import sys
 from typing import Any
 
+from tornado.testing import bind_unused_port
+
 from engine.config import PROJECT_ROOT, Config
 from engine.executor import Executor
-from engine.redis_server import free_port
+from engine.redis_server import RedisServer, free_port
+from engine.schemas import Schemas
 from engine.services import Services
+from server import make_app, make_http_server
 
 
 async def run_client(*args: str) -> tuple[int, str, str]:
@@ -77,3 +85,64 @@ async def test_client_exits_1_with_the_reason_when_the_order_fails(
     assert code == 1
     assert "] failed" in out
     assert "failed: Retries exhausted after 3 attempts" in err
+
+
+async def test_client_sends_and_shows_amounts_exactly(
+    http_server_client: Any, services: Services, config: Config
+) -> None:
+    worker = Executor(services.redis, config)
+    task = asyncio.create_task(worker.run())
+    try:
+        code, out, err = await run_client(
+            "SOL", "USDC", "0.000000001", "--url", http_server_client.get_url("")
+        )  # one lamport: buys less than a micro-USDC
+        big_code, big_out, _ = await run_client(
+            "SOL", "USDC", "0.100000000", "--url", http_server_client.get_url("")
+        )
+    finally:
+        worker.stop()
+        await task
+    assert code == 1 and "less than the smallest unit of USDC" in err, err
+    assert big_code == 0
+    # Sent as typed, and amount_out shown in USDC's 6 decimals, exactly.
+    line = next(line for line in big_out.splitlines() if line.startswith("confirmed: "))
+    assert line.startswith("confirmed: 0.100000000 SOL -> ")
+    assert len(line.split(" -> ")[1].split()[0].split(".")[1]) == 6, line
+
+
+async def test_client_prints_a_safe_retry_when_the_outcome_is_unknown(
+    lonely_redis: RedisServer, config: Config, schemas: Schemas
+) -> None:
+    # Redis frozen: the order reaches it and no answer comes back (a 504).
+    config = dataclasses.replace(config, redis_url=lonely_redis.url)
+    services = Services.create(config, lonely_redis.url, schemas)
+    services.start()  # the status poller, for the retried order's statuses
+    server = make_http_server(make_app(services), config)
+    sock, port = bind_unused_port()
+    server.add_sockets([sock])
+    assert lonely_redis.process is not None
+    worker = Executor(services.redis, config)
+    try:
+        os.kill(lonely_redis.process.pid, signal.SIGSTOP)
+        try:
+            code, _out, err = await run_client("SOL", "USDC", "1", "--url", f"http://127.0.0.1:{port}")
+        finally:
+            os.kill(lonely_redis.process.pid, signal.SIGCONT)
+        assert code == 3
+        assert "order refused (504): the order store did not answer in time" in err, err
+        hint = next(line for line in err.splitlines() if line.startswith("retry safely with: "))
+        argv = shlex.split(hint.removeprefix("retry safely with: "))
+        assert argv[:3] == ["python", "-m", "engine.client"] and "--idempotency-key" in argv
+        key = argv[argv.index("--idempotency-key") + 1]
+        # The hint's command, run now Redis is back: the order, once, under that key.
+        task = asyncio.create_task(worker.run())
+        retried, out, err = await run_client(*argv[3:])
+        assert retried == 0, (out, err)
+        order_id = out.splitlines()[0].removeprefix("order ")
+        assert (await services.redis.get(f"idem:{key}") or "").startswith(order_id)
+        assert len(await services.redis.keys("order:*:events")) == 1
+        worker.stop()
+        await task
+    finally:
+        server.stop()
+        await services.close()

@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from jsonschema import Draft202012Validator
 
+from engine.config import PROJECT_ROOT
 from engine.schemas import SCHEMA_DIR, Schemas
 
 
@@ -109,3 +110,23 @@ def test_the_contract_checker_rejects_an_answer_off_its_schema() -> None:
         check_response("GET", "/nowhere", response(404, {"detail": "not found"}))
     with pytest.raises(AssertionError):
         check_message('{"order_id": "x", "status": "routing"}')
+
+
+def test_the_readme_decimals_table_is_the_schema_s(schemas: Schemas) -> None:
+    """README's token table shows the decimals schemas/common.json defines."""
+    decimals = schemas.documents["common"]["$defs"]["token"]["x-decimals"]
+    readme = (PROJECT_ROOT / "README.md").read_text()
+    header = next(line for line in readme.splitlines() if line.startswith("| token |"))
+    row = next(line for line in readme.splitlines() if line.startswith("| decimals |"))
+    tokens = [cell.strip() for cell in header.strip("|").split("|")][1:]
+    shown = [int(cell) for cell in row.strip("|").split("|")[1:]]
+    assert dict(zip(tokens, shown, strict=True)) == decimals
+    assert tokens == schemas.tokens()  # every token, in the schema's order
+
+
+def test_token_decimals_are_defined_once_for_every_token(schemas: Schemas) -> None:
+    from engine import amounts
+
+    decimals = schemas.documents["common"]["$defs"]["token"]["x-decimals"]
+    assert set(decimals) == set(schemas.tokens())
+    assert {t.symbol: t.decimals for t in amounts.tokens().values()} == decimals
