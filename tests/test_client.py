@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import os
 import shlex
 import signal
 import sys
+from collections.abc import AsyncIterator
 from typing import Any
 
 from tornado.testing import bind_unused_port
@@ -32,18 +34,24 @@ async def run_client(*args: str) -> tuple[int, str, str]:
     return proc.returncode, out.decode(), err.decode()
 
 
-async def test_client_submits_and_follows_an_order_to_confirmed(
-    http_server_client: Any, services: Services, config: Config
-) -> None:
-    worker = Executor(services.redis, config)
+@contextlib.asynccontextmanager
+async def running(worker: Executor) -> AsyncIterator[None]:
+    """``worker`` executing orders for the duration of the block."""
     task = asyncio.create_task(worker.run())
     try:
-        code, out, err = await run_client(
-            "SOL", "USDC", "1.5", "--slippage", "0.05", "--url", http_server_client.get_url("")
-        )
+        yield
     finally:
         worker.stop()
         await task
+
+
+async def test_client_submits_and_follows_an_order_to_confirmed(
+    http_server_client: Any, services: Services, config: Config
+) -> None:
+    async with running(Executor(services.redis, config)):
+        code, out, err = await run_client(
+            "SOL", "USDC", "1.5", "--slippage", "0.05", "--url", http_server_client.get_url("")
+        )
     assert code == 0, err
     lines = out.splitlines()
     assert lines[0].startswith("order ")
@@ -75,13 +83,8 @@ async def test_client_exits_1_with_the_reason_when_the_order_fails(
     import dataclasses
 
     broken = dataclasses.replace(config, venue_failure_rate=1.0)
-    worker = Executor(services.redis, broken, retry_backoff_secs=0.01)
-    task = asyncio.create_task(worker.run())
-    try:
+    async with running(Executor(services.redis, broken, retry_backoff_secs=0.01)):
         code, out, err = await run_client("SOL", "USDC", "2", "--url", http_server_client.get_url(""))
-    finally:
-        worker.stop()
-        await task
     assert code == 1
     assert "] failed" in out
     assert "failed: Retries exhausted after 3 attempts" in err
@@ -90,18 +93,13 @@ async def test_client_exits_1_with_the_reason_when_the_order_fails(
 async def test_client_sends_and_shows_amounts_exactly(
     http_server_client: Any, services: Services, config: Config
 ) -> None:
-    worker = Executor(services.redis, config)
-    task = asyncio.create_task(worker.run())
-    try:
+    async with running(Executor(services.redis, config)):
         code, out, err = await run_client(
             "SOL", "USDC", "0.000000001", "--url", http_server_client.get_url("")
         )  # one lamport: buys less than a micro-USDC
         big_code, big_out, _ = await run_client(
             "SOL", "USDC", "0.100000000", "--url", http_server_client.get_url("")
         )
-    finally:
-        worker.stop()
-        await task
     assert code == 1 and "less than the smallest unit of USDC" in err, err
     assert big_code == 0
     # Sent as typed, and amount_out shown in USDC's 6 decimals, exactly.
@@ -121,7 +119,6 @@ async def test_client_prints_a_safe_retry_when_the_outcome_is_unknown(
     sock, port = bind_unused_port()
     server.add_sockets([sock])
     assert lonely_redis.process is not None
-    worker = Executor(services.redis, config)
     try:
         os.kill(lonely_redis.process.pid, signal.SIGSTOP)
         try:
@@ -135,14 +132,12 @@ async def test_client_prints_a_safe_retry_when_the_outcome_is_unknown(
         assert argv[:3] == ["python", "-m", "engine.client"] and "--idempotency-key" in argv
         key = argv[argv.index("--idempotency-key") + 1]
         # The hint's command, run now Redis is back: the order, once, under that key.
-        task = asyncio.create_task(worker.run())
-        retried, out, err = await run_client(*argv[3:])
+        async with running(Executor(services.redis, config)):
+            retried, out, err = await run_client(*argv[3:])
         assert retried == 0, (out, err)
         order_id = out.splitlines()[0].removeprefix("order ")
         assert (await services.redis.get(f"idem:{key}") or "").startswith(order_id)
         assert len(await services.redis.keys("order:*:events")) == 1
-        worker.stop()
-        await task
     finally:
         server.stop()
         await services.close()
