@@ -181,7 +181,11 @@ class StrictHTTP1Connection(HTTP1Connection):
             body = super()._read_body(code, headers, delegate)
         except httputil.HTTPInputError as exc:
             raise self._refusal(exc) from exc
-        return None if body is None else self._guarded(body)
+        # Only a chunked body can turn out malformed as it is read (a body of a known
+        # length just ends); the others go as they are, with no coroutine around them.
+        if body is None or "Transfer-Encoding" not in headers:
+            return body
+        return self._guarded(body)
 
     async def _guarded(self, body: Awaitable[None]) -> None:
         try:
