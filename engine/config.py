@@ -31,8 +31,10 @@ class Config:
     # None means embedded mode: start a local redis-server under ``data_dir``.
     redis_url: str | None = None
     data_dir: Path = PROJECT_ROOT / "data"
-    # Extra origins allowed to open the status WebSocket (same-origin and clients
-    # that send no Origin header are always allowed).
+    # Origins of browser pages allowed to place and cancel orders, open the status
+    # WebSocket, and read answers (CORS). Clients that send no Origin are always
+    # allowed, and so is the service's own origin when reached by IP address or
+    # localhost; a page under a host name must be listed (handlers.base.origin_allowed).
     allowed_origins: tuple[str, ...] = ()
     # Take the client's address and scheme from X-Forwarded-For / X-Real-Ip /
     # X-Forwarded-Proto. Only behind a proxy that sets them (a Procfile host's router

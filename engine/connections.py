@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import re
 
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from engine.config import Config
@@ -21,6 +23,24 @@ MAX_CONNECTIONS = 64
 # Errors that mean "Redis is not there right now": answered with 503 on the request
 # path, retried with a delay by the background loops.
 REDIS_DOWN_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
+
+# Error replies by which Redis refuses a command it cannot run now, before it wrote
+# anything (every store script reads before its first write, and Redis refuses that
+# first write): out of memory, a failed disk (MISCONF), a read-only replica, too few
+# replicas, a master down, a script busy, a cluster resharding or down.
+UNAVAILABLE_REPLIES = ("OOM", "MISCONF", "READONLY", "NOREPLICAS", "MASTERDOWN", "BUSY",
+                       "TRYAGAIN", "CLUSTERDOWN")  # fmt: skip
+
+
+# The code starts the reply; inside a script, Redis 6.2 puts it after "... -" (7+
+# keeps it first).
+_REFUSED_REPLY = re.compile(r"(?:^|: -)(" + "|".join(UNAVAILABLE_REPLIES) + r")\b")
+
+
+def refused_for_now(exc: BaseException) -> bool:
+    """Whether ``exc`` is an error reply of UNAVAILABLE_REPLIES (Redis did nothing,
+    and may do it later: a 503 on the request path)."""
+    return isinstance(exc, ResponseError) and _REFUSED_REPLY.search(str(exc)) is not None
 
 
 # The worker's pool: its commands in flight are bounded by WORKER_CONCURRENCY (an order

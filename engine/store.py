@@ -154,6 +154,7 @@ class _StoreScript:
     """A script run over the pipelined connection when there is one, else redis-py."""
 
     def __init__(self, redis: Redis, pipe: PipelinedRedis | None, text: str) -> None:
+        self._redis = redis
         self._pipe = pipe
         self._piped = Script(text)
         self._registered = redis.register_script(text)
@@ -166,7 +167,11 @@ class _StoreScript:
         if unanswered is None:
             return await self._registered(keys=keys, args=args)
         # redis-py does not say whether it wrote the command (or re-sent it): counted
-        # as unanswered until a reply, an error reply included, comes back.
+        # as unanswered until a reply, an error reply included, comes back; but only
+        # once a connection is up (the pool connects it), so a Redis that cannot be
+        # reached at all is a failure that certainly sent nothing.
+        pool = self._redis.connection_pool
+        await pool.release(await pool.get_connection())  # type: ignore[no-untyped-call]
         unanswered.count += 1
         try:
             result = await self._registered(keys=keys, args=args)

@@ -111,7 +111,10 @@ def number_text(value: Decimal | int) -> str:
         return str(value)
     if not value.is_finite():
         raise ValueError(f"{value} is not a JSON number")
-    if value and abs(value.adjusted()) > _PLAIN_MAX_EXPONENT:
+    exponent = value.as_tuple().exponent
+    assert isinstance(exponent, int)
+    # A zero has no "adjusted" size, but 0E-99999 would still print 99,999 zeros.
+    if abs(exponent) > _PLAIN_MAX_EXPONENT or (value and abs(value.adjusted()) > _PLAIN_MAX_EXPONENT):
         return str(value)
     return format(value, "f")
 

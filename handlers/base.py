@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -14,7 +15,7 @@ from tornado.web import HTTPError, RequestHandler
 
 from engine import strict_json
 from engine.config import Config
-from engine.connections import REDIS_DOWN_ERRORS
+from engine.connections import REDIS_DOWN_ERRORS, refused_for_now
 from engine.pipelined import Unanswered
 from engine.services import Services
 
@@ -117,11 +118,29 @@ SINGLETON_HEADERS = ("Content-Type", "Origin")
 
 
 def origin_allowed(origin: str, request: HTTPServerRequest, config: Config) -> bool:
-    """Whether a browser page at ``origin`` may act on this service: its own origin
-    (the request's Host, any scheme), or one listed in ALLOWED_ORIGINS."""
+    """Whether a browser page at ``origin`` may act on this service: one listed in
+    ALLOWED_ORIGINS, or the service's own origin (the request's Host, any scheme) when
+    that is an IP address or ``localhost``. A same-origin page under a host *name*
+    must be listed: a DNS-rebinding page has its own name as both Origin and Host
+    while the name points at this service, and would pass as same-origin."""
     if origin.rstrip("/").lower() in config.allowed_origins:
         return True
-    return urlparse(origin).netloc.lower() == request.host.lower()
+    try:
+        parsed = urlparse(origin)
+        netloc, hostname = parsed.netloc.lower(), parsed.hostname
+    except ValueError:  # e.g. an unbalanced "[" in an IPv6 literal
+        return False
+    return netloc == request.host.lower() and hostname is not None and _is_address(hostname)
+
+
+def _is_address(hostname: str) -> bool:
+    if hostname == "localhost":
+        return True
+    try:
+        ipaddress.ip_address(hostname)
+    except ValueError:
+        return False
+    return True
 
 
 class APIHandler(JSONErrors):
@@ -257,7 +276,9 @@ class RedisGuard:
             await self._timeout.__aexit__(typ, exc, tb)
         except TimeoutError as expired:  # the timeout turns its cancellation into this
             exc = expired
-        if isinstance(exc, (*REDIS_DOWN_ERRORS, TimeoutError)):
+        if exc is not None and (
+            isinstance(exc, (*REDIS_DOWN_ERRORS, TimeoutError)) or refused_for_now(exc)
+        ):
             request = self._handler.request
             if self._unanswered is not None and self._unanswered.count > 0:
                 logger.warning("%s %s: Redis did not answer a write (order %s): %s",

@@ -18,7 +18,11 @@ tests/test_client_seat_faults.py check each behaviour):
   destroy the answer before it is read. Here the connection is closed in stages
   (a "lingering close", as Apache and nginx do): the answer goes out with a FIN, the
   rest of the body is read and dropped for up to LINGER_SECS and LINGER_MAX_BYTES,
-  then the socket is closed.
+  then the socket is closed. Such an answer says ``Connection: close``; an answer to a
+  request with no body keeps the connection, as any other.
+* **Bounds are answered, not hung up on.** A header section over HEADER_MAX_BYTES is a
+  JSON 431, and a chunk line over CHUNK_METADATA_MAX_BYTES a JSON 400 (Tornado closes
+  the connection without a word at its own read limits, which are set higher here).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import logging
 import re
 import socket
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from tornado import httputil, iostream
 from tornado.concurrent import future_set_result_unless_cancelled
@@ -55,10 +60,19 @@ logger = logging.getLogger(__name__)
 LINGER_SECS = 2.0
 LINGER_MAX_BYTES = 8 * 1024 * 1024
 # Chunk extensions and trailer fields carry nothing we use; they may take this many
-# bytes per message in all (Node's llhttp and Bun allow 16 KiB too), and one line
-# (a chunk-size line, or a trailer field) this many.
+# bytes per message in all (Node's llhttp and Bun allow 16 KiB too), and so may one
+# line (a chunk-size line, or a trailer field).
 CHUNK_METADATA_MAX_BYTES = 16 * 1024
-_LINE_MAX_BYTES = CHUNK_METADATA_MAX_BYTES + 64
+# Chunks per message: each costs ~10 us of the event loop, so a body of one-byte
+# chunks must not be allowed to take seconds (a 1 MiB body in 64-byte chunks is fine).
+MAX_CHUNKS = 16 * 1024
+# A request's header section (Tornado's default bound, which it enforces by closing
+# the connection: the server's own max_header_size is set above it so that we can
+# answer 431 instead, up to READ_LIMIT_BYTES).
+HEADER_MAX_BYTES = 64 * 1024
+# What Tornado may buffer while looking for the end of a header section or a chunk
+# line; past this it closes the connection without an answer.
+READ_LIMIT_BYTES = 1024 * 1024
 
 # RFC 9112 section 7.1: chunk-size [ chunk-ext ], chunk-ext = *( BWS ";" BWS
 # chunk-ext-name [ BWS "=" BWS chunk-ext-val ] ), a name a token, a value a token or
@@ -66,15 +80,24 @@ _LINE_MAX_BYTES = CHUNK_METADATA_MAX_BYTES + 64
 _TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
 _QUOTED = rb'"(?:[\t \x21\x23-\x5b\x5d-\x7e\x80-\xff]|\\[\t \x21-\x7e\x80-\xff])*"'
 _CHUNK_SIZE_LINE = re.compile(
-    rb"([0-9A-Fa-f]+)((?:[ \t]*;[ \t]*" + _TOKEN + rb"(?:[ \t]*=[ \t]*(?:" + _TOKEN + rb"|"
-    + _QUOTED + rb"))?)*)[ \t]*"
+    rb"0*([0-9A-Fa-f]{1,16})((?:[ \t]*;[ \t]*" + _TOKEN + rb"(?:[ \t]*=[ \t]*(?:" + _TOKEN + rb"|"
+    + _QUOTED + rb"))?)*)"
 )  # fmt: skip
 # A trailer field line: field-name ":" OWS field-value OWS (RFC 9110 section 5).
 _FIELD_LINE = re.compile(_TOKEN + rb":[\t \x21-\x7e\x80-\xff]*")
 
-_REASONS = {400: "Bad Request", 413: "Content Too Large"}
+_REASONS = {400: "Bad Request", 413: "Content Too Large", 431: "Request Header Fields Too Large"}
 # Tornado's messages for a body over the server's max_body_size (a 413, not a 400).
 _BODY_TOO_LARGE = frozenset({"Content-Length too long", "chunked body too large"})
+
+
+class _TooLarge(httputil.HTTPInputError):
+    """Input past one of our bounds: answered with ``status`` and ``error``."""
+
+    def __init__(self, message: str, status: int, error: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.error = error
 
 
 class _Refused(Exception):
@@ -103,11 +126,21 @@ class _CheckedDelegate(httputil.HTTPMessageDelegate):
         headers: httputil.HTTPHeaders,
     ) -> Awaitable[None] | None:
         try:
-            return self.inner.headers_received(start_line, headers)
+            result = self.inner.headers_received(start_line, headers)
         except httputil.HTTPInputError as exc:
-            self.refused = True
-            self.connection.refused = self.connection._refusal(exc)
+            self._refuse(exc)
             return None
+        return None if result is None else self._checked(result)
+
+    async def _checked(self, result: Awaitable[None]) -> None:
+        try:
+            await result
+        except httputil.HTTPInputError as exc:
+            self._refuse(exc)
+
+    def _refuse(self, exc: httputil.HTTPInputError) -> None:
+        self.refused = True
+        self.connection.refused = self.connection._refusal(exc)
 
     @override
     def data_received(self, chunk: bytes) -> Awaitable[None] | None:
@@ -126,7 +159,8 @@ class _CheckedDelegate(httputil.HTTPMessageDelegate):
 
 def chunk_size(line: bytes) -> tuple[int, int]:
     """The size of a chunk from its chunk-size line (CRLF removed), and how many
-    bytes its extensions took. Raises HTTPInputError for a malformed line."""
+    bytes of the line are not its (at most 16) significant hex digits: leading zeros
+    and extensions. Raises HTTPInputError for a malformed line."""
     match = _CHUNK_SIZE_LINE.fullmatch(line)
     if match is None:
         raise httputil.HTTPInputError("invalid chunk size line")
@@ -161,15 +195,37 @@ class StrictHTTP1Connection(HTTP1Connection):
     @override
     def _parse_headers(self, data: bytes) -> tuple[str, httputil.HTTPHeaders]:
         try:
+            if len(data) > HEADER_MAX_BYTES:
+                raise _TooLarge(f"header section over {HEADER_MAX_BYTES} bytes", 431,
+                                "headers_too_large")  # fmt: skip
             start_line, headers = super()._parse_headers(data)
-            if not self.is_client:
-                # What _read_message_inner checks next, checked here so that a
-                # malformed request gets our answer, not a bare 400.
-                httputil.parse_request_start_line(start_line)
-                is_transfer_encoding_chunked(headers)
+            # What _read_message_inner checks next, checked here so that a malformed
+            # request gets our answer, not a bare 400.
+            request_line = httputil.parse_request_start_line(start_line)
+            chunked = is_transfer_encoding_chunked(headers)
+            if chunked and request_line.version == "HTTP/1.0":
+                # RFC 9112 section 6.1: its framing is faulty.
+                raise httputil.HTTPInputError("Transfer-Encoding in an HTTP/1.0 request")
         except httputil.HTTPInputError as exc:
             raise self._refusal(exc) from exc
+        if not chunked and headers.get("Content-Length", "0") == "0":
+            # No body (RFC 9112 section 6.3): an answer before "reading" it is not an
+            # early answer, and keeps the connection.
+            self._read_finished = True
         return start_line, headers
+
+    @override
+    def write_headers(
+        self,
+        start_line: httputil.RequestStartLine | httputil.ResponseStartLine,
+        headers: httputil.HTTPHeaders,
+        chunk: bytes | None = None,
+    ) -> asyncio.Future[None]:
+        if not self.is_client and not self._read_finished:
+            # An answer before the body is read: the connection closes after it (in
+            # stages, see _finish_request), and the answer says so.
+            self._disconnect_on_finish = True
+        return super().write_headers(start_line, headers, chunk)
 
     @override
     def _read_body(
@@ -202,9 +258,12 @@ class StrictHTTP1Connection(HTTP1Connection):
         if self._response_start_line is not None:
             logger.info("request from %s: %s (after the answer)", peer, exc)
             return _Refused()
-        too_large = str(exc) in _BODY_TOO_LARGE
-        status = 413 if too_large else 400
-        error = "body_too_large" if too_large else "bad_request"
+        if isinstance(exc, _TooLarge):
+            status, error = exc.status, exc.error
+        elif str(exc) in _BODY_TOO_LARGE:
+            status, error = 413, "body_too_large"
+        else:
+            status, error = 400, "bad_request"
         logger.info("malformed request from %s: %s -> %d", peer, exc, status)
         body = strict_json.dumps({"error": error, "message": f"malformed HTTP request: {exc}"})
         head = (
@@ -277,6 +336,7 @@ class StrictHTTP1Connection(HTTP1Connection):
     async def _read_chunked_body(self, delegate: httputil.HTTPMessageDelegate) -> None:
         total_size = 0
         metadata = 0  # bytes of chunk extensions and trailer fields so far
+        chunks = 0
         pending = bytearray()
         work = 0
 
@@ -296,11 +356,14 @@ class StrictHTTP1Connection(HTTP1Connection):
             if work >= _YIELD_THRESHOLD:
                 work = 0
                 await asyncio.sleep(0)
-            line = await read(self.stream.read_until(b"\r\n", max_bytes=_LINE_MAX_BYTES))
+            line = await read(self.stream.read_until(b"\r\n", max_bytes=READ_LIMIT_BYTES))
             chunk_len, extensions = chunk_size(line[:-2])
             metadata += extensions
+            chunks += 1
             if metadata > CHUNK_METADATA_MAX_BYTES:
                 raise httputil.HTTPInputError("chunk extensions too large")
+            if chunks > MAX_CHUNKS:
+                raise httputil.HTTPInputError(f"more than {MAX_CHUNKS} chunks")
             if chunk_len == 0:
                 await self._read_trailer(read, metadata)
                 if pending:
@@ -334,7 +397,7 @@ class StrictHTTP1Connection(HTTP1Connection):
     async def _read_trailer(self, read: Read, metadata: int) -> None:
         """Read and drop the trailer section after the last chunk, up to its CRLF."""
         while True:
-            line = await read(self.stream.read_until(b"\r\n", max_bytes=_LINE_MAX_BYTES))
+            line = await read(self.stream.read_until(b"\r\n", max_bytes=READ_LIMIT_BYTES))
             if line == b"\r\n":
                 return
             metadata += len(line)
@@ -374,7 +437,14 @@ class StrictHTTP1ServerConnection(HTTP1ServerConnection):
 
 
 class JSONHTTPServer(HTTPServer):
-    """Tornado's HTTPServer, serving connections with StrictHTTP1ServerConnection."""
+    """Tornado's HTTPServer, serving connections with StrictHTTP1ServerConnection.
+    Takes HTTPServer's arguments; ``max_header_size`` defaults to READ_LIMIT_BYTES,
+    so that a header section past HEADER_MAX_BYTES is answered (431), not dropped."""
+
+    @override
+    def initialize(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("max_header_size", READ_LIMIT_BYTES)
+        super().initialize(*args, **kwargs)
 
     @override
     def handle_stream(self, stream: iostream.IOStream, address: tuple[str, int]) -> None:

@@ -53,10 +53,12 @@ def parse_order_id(text: str) -> str | None:
 
 
 def is_json(request: HTTPServerRequest) -> bool:
-    """Whether the body is JSON by its Content-Type (none at all counts as JSON)."""
+    """Whether the body is plain JSON: by its Content-Type (none at all counts as
+    JSON), with no Content-Encoding but ``identity`` (a gzip body is not JSON text)."""
     content_type = request.headers.get("Content-Type", "application/json")
     media_type = content_type.split(";", 1)[0].strip().lower()
-    return media_type == "application/json" or media_type.endswith("+json")
+    encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+    return encoding == "identity" and (media_type == "application/json" or media_type.endswith("+json"))
 
 
 def declared_length(request: HTTPServerRequest) -> int | None:
@@ -194,8 +196,9 @@ class StreamedExecuteOrderHandler(ExecuteOrderHandler):
             return
         if not is_json(self.request):
             raise APIError(
-                415, "unsupported_media_type", "Content-Type must be application/json"
-            )
+                415, "unsupported_media_type",
+                "Content-Type must be application/json, with no Content-Encoding",
+            )  # fmt: skip
         declared = declared_length(self.request)
         if declared is None and "Content-Length" in self.request.headers:
             raise APIError(400, "bad_request", "Content-Length must be a decimal number")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import json
 import os
 import re
@@ -28,15 +29,20 @@ from typing import Any
 
 import orjson
 import pytest
+import redis as sync_redis
 from redis.asyncio import Redis
+from tornado.httpclient import AsyncHTTPClient
 from tornado.httputil import HTTPHeaders
+from tornado.testing import bind_unused_port
 
 from engine import amounts, keys
 from engine.config import Config
 from engine.executor import Executor
+from engine.redis_server import RedisServer, free_port
 from engine.schemas import Schemas
 from engine.services import Services
 from engine.store import OrderStore
+from server import make_app, make_http_server
 from tests.faults.clients import raw_http
 from tests.helpers import VALID_ORDER, post_order
 
@@ -445,7 +451,7 @@ def _chunked_post(port: int, size_lines: list[bytes], trailer: bytes = b"") -> b
         ([b";ext=1"], b""),  # the input: 5b;ext=1
         ([b";ext"], b""),
         ([b';a=b;c="quoted; \\"value\\""'], b""),
-        ([b" ; ext = 1 "], b""),  # BWS around every part
+        ([b" ; ext = 1"], b""),  # BWS wherever RFC 9112 allows it
         ([b";x=1", b";y"], b";last=chunk"),  # on every chunk, the last one too
         ([b""], b"\r\nX-Checksum: abc"),  # a trailer section (RFC 9112 7.1.2)
     ],
@@ -510,3 +516,186 @@ async def test_a_body_over_the_server_limit_gets_a_json_413(http_server_client: 
     status, head, body = await raw_http("127.0.0.1", port, request.encode())
     assert status == 413 and head["content-type"] == "application/json"
     assert orjson.loads(body)["error"] == "body_too_large"
+
+
+# -- found by a hostile review of the above --------------------------------------------------
+
+
+@pytest.mark.parametrize("origin", ["http://[x", "http://[::1", "http://x]", "https://[::1:80"])
+async def test_an_origin_that_is_not_a_url_is_refused_not_a_500(
+    http_server_client: Any, redis: Redis, origin: str
+) -> None:
+    response = await http_server_client.fetch(
+        "/api/orders/execute", method="POST", body=json.dumps(VALID_ORDER).encode(),
+        headers={"Origin": origin, "Content-Type": "application/json"}, raise_error=False,
+    )  # fmt: skip
+    assert response.code == 403 and json.loads(response.body)["error"] == "origin_not_allowed"
+    port = port_of(http_server_client)
+    handshake = _handshake(port, [base64.b64encode(os.urandom(16)).decode()])
+    status, _, body = await raw_http("127.0.0.1", port, handshake.replace(b"\r\n\r\n", f"\r\nOrigin: {origin}\r\n\r\n".encode()))
+    assert status == 403 and json.loads(body)["error"] == "origin_not_allowed"
+    assert await order_count(redis) == 0
+
+
+async def test_a_same_origin_page_under_a_host_name_must_be_listed(http_server_client: Any) -> None:
+    # DNS rebinding: the attacker's name, pointed at this service, is both the page's
+    # Origin and the request's Host. Only an address (or localhost) is same-origin
+    # by itself.
+    port = port_of(http_server_client)
+    body = json.dumps(VALID_ORDER).encode()
+    for host, code in ((f"rebind.example:{port}", 403), (f"127.0.0.1:{port}", 202), (f"localhost:{port}", 202),
+                       (f"[::1]:{port}", 202)):  # fmt: skip
+        request = (f"POST /api/orders/execute HTTP/1.1\r\nHost: {host}\r\nOrigin: http://{host}\r\n"
+                   f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
+        status, _, answer = await raw_http("127.0.0.1", port, request)
+        assert status == code, (host, answer)
+        # The status WebSocket too, even where the browser says "same-origin"
+        # (Tornado's own check would let both through).
+        key = base64.b64encode(os.urandom(16)).decode()
+        handshake = (f"GET /api/orders/status HTTP/1.1\r\nHost: {host}\r\nOrigin: http://{host}\r\n"
+                     "Sec-Fetch-Site: same-origin\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                     f"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {key}\r\n\r\n").encode()
+        if code == 403:
+            status, _, answer = await raw_http("127.0.0.1", port, handshake)
+            assert status == 403 and json.loads(answer)["error"] == "origin_not_allowed", answer
+
+
+@pytest.mark.parametrize(
+    ("tail", "status", "fragment"),
+    [
+        (b"0" * 20_000 + b"1\r\na\r\n0\r\n\r\n", 400, b"chunk extensions too large"),
+        (b"0\r\nX-Long: " + b"a" * 17_000 + b"\r\n\r\n", 400, b"trailer section too large"),
+        (b"5 \r\nhello\r\n0\r\n\r\n", 400, b"invalid chunk size line"),  # no BWS after a size
+        (b"5;a=b \r\nhello\r\n0\r\n\r\n", 400, b"invalid chunk size line"),  # nor after a value
+        (b"".join(b"1\r\n \r\n" for _ in range(16 * 1024 + 1)) + b"0\r\n\r\n", 400, b"more than 16384 chunks"),
+    ],
+    ids=["long_size_line", "long_trailer", "space_after_size", "space_after_ext", "many_chunks"],
+)
+async def test_chunked_framing_past_its_bounds_gets_a_json_400(
+    http_server_client: Any, tail: bytes, status: int, fragment: bytes
+) -> None:
+    port = port_of(http_server_client)
+    request = (f"POST /api/orders/execute HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+               "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n").encode() + tail  # fmt: skip
+    got, head, body = await raw_http("127.0.0.1", port, request)
+    assert (got, head["content-type"]) == (status, "application/json") and fragment in body, body
+
+
+async def test_a_header_section_over_64_kib_gets_a_json_431(http_server_client: Any) -> None:
+    port = port_of(http_server_client)
+    request = f"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nX-Big: {'a' * 70_000}\r\n\r\n"
+    status, head, body = await raw_http("127.0.0.1", port, request.encode())
+    assert status == 431 and orjson.loads(body)["error"] == "headers_too_large"
+
+
+async def test_chunked_http_1_0_is_refused(http_server_client: Any) -> None:
+    # RFC 9112 6.1: an HTTP/1.0 message with Transfer-Encoding has faulty framing.
+    request = (b"POST /api/orders/execute HTTP/1.0\r\nHost: h\r\nTransfer-Encoding: chunked\r\n"
+               b"Connection: keep-alive\r\n\r\n0\r\n\r\n")  # fmt: skip
+    status, _, body = await raw_http("127.0.0.1", port_of(http_server_client), request)
+    assert status == 400 and b"HTTP/1.0" in body
+
+
+async def test_an_early_answer_says_connection_close_and_a_bodiless_one_keeps_the_connection(
+    http_server_client: Any,
+) -> None:
+    port = port_of(http_server_client)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        # No body (no Content-Length): a 403 keeps the connection, the next request is served.
+        writer.write(f"POST /api/orders/execute HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+                     "Origin: https://evil.example\r\n\r\n".encode())  # fmt: skip
+        writer.write(f"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
+        answers = []
+        for _ in range(2):
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            length = int(re.search(rb"Content-Length: (\d+)", head).group(1))  # type: ignore[union-attr]
+            await reader.readexactly(length)
+            answers.append(head)
+        assert answers[0].startswith(b"HTTP/1.1 403 ") and b"Connection: close" not in answers[0]
+        assert answers[1].startswith(b"HTTP/1.1 200 ")
+        # A body answered before it is read: the answer says the connection closes.
+        writer.write(f"POST /api/orders/execute HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+                     "Content-Type: text/plain\r\nContent-Length: 5\r\n\r\nhello".encode())  # fmt: skip
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert head.startswith(b"HTTP/1.1 415 ") and b"Connection: close" in head
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+
+async def test_a_compressed_body_is_415(http_server_client: Any, redis: Redis) -> None:
+    for length in ("", "declared"):
+        body = json.dumps(VALID_ORDER).encode()
+        response = await http_server_client.fetch(
+            "/api/orders/execute", method="POST", raise_error=False,
+            body=body, headers={"Content-Type": "application/json", "Content-Encoding": "gzip"},
+        ) if length else await post_chunked_gzip(http_server_client, body)  # fmt: skip
+        assert response.code == 415, response.body
+    assert await order_count(redis) == 0
+
+
+async def post_chunked_gzip(client: Any, body: bytes) -> Any:
+    async def produce(write: Any) -> None:
+        await write(body)
+
+    return await client.fetch("/api/orders/execute", method="POST", body_producer=produce, raise_error=False,
+                              headers={"Content-Type": "application/json", "Content-Encoding": "gzip"})
+
+
+def test_a_zero_with_a_huge_exponent_is_written_short() -> None:
+    from engine import strict_json
+
+    assert strict_json.dumps(Decimal("0E-100000")) == b"0E-100000"
+    assert strict_json.dumps(Decimal("0E-99999999999")) == b"0E-99999999999"
+    assert strict_json.dumps(Decimal("0.000")) == b"0.000"
+
+
+async def test_redis_refusing_writes_is_a_503_and_nothing_is_created(
+    lonely_redis: RedisServer, config: Config, schemas: Schemas
+) -> None:
+    # maxmemory 1 byte: every write is refused with OOM (the same path as MISCONF on a
+    # failed disk, or READONLY after a failover).
+    config = dataclasses.replace(config, redis_url=lonely_redis.url)
+    services = Services.create(config, lonely_redis.url, schemas)
+    server = make_http_server(make_app(services), config)
+    sock, port = bind_unused_port()
+    server.add_sockets([sock])
+    admin = sync_redis.Redis(port=lonely_redis.port)
+    try:
+        admin.config_set("maxmemory", 1)
+        http = AsyncHTTPClient()
+        response = await http.fetch(f"http://127.0.0.1:{port}/api/orders/execute", method="POST",
+                                    body=json.dumps(VALID_ORDER), raise_error=False,
+                                    headers={"Content-Type": "application/json"})  # fmt: skip
+        body = orjson.loads(response.body)
+        assert response.code == 503 and body["error"] == "unavailable", body
+        assert response.headers["Retry-After"] == "1"
+        admin.config_set("maxmemory", 0)
+        assert admin.keys("order:*") == []
+    finally:
+        admin.close()
+        server.stop()
+        await services.close()
+
+
+async def test_an_unreachable_redis_without_the_pipelined_connection_is_503_not_504(
+    config: Config, schemas: Schemas
+) -> None:
+    # A URL with options the pipelined connection does not take (or rediss://) makes
+    # the store use redis-py; a Redis it cannot connect to is still a plain 503.
+    url = f"redis://127.0.0.1:{free_port()}/0?protocol=2"
+    services = Services.create(dataclasses.replace(config, redis_url=url), url, schemas)
+    assert services.pipe is None
+    server = make_http_server(make_app(services), config)
+    sock, port = bind_unused_port()
+    server.add_sockets([sock])
+    try:
+        response = await AsyncHTTPClient().fetch(
+            f"http://127.0.0.1:{port}/api/orders/execute", method="POST", raise_error=False,
+            body=json.dumps(VALID_ORDER), headers={"Content-Type": "application/json"},
+        )  # fmt: skip
+        assert response.code == 503, response.body
+    finally:
+        server.stop()
+        await services.close()
