@@ -21,10 +21,12 @@ run: $(STAMP)
 worker: $(STAMP)
 	$(BIN)/python worker.py
 
-test: $(STAMP)
+# The lint runs first, so the structure it checks is kept (ruff.toml, mypy --strict).
+test: lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)
+	$(BIN)/ruff check .
 	$(BIN)/mypy --strict --ignore-missing-imports server.py worker.py handlers engine
 
 $(BENCH_STAMP): $(STAMP) bench/requirements.txt

@@ -46,7 +46,7 @@ class FloorHandler(RequestHandler):
             await self.pipe.execute(
                 "XADD", FLOOR_STREAM, "MAXLEN", "~", FLOOR_STREAM_MAXLEN, "*",
                 "order", self.request.body,
-            )  # fmt: skip
+            )
         else:
             await self.redis.xadd(
                 FLOOR_STREAM, {"order": self.request.body}, maxlen=FLOOR_STREAM_MAXLEN,

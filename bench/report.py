@@ -221,7 +221,7 @@ def _e2e_table(runs: list[dict[str, Any]]) -> str:
     return _table(header, [[name] + [fn(r) for r in runs] for name, fn in figures])
 
 
-def render_markdown(results: dict[str, Any], rows: list[dict[str, Any]], plot: str | None) -> str:
+def render_markdown(results: dict[str, Any], rows: list[dict[str, Any]], plot: str | None) -> str:  # noqa: C901 - one section after another, each a few ifs
     m, setup = results["machine"], results.get("setup", {})
     out = [f"# Benchmark report ({results['mode']})", ""]
     git = results.get("git", {})

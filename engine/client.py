@@ -113,7 +113,7 @@ async def run(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = 
         if exc.code in (503, 504):
             # 503: nothing was created; 504: perhaps it was. The same key is safe either way.
             again = [args.token_in, args.token_out, args.amount, "--slippage", args.slippage,
-                     "--url", args.url, "--idempotency-key", key]  # fmt: skip
+                     "--url", args.url, "--idempotency-key", key]
             err.write(f"retry safely with: python -m engine.client {shlex.join(again)}\n")
         return EXIT_UNREACHABLE if exc.code >= 500 or exc.code == 599 else EXIT_REFUSED
     except OSError as exc:

@@ -29,7 +29,7 @@ REDIS_DOWN_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
 # first write): out of memory, a failed disk (MISCONF), a read-only replica, too few
 # replicas, a master down, a script busy, a cluster resharding or down.
 UNAVAILABLE_REPLIES = ("OOM", "MISCONF", "READONLY", "NOREPLICAS", "MASTERDOWN", "BUSY",
-                       "TRYAGAIN", "CLUSTERDOWN")  # fmt: skip
+                       "TRYAGAIN", "CLUSTERDOWN")
 
 
 # The code starts the reply; inside a script, Redis 6.2 puts it after "... -" (7+

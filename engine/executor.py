@@ -317,7 +317,7 @@ class Executor:
                 taken = await self.redis.set(
                     keys.worker(self.consumer), self._record(0), nx=True,
                     px=self.config.claim_idle_ms,
-                )  # fmt: skip
+                )
                 if taken:
                     return
                 if not warned:
@@ -325,7 +325,7 @@ class Executor:
                         "worker %s: another process of this name is alive, or stopped "
                         "less than %s ms ago; waiting until its record expires",
                         self.consumer, self.config.claim_idle_ms,
-                    )  # fmt: skip
+                    )
                     warned = True
                 await self._sleep_unless_stopped(min(1.0, self.config.claim_idle_ms / 1000))
             except REDIS_DOWN_ERRORS as exc:
@@ -520,7 +520,7 @@ class Executor:
                 await self.redis.set(
                     keys.worker(self.consumer), self._record(len(ids)),
                     px=max(int(interval * 3000), 1000),
-                )  # fmt: skip
+                )
                 if not ids:
                     continue
                 lost = await self._keep_owned(
@@ -655,7 +655,7 @@ class Executor:
                     "order %s: %s with tx %s but its entry keeps failing; left for an "
                     "operator (see %s)",
                     order_id, order["status"], order.get("tx_hash"), keys.DEAD_LETTER_STREAM,
-                )  # fmt: skip
+                )
         await self._dead_letter(entry_id, fields, reason, deliveries)
 
     async def _check_still_owner(self) -> None:

@@ -38,32 +38,32 @@ class _Snapshot(Collector):
         orders = CounterMetricFamily(
             "orders", "Orders that reached each status (all web and worker processes)",
             labels=["status"],
-        )  # fmt: skip
+        )
         for status in STATUSES:
             orders.add_metric([status], self.counters.get(status, 0))
         yield orders
         yield CounterMetricFamily(
             "order_retries", "Order attempts retried after a transient venue error",
             value=self.counters.get("retries", 0),
-        )  # fmt: skip
+        )
         yield CounterMetricFamily(
             "dead_letters", "Queue entries set aside after too many deliveries",
             value=self.counters.get("dead_letters", 0),
-        )  # fmt: skip
+        )
         yield GaugeMetricFamily(
             "orders_queue_length", "Entries in the orders stream not yet finished",
             value=self.queue_length,
-        )  # fmt: skip
+        )
         yield GaugeMetricFamily(
             "orders_pending_entries", "Entries delivered to a worker and not yet acknowledged",
             value=self.pending_entries,
-        )  # fmt: skip
+        )
         # Finished entries are deleted with their acknowledgement, so the stream holds
         # exactly the waiting entries plus the pending ones.
         yield GaugeMetricFamily(
             "orders_stream_lag", "Entries in the orders stream that no worker has taken yet",
             value=max(0, self.queue_length - self.pending_entries),
-        )  # fmt: skip
+        )
         in_flight = GaugeMetricFamily(
             "worker_in_flight", "Orders each live worker is executing", labels=["worker"]
         )
@@ -80,18 +80,18 @@ class Metrics:
         self.requests = Counter(
             "http_requests", "HTTP requests answered", ["handler", "method", "code"],
             registry=self.registry,
-        )  # fmt: skip
+        )
         self.submit_seconds = Histogram(
             "order_submit_seconds", "Time to answer POST /api/orders/execute",
             buckets=SUBMIT_BUCKETS_SECS, registry=self.registry,
-        )  # fmt: skip
+        )
         self.websockets = Gauge(
             "websockets_open", "Status WebSockets open on this process", registry=self.registry
         )
         self.subscribers = Gauge(
             "status_subscribers", "Subscriptions fed by this process's poller",
             registry=self.registry,
-        )  # fmt: skip
+        )
         self._snapshot = _Snapshot()
         self.registry.register(self._snapshot)
 

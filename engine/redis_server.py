@@ -115,7 +115,7 @@ class RedisServer:
             "--maxmemory-policy", "noeviction",
             "--daemonize", "no",
             "--logfile", "redis.log",
-        ]  # fmt: skip
+        ]
 
     def start(self) -> str:
         """Start redis-server and wait until it answers; raise RedisServerError."""

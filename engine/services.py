@@ -11,8 +11,8 @@ from redis.asyncio import Redis
 
 from engine.config import Config
 from engine.connections import REDIS_DOWN_ERRORS, connect, connect_pipelined, raise_if_cancelled
-from engine.pipelined import PipelinedRedis
 from engine.metrics import Metrics
+from engine.pipelined import PipelinedRedis
 from engine.schemas import Schemas
 from engine.store import OrderStore
 from engine.updates import StatusHub

@@ -16,7 +16,7 @@ import logging
 import math
 import time
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any, Literal, cast
 
 from redis.asyncio import Redis
@@ -210,7 +210,7 @@ class RedisClock:
         offset = seconds + micros / 1e6 - (sent + received) / 2
         if abs(offset) > self.WARN_OFFSET_SECS and abs(self.offset_secs) <= self.WARN_OFFSET_SECS:
             logger.warning("Redis's clock is %+.3f s from this host's; deadlines follow Redis's",
-                           offset)  # fmt: skip
+                           offset)
         self.offset_secs = offset
         return True
 
@@ -250,7 +250,7 @@ def utc_timestamp(epoch: float) -> str:
     with "Z" for "+00:00". Every status message and every order creates one, so the
     date and time part is kept for the current second (a third of the cost)."""
     if epoch < 0:
-        return datetime.fromtimestamp(epoch, tz=timezone.utc).isoformat(timespec="milliseconds")[:-6] + "Z"
+        return datetime.fromtimestamp(epoch, tz=UTC).isoformat(timespec="milliseconds")[:-6] + "Z"
     fraction, whole = math.modf(epoch)
     micros = round(fraction * 1e6)  # as datetime rounds it, half to even
     if micros >= 1_000_000:

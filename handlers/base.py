@@ -12,14 +12,13 @@ from urllib.parse import urlparse
 from tornado.httputil import HTTPServerRequest
 from tornado.log import access_log
 from tornado.web import HTTPError, RequestHandler
+from typing_extensions import override
 
 from engine import strict_json
 from engine.config import Config
 from engine.connections import REDIS_DOWN_ERRORS, refused_for_now
 from engine.pipelined import Unanswered
 from engine.services import Services
-
-from typing_extensions import override
 
 __all__ = ["APIError", "APIHandler", "JSONErrors", "NotFoundHandler", "origin_allowed", "override"]
 
@@ -284,7 +283,7 @@ class RedisGuard:
                 logger.warning("%s %s: Redis did not answer a write (order %s): %s",
                                request.method, request.path, self._order_id, str(exc) or "timed out")
                 raise APIError(504, "outcome_unknown", self._unknown_message,
-                               order_id=self._order_id) from None  # fmt: skip
+                               order_id=self._order_id) from None
             logger.warning("%s %s: Redis unavailable: %s", request.method, request.path, exc)
             raise APIError(
                 503, "unavailable", "the order store is unavailable; nothing was done: retry shortly"

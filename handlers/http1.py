@@ -82,7 +82,7 @@ _QUOTED = rb'"(?:[\t \x21\x23-\x5b\x5d-\x7e\x80-\xff]|\\[\t \x21-\x7e\x80-\xff])
 _CHUNK_SIZE_LINE = re.compile(
     rb"0*([0-9A-Fa-f]{1,16})((?:[ \t]*;[ \t]*" + _TOKEN + rb"(?:[ \t]*=[ \t]*(?:" + _TOKEN + rb"|"
     + _QUOTED + rb"))?)*)"
-)  # fmt: skip
+)
 # A trailer field line: field-name ":" OWS field-value OWS (RFC 9110 section 5).
 _FIELD_LINE = re.compile(_TOKEN + rb":[\t \x21-\x7e\x80-\xff]*")
 
@@ -197,7 +197,7 @@ class StrictHTTP1Connection(HTTP1Connection):
         try:
             if len(data) > HEADER_MAX_BYTES:
                 raise _TooLarge(f"header section over {HEADER_MAX_BYTES} bytes", 431,
-                                "headers_too_large")  # fmt: skip
+                                "headers_too_large")
             start_line, headers = super()._parse_headers(data)
             # What _read_message_inner checks next, checked here so that a malformed
             # request gets our answer, not a bare 400.

@@ -160,7 +160,7 @@ class ExecuteOrderHandler(APIHandler):
             # Redis ran the create too late to answer in time: it created nothing.
             logger.warning("order %s: Redis ran its create past the deadline; not created", order_id)
             raise APIError(503, "unavailable", "the order store answered too late; "
-                           "nothing was created: retry shortly")  # fmt: skip
+                           "nothing was created: retry shortly")
         if result.outcome == "conflict":
             raise APIError(
                 422,
@@ -198,7 +198,7 @@ class StreamedExecuteOrderHandler(ExecuteOrderHandler):
             raise APIError(
                 415, "unsupported_media_type",
                 "Content-Type must be application/json, with no Content-Encoding",
-            )  # fmt: skip
+            )
         declared = declared_length(self.request)
         if declared is None and "Content-Length" in self.request.headers:
             raise APIError(400, "bad_request", "Content-Length must be a decimal number")
@@ -283,7 +283,7 @@ async def cancel(
     return await store.transition(
         order_id, FAILED, only_from=CANCELLABLE, unless_recorded="tx_hash",
         unanswered=unanswered, reason=CANCEL_REASON,
-    )  # fmt: skip
+    )
 
 # Hash fields published as they are (strings) or as the exact numbers they hold.
 _TEXT_FIELDS = ("venue", "tx_hash", "reason")

@@ -5,10 +5,9 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
+from asyncio import Future
 from collections.abc import Callable
 from typing import Any
-
-from asyncio import Future
 
 from tornado.ioloop import IOLoop
 from tornado.iostream import StreamClosedError
@@ -135,7 +134,7 @@ class StrictWebSocketProtocol(WebSocketProtocol13):
         return data
 
     @override
-    def _handle_message(self, opcode: int, data: bytes) -> "Future[None] | None":
+    def _handle_message(self, opcode: int, data: bytes) -> Future[None] | None:
         if opcode == 0x8 and not self.client_terminated and not _valid_close_payload(data):
             # Tornado would echo any code back (RFC 6455 7.4 allows only some).
             self.client_terminated = True

@@ -6,11 +6,12 @@ import dataclasses
 import os
 import signal
 from collections.abc import Iterator
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis as sync_redis
+from pytest_tornasync.plugin import AsyncHTTPServerClient
 from redis.asyncio import Redis
 from tornado.ioloop import IOLoop
 from tornado.web import Application
@@ -21,7 +22,6 @@ from engine.redis_server import RedisServer
 from engine.schemas import Schemas
 from engine.services import Services
 from engine.store import OrderStore
-from pytest_tornasync.plugin import AsyncHTTPServerClient
 from server import make_app, make_http_server
 from tests.contract import check_response
 from tests.faults.cluster import Cluster

@@ -37,7 +37,7 @@ def check_response(method: str, path: str, response: HTTPResponse) -> None:
             (schema for m, pattern, code, schema in _ROUTES
              if m == method and pattern.match(path) and code == response.code),
             "",
-        )  # fmt: skip
+        )
     if name:
         problems = _SCHEMAS.errors(name, body)
         assert problems == [], f"{method} {path} -> {response.code}: not a valid {name}: {problems}"

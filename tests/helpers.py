@@ -83,7 +83,7 @@ async def submit_order(base: str) -> str:
     response = await AsyncHTTPClient().fetch(
         f"{base}/api/orders/execute", method="POST", body=json.dumps(VALID_ORDER),
         headers={"Content-Type": "application/json"},
-    )  # fmt: skip
+    )
     return str(json.loads(response.body)["order_id"])
 
 

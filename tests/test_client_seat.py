@@ -66,7 +66,7 @@ async def post_text(
     response = await client.fetch(
         "/api/orders/execute", method="POST", raise_error=False,
         body=text if isinstance(text, bytes) else text.encode(), headers=all_headers,
-    )  # fmt: skip
+    )
     # orjson is strict: it refuses lone surrogates, invalid UTF-8 and NaN.
     return response.code, dict(response.headers), orjson.loads(response.body)
 
@@ -125,10 +125,10 @@ async def test_any_header_that_may_come_once_sent_twice_is_a_json_400(
 ) -> None:
     port = port_of(http_server_client)
     value = {"Content-Type": "application/json", "Origin": f"http://127.0.0.1:{port}",
-             "Host": f"127.0.0.1:{port}"}[name]  # fmt: skip
+             "Host": f"127.0.0.1:{port}"}[name]
     body = json.dumps(VALID_ORDER).encode()
     head = {"Host": f"127.0.0.1:{port}", "Content-Type": "application/json",
-            "Content-Length": str(len(body))}  # fmt: skip
+            "Content-Length": str(len(body))}
     head.pop(name, None)
     lines = "".join(f"{k}: {v}\r\n" for k, v in head.items()) + f"{name}: {value}\r\n" * 2
     request = f"POST /api/orders/execute HTTP/1.1\r\n{lines}\r\n".encode() + body
@@ -183,7 +183,7 @@ async def test_the_request_is_stored_in_one_canonical_form(
     _, _, body = await post_text(http_server_client, ORDER_TEXT % ("20E-1", "0.050"))
     stored = await redis.hget(keys.order(body["order_id"]), "request")
     assert stored == ('{"amount":2,"max_slippage":0.05,"order_type":"market",'
-                      '"token_in":"SOL","token_out":"USDC"}')  # fmt: skip
+                      '"token_in":"SOL","token_out":"USDC"}')
 
 
 # -- 4. exact amounts -----------------------------------------------------------------------
@@ -216,7 +216,7 @@ async def test_an_amount_finer_than_the_token_unit_is_a_field_error(
     ("slippage", "code"),
     [("0.0099999999999999999999", 400), ("0.01", 202), ("0.01000000000000000001", 202),
      ("0.5", 202), ("0.5000000000000000000001", 400), ("5e-1", 202)],
-)  # fmt: skip
+)
 async def test_slippage_bounds_are_exact(http_server_client: Any, slippage: str, code: int) -> None:
     status, _, body = await post_text(http_server_client, ORDER_TEXT % ("1", slippage))
     assert status == code, body
@@ -280,7 +280,7 @@ async def test_every_get_resource_answers_head_without_a_body(http_server_client
     _, accepted = await post_order(http_server_client)
     paths = ["/healthz", "/readyz", "/metrics", "/api/schemas", "/api/schemas/order.json",
              "/api/openapi.json", "/api/asyncapi.json", f"/api/orders/{accepted['order_id']}",
-             f"/api/orders/{uuid.uuid4()}", "/no/such/path"]  # fmt: skip
+             f"/api/orders/{uuid.uuid4()}", "/no/such/path"]
     for path in paths:
         get = await http_server_client.fetch(path, raise_error=False)
         head = await http_server_client.fetch(path, method="HEAD", raise_error=False)
@@ -295,7 +295,7 @@ async def test_head_where_get_is_not_served_is_405_naming_the_methods(http_serve
     head = await http_server_client.fetch("/api/orders/execute", method="HEAD", raise_error=False)
     assert head.code == 405 and head.headers["Allow"] == "POST" and head.body == b""
     get = await http_server_client.fetch(f"/api/orders/{uuid.uuid4()}", method="PUT",
-                                         body=b"", raise_error=False)  # fmt: skip
+                                         body=b"", raise_error=False)
     assert get.headers["Allow"] == "GET, HEAD, DELETE"
     # The WebSocket's path: HEAD answers as a GET without Upgrade does.
     status = await http_server_client.fetch("/api/orders/status", method="HEAD", raise_error=False)
@@ -330,7 +330,7 @@ async def test_a_valid_surrogate_pair_is_text_and_is_answered_as_utf8(http_serve
     text = '{"x\\ud83d\\ude00": 1}'
     response = await http_server_client.fetch("/api/orders/execute", method="POST", body=text.encode(),
                                               headers={"Content-Type": "application/json"},
-                                              raise_error=False)  # fmt: skip
+                                              raise_error=False)
     body = orjson.loads(response.body)
     assert response.code == 400 and body["error"] == "invalid_order"
     assert {"field": "x\U0001f600", "message": "is not a known field"} in body["details"]
@@ -354,7 +354,7 @@ def _handshake(port: int, key_lines: list[str]) -> bytes:
      [base64.b64encode(os.urandom(15)).decode()], ["!" * 22 + "=="],
      [base64.b64encode(os.urandom(16)).decode()] * 2],
     ids=["x", "empty", "no_padding", "bad_padding", "17_bytes", "15_bytes", "not_base64", "twice"],
-)  # fmt: skip
+)
 async def test_a_malformed_websocket_key_is_a_json_400(http_server_client: Any, key_lines: list[str]) -> None:
     port = port_of(http_server_client)
     status, head, body = await raw_http("127.0.0.1", port, _handshake(port, key_lines))
@@ -392,7 +392,7 @@ async def test_a_post_from_a_foreign_origin_is_a_json_403_and_creates_nothing(
     body = json.dumps(VALID_ORDER).encode()
     lines = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
     request = (f"POST /api/orders/execute HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{lines}"
-               f"Content-Length: {len(body)}\r\n\r\n").encode() + body  # fmt: skip
+               f"Content-Length: {len(body)}\r\n\r\n").encode() + body
     status, head, answer = await raw_http("127.0.0.1", port, request)
     assert status == 403, answer
     assert head["content-type"] == "application/json"
@@ -407,7 +407,7 @@ async def test_a_delete_from_a_foreign_origin_is_403_and_cancels_nothing(
     order_id = accepted["order_id"]
     response = await http_server_client.fetch(f"/api/orders/{order_id}", method="DELETE",
                                               headers={"Origin": "https://evil.example"},
-                                              raise_error=False)  # fmt: skip
+                                              raise_error=False)
     assert response.code == 403
     assert await redis.hget(keys.order(order_id), "status") == "pending"
 
@@ -416,7 +416,7 @@ async def test_same_origin_listed_origins_and_no_origin_may_post(
     http_server_client: Any, services: Services, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(services, "config", services.config.__class__(
-        **{**services.config.__dict__, "allowed_origins": ("https://app.example",)}))  # fmt: skip
+        **{**services.config.__dict__, "allowed_origins": ("https://app.example",)}))
     port = port_of(http_server_client)
     for origin in (None, f"http://127.0.0.1:{port}", f"https://127.0.0.1:{port}", "https://app.example"):
         headers = {} if origin is None else {"Origin": origin}
@@ -488,7 +488,7 @@ async def test_chunk_extensions_and_trailers_are_ignored(
     ids=["empty_ext", "no_semicolon", "no_size", "plus_sign", "open_quote", "bad_trailer",
          "request_line", "version", "header_line", "gzip_encoding", "te_and_cl", "two_lengths",
          "no_host"],
-)  # fmt: skip
+)
 async def test_a_malformed_request_gets_a_json_400(http_server_client: Any, request_bytes: bytes) -> None:
     status, head, body = await raw_http("127.0.0.1", port_of(http_server_client), request_bytes)
     assert status == 400, (status, body)
@@ -528,7 +528,7 @@ async def test_an_origin_that_is_not_a_url_is_refused_not_a_500(
     response = await http_server_client.fetch(
         "/api/orders/execute", method="POST", body=json.dumps(VALID_ORDER).encode(),
         headers={"Origin": origin, "Content-Type": "application/json"}, raise_error=False,
-    )  # fmt: skip
+    )
     assert response.code == 403 and json.loads(response.body)["error"] == "origin_not_allowed"
     port = port_of(http_server_client)
     handshake = _handshake(port, [base64.b64encode(os.urandom(16)).decode()])
@@ -544,7 +544,7 @@ async def test_a_same_origin_page_under_a_host_name_must_be_listed(http_server_c
     port = port_of(http_server_client)
     body = json.dumps(VALID_ORDER).encode()
     for host, code in ((f"rebind.example:{port}", 403), (f"127.0.0.1:{port}", 202), (f"localhost:{port}", 202),
-                       (f"[::1]:{port}", 202)):  # fmt: skip
+                       (f"[::1]:{port}", 202)):
         request = (f"POST /api/orders/execute HTTP/1.1\r\nHost: {host}\r\nOrigin: http://{host}\r\n"
                    f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
         status, _, answer = await raw_http("127.0.0.1", port, request)
@@ -576,7 +576,7 @@ async def test_chunked_framing_past_its_bounds_gets_a_json_400(
 ) -> None:
     port = port_of(http_server_client)
     request = (f"POST /api/orders/execute HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
-               "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n").encode() + tail  # fmt: skip
+               "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n").encode() + tail
     got, head, body = await raw_http("127.0.0.1", port, request)
     assert (got, head["content-type"]) == (status, "application/json") and fragment in body, body
 
@@ -591,7 +591,7 @@ async def test_a_header_section_over_64_kib_gets_a_json_431(http_server_client: 
 async def test_chunked_http_1_0_is_refused(http_server_client: Any) -> None:
     # RFC 9112 6.1: an HTTP/1.0 message with Transfer-Encoding has faulty framing.
     request = (b"POST /api/orders/execute HTTP/1.0\r\nHost: h\r\nTransfer-Encoding: chunked\r\n"
-               b"Connection: keep-alive\r\n\r\n0\r\n\r\n")  # fmt: skip
+               b"Connection: keep-alive\r\n\r\n0\r\n\r\n")
     status, _, body = await raw_http("127.0.0.1", port_of(http_server_client), request)
     assert status == 400 and b"HTTP/1.0" in body
 
@@ -604,7 +604,7 @@ async def test_an_early_answer_says_connection_close_and_a_bodiless_one_keeps_th
     try:
         # No body (no Content-Length): a 403 keeps the connection, the next request is served.
         writer.write(f"POST /api/orders/execute HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
-                     "Origin: https://evil.example\r\n\r\n".encode())  # fmt: skip
+                     "Origin: https://evil.example\r\n\r\n".encode())
         writer.write(f"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
         answers = []
         for _ in range(2):
@@ -616,7 +616,7 @@ async def test_an_early_answer_says_connection_close_and_a_bodiless_one_keeps_th
         assert answers[1].startswith(b"HTTP/1.1 200 ")
         # A body answered before it is read: the answer says the connection closes.
         writer.write(f"POST /api/orders/execute HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
-                     "Content-Type: text/plain\r\nContent-Length: 5\r\n\r\nhello".encode())  # fmt: skip
+                     "Content-Type: text/plain\r\nContent-Length: 5\r\n\r\nhello".encode())
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
         assert head.startswith(b"HTTP/1.1 415 ") and b"Connection: close" in head
     finally:
@@ -630,7 +630,7 @@ async def test_a_compressed_body_is_415(http_server_client: Any, redis: Redis) -
         response = await http_server_client.fetch(
             "/api/orders/execute", method="POST", raise_error=False,
             body=body, headers={"Content-Type": "application/json", "Content-Encoding": "gzip"},
-        ) if length else await post_chunked_gzip(http_server_client, body)  # fmt: skip
+        ) if length else await post_chunked_gzip(http_server_client, body)
         assert response.code == 415, response.body
     assert await order_count(redis) == 0
 
@@ -667,7 +667,7 @@ async def test_redis_refusing_writes_is_a_503_and_nothing_is_created(
         http = AsyncHTTPClient()
         response = await http.fetch(f"http://127.0.0.1:{port}/api/orders/execute", method="POST",
                                     body=json.dumps(VALID_ORDER), raise_error=False,
-                                    headers={"Content-Type": "application/json"})  # fmt: skip
+                                    headers={"Content-Type": "application/json"})
         body = orjson.loads(response.body)
         assert response.code == 503 and body["error"] == "unavailable", body
         assert response.headers["Retry-After"] == "1"
@@ -694,7 +694,7 @@ async def test_an_unreachable_redis_without_the_pipelined_connection_is_503_not_
         response = await AsyncHTTPClient().fetch(
             f"http://127.0.0.1:{port}/api/orders/execute", method="POST", raise_error=False,
             body=json.dumps(VALID_ORDER), headers={"Content-Type": "application/json"},
-        )  # fmt: skip
+        )
         assert response.code == 503, response.body
     finally:
         server.stop()

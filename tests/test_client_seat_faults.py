@@ -43,7 +43,7 @@ SCENARIO_TIMEOUT_SECS = scaled(120, 600)
 
 async def order_ids_in_redis(redis: Redis) -> set[str]:
     return {key.split(":")[1] async for key in redis.scan_iter(match="order:*")
-            if not key.endswith(":events")}  # fmt: skip
+            if not key.endswith(":events")}
 
 
 # -- 3. a stalled Redis: no 503 over an order that exists ------------------------------------
@@ -107,14 +107,14 @@ async def _stalls(cluster: Cluster, figures: Figures) -> None:
         assert 503 in codes.values() and 504 in codes.values(), codes
 
         # Each client does as its answer said: retry with the same key. One order each.
-        for stall, (key, answer) in answers.items():
+        for stall, (key, _answer) in answers.items():
             retry = await post_order(http, web.base_url, VALID_ORDER, {"Idempotency-Key": key})
             assert retry.code == 202, (stall, retry)
         assert len(await order_ids_in_redis(redis)) == 1 + len(STALLS_SECS)
         still = await asyncio.gather(*(
             http.fetch(f"{web.base_url}/api/orders/{answer.body['order_id']}", raise_error=False)
             for _key, answer in answers.values() if answer.code == 504
-        ))  # fmt: skip
+        ))
         figures.record("redis_stall", {
             "stalls_secs": list(STALLS_SECS),
             "answers": codes,
@@ -122,7 +122,7 @@ async def _stalls(cluster: Cluster, figures: Figures) -> None:
             "orders_after_retries": len(await order_ids_in_redis(redis)),
             "intents": 1 + len(STALLS_SECS),
             "unknown_then_found": sum(r.code == 200 for r in still),
-        })  # fmt: skip
+        })
 
         # A DELETE in a stall: never a "nothing was done" over a cancel that happened.
         cancel_me = await post_order(http, web.base_url, VALID_ORDER)
@@ -131,14 +131,14 @@ async def _stalls(cluster: Cluster, figures: Figures) -> None:
             deleting = asyncio.ensure_future(http.fetch(
                 f"{web.base_url}/api/orders/{cancel_me.body['order_id']}", method="DELETE",
                 raise_error=False,
-            ))  # fmt: skip
+            ))
             await asyncio.sleep(2.0)
         finally:
             cluster.redis.process.send_signal(signal.SIGCONT)
         deleted = await deleting
         assert deleted.code == 504 and json.loads(deleted.body)["error"] == "outcome_unknown"
         again = await http.fetch(f"{web.base_url}/api/orders/{cancel_me.body['order_id']}",
-                                 method="DELETE", raise_error=False)  # fmt: skip
+                                 method="DELETE", raise_error=False)
         assert again.code == 200
 
 
@@ -178,7 +178,7 @@ EARLY_ANSWERS = {
     "foreign_origin": ("/api/orders/execute", BIG, {"Content-Type": "application/json",
                                                     "Origin": "https://evil.example"}, 403, "origin_not_allowed"),
     "unknown_path": ("/api/nothing/here", BIG[:500_000], {"Content-Type": "application/json"}, 404, "not_found"),
-}  # fmt: skip
+}
 
 
 def test_an_early_answer_to_a_large_body_reaches_the_client(cluster: Cluster, figures: Figures) -> None:

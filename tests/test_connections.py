@@ -22,7 +22,7 @@ async def _second_command_while_the_first_holds_the_pool(
     client = connect(
         quick.redis_url or "", quick, block_ms=HOLD_MS, max_connections=1,
         wait_for_connection=wait_for_connection,
-    )  # fmt: skip
+    )
     try:
         holder = asyncio.ensure_future(
             client.xread({"no-such-stream": "$"}, block=HOLD_MS)

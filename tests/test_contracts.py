@@ -102,7 +102,7 @@ async def test_schemathesis_finds_no_server_error_or_contract_violation(live_ser
         capture_output=True, text=True, timeout=300,
         env={**os.environ, "SCHEMATHESIS_HOOKS": "tests.schemathesis_hooks",
              "PYTHONPATH": str(PROJECT_ROOT)},
-    )  # fmt: skip
+    )
     summary = result.stdout[-3000:]
     assert result.returncode == 0, summary
     assert "passed" in summary and "failed" not in summary.lower().split("summary")[-1]

@@ -18,8 +18,8 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 from decimal import Decimal
+from pathlib import Path
 from typing import Any, cast
 
 import pytest
@@ -267,7 +267,7 @@ async def test_transitions_over_the_pipelined_connection_survive_it_being_killed
     executor = executor_for(
         redis, dataclasses.replace(config, worker_concurrency=8),
         store=OrderStore(redis, config, pipe),
-    )  # fmt: skip
+    )
     run = asyncio.ensure_future(burst(executor))
     kills = 0
     try:
@@ -284,7 +284,7 @@ async def test_transitions_over_the_pipelined_connection_survive_it_being_killed
         history = await messages(store, order_id)
         assert [m["status"] for m in history] == [
             "pending", "routing", "building", "submitted", "confirmed"
-        ]  # fmt: skip
+        ]
         assert [m["seq"] for m in history] == [1, 2, 3, 4, 5]
     await assert_executed_once(redis, order_ids)
     await assert_stream_drained(redis)
@@ -603,14 +603,14 @@ async def test_a_worker_with_a_fixed_name_waits_for_its_predecessor_then_resumes
     await redis.xgroup_create(keys.ORDERS_STREAM, keys.EXECUTORS_GROUP, id="0", mkstream=True)
     await redis.xreadgroup(keys.EXECUTORS_GROUP, "worker.1", {keys.ORDERS_STREAM: ">"})
     await redis.set(keys.worker("worker.1"), json.dumps({"in_flight": 1, "pid": 1, "token": "old"}),
-                    px=600)  # fmt: skip
+                    px=600)
     named = dataclasses.replace(config, worker_name="worker.1", claim_idle_ms=600_000)
     executor = executor_for(redis, named)
     assert executor.consumer == "worker.1"
     with caplog.at_level(logging.INFO, logger="engine.executor"):
         run = asyncio.create_task(burst(executor))
         await eventually(lambda: "another process of this name is alive" in caplog.text,
-                         message="the wait is logged")  # fmt: skip
+                         message="the wait is logged")
         assert await status_of(store, order_id) == "pending"  # nothing runs meanwhile
         await run
     assert await status_of(store, order_id) == "confirmed"

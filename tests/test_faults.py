@@ -110,7 +110,7 @@ async def start_watchers(
             asyncio.ensure_future(watch(order_id, urls, reconnect=reconnect,
                                         timeout=FINISH_TIMEOUT_SECS, connected=event))
             for order_id, event in zip(batch, events, strict=True)
-        )  # fmt: skip
+        )
         await eventually(lambda: all(e.is_set() for e in events), timeout=60,  # noqa: B023
                          message="a batch of subscribers connected")
     return tasks
@@ -191,7 +191,7 @@ async def _killed_worker(cluster: Cluster, figures: Figures, count: int) -> None
             "redis_unavailable_warnings": sum(
                 w.log_text().count("Redis unavailable") for w in (first, second)),
             **found.figures(),
-        })  # fmt: skip
+        })
         assert_clean(found, cluster)
         assert found.orders == count and found.dead_letters == 0
 
@@ -257,7 +257,7 @@ async def _frozen_worker(cluster: Cluster, figures: Figures, count: int) -> None
             "orders_changed_after_resume": len(changed),
             "steps_found_done_by_resumed_worker": resumed_log.count(": already "),
             **found.figures(),
-        })  # fmt: skip
+        })
         assert changed == [] and events_after == events_before, changed[:5]
         assert found.lost == 0 and found.bad_history == [] and found.executed_twice == []
         assert found.not_executed == [] and found.ledger_mismatch == []
@@ -327,7 +327,7 @@ async def _resumed_worker(cluster: Cluster, figures: Figures, count: int) -> Non
             "entries_taken_back_by_resumed_worker": taken_back,
             "duplicate_sends": found.duplicate_sends,
             "executed_twice": len(found.executed_twice),
-        })  # fmt: skip
+        })
         assert found.executed_twice == [] and found.lost == 0 and found.bad_history == []
         assert taken_back == 0
 
@@ -412,7 +412,7 @@ async def _redis_crash(cluster: Cluster, figures: Figures) -> None:
             if len(load.accepted) % 3 == 0:  # a subscriber for every third order
                 watchers.append(asyncio.ensure_future(
                     watch(order_id, [web.ws_url], timeout=FINISH_TIMEOUT_SECS)
-                ))  # fmt: skip
+                ))
 
         load.on_accept.append(watch_some)
         running = load.start()
@@ -439,7 +439,7 @@ async def _redis_crash(cluster: Cluster, figures: Figures) -> None:
         await running
         # A 503 means nothing was created (invariant 6): Redis has no trace of its key.
         created_behind_503 = [key for key in load.refused
-                              if await redis.exists(keys.idempotency(key))]  # fmt: skip
+                              if await redis.exists(keys.idempotency(key))]
         # The clients that got a 503 or a 504 try again with the same key: each gets
         # its order, created now or (a 504 whose create ran before Redis died)
         # replayed.
@@ -484,7 +484,7 @@ async def _redis_crash(cluster: Cluster, figures: Figures) -> None:
             "web_restarted": False,
             "worker_restarted": False,
             **found.figures(),
-        })  # fmt: skip
+        })
         assert load.bad_answers == [] and other_5xx == 0 and load.codes[599] == 0
         assert created_behind_503 == []
         assert refused_in_outage >= REFUSED_IN_OUTAGE
@@ -542,7 +542,7 @@ async def _killed_web(cluster: Cluster, figures: Figures, count: int) -> None:
             "out_of_order": sum(w.out_of_order for w in seen),
             "gaps": sum(w.gaps for w in seen),
             **found.figures(),
-        })  # fmt: skip
+        })
         assert subscribers == count
         assert unfinished > 0, "the kill came too late to test anything"
         assert incomplete == [], incomplete[:3]
@@ -624,7 +624,7 @@ async def _non_readers(cluster: Cluster, figures: Figures, count: int) -> None:
             "rss_kib_peak": rss_peak,
             "rss_kib_after": rss_after,
             "rss_kib_per_socket": round((rss_peak - rss_before) / sockets, 1),
-        })  # fmt: skip
+        })
         assert all(w.complete() for w in seen), [w for w in seen if not w.complete()][:3]
         assert closes == {1000: len(stalled)}
         assert silent_closes == {4408: len(silent)}
@@ -668,7 +668,7 @@ async def _stalled_forever(cluster: Cluster, figures: Figures) -> None:
             "stalled_clients": len(stalled),
             "dropped_after_secs": round(dropped_after),
             "subscribers_left": int(subscribers),
-        })  # fmt: skip
+        })
         assert subscribers == 0
 
 
@@ -764,7 +764,7 @@ async def _cycles(cluster: Cluster, figures: Figures, cycles: int) -> None:
             "rss_kib_before": rss_before,
             "rss_kib_after": rss_after,
             "rss_growth_kib": rss_after - rss_before,
-        })  # fmt: skip
+        })
         assert unexpected == [], unexpected[:5]
         assert rss_after - rss_before < 20 * 1024
 
@@ -802,7 +802,7 @@ async def _scaled_out(cluster: Cluster, figures: Figures, count: int) -> None:
                 where[target.name] += 1
                 watchers.append(asyncio.ensure_future(
                     watch(order_id, [target.ws_url], reconnect=False, timeout=FINISH_TIMEOUT_SECS)
-                ))  # fmt: skip
+                ))
 
         queue = collections.deque(range(count))
 
@@ -830,7 +830,7 @@ async def _scaled_out(cluster: Cluster, figures: Figures, count: int) -> None:
             "subscribers_complete": len(seen) - len(incomplete),
             "orders_sent_per_worker": per_worker,
             **found.figures(),
-        })  # fmt: skip
+        })
         assert incomplete == [], incomplete[:3]
         assert all(w.close_codes == [1000] for w in seen)
         assert_clean(found, cluster)
@@ -873,7 +873,7 @@ async def _burst(cluster: Cluster, figures: Figures, posts: int, subscribers: in
             "concurrent_subscribers": subscribers,
             "first_messages": dict(closes),
             "too_many_connections_logged": web.log_text().count("Too many connections"),
-        })  # fmt: skip
+        })
         assert codes == {202: posts}
         assert closes == {"pending": subscribers}
 
@@ -909,7 +909,7 @@ async def _busy_worker(cluster: Cluster, figures: Figures, count: int) -> None:
             "worker_concurrency": count,
             "redis_unavailable_warnings": log.count("Redis unavailable"),
             "heartbeat_failures": log.count("heartbeat failed"),
-        })  # fmt: skip
+        })
         assert "Redis unavailable" not in log and "heartbeat failed" not in log
 
 
@@ -950,5 +950,5 @@ async def _give_up_after_sending(cluster: Cluster, figures: Figures, count: int)
             "dead_letters": found.dead_letters,
             "left_unfinished": len(found.unfinished),
             "statuses": await status_breakdown(redis, order_ids),
-        })  # fmt: skip
+        })
         assert found.unfinished == [] and found.ledger_mismatch == []

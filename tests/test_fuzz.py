@@ -44,10 +44,10 @@ from tornado.websocket import websocket_connect
 from engine import strict_json
 from engine.schemas import Schemas
 from engine.services import Services
-from tests.helpers import VALID_ORDER
 from tests.faults import SOAK, scaled
 from tests.faults.clients import RawWebSocket, raw_http
 from tests.faults.report import Figures
+from tests.helpers import VALID_ORDER
 
 FUZZ = settings(
     max_examples=scaled(300, 3000),
@@ -55,7 +55,7 @@ FUZZ = settings(
     derandomize=not SOAK,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
                            HealthCheck.data_too_large, HealthCheck.filter_too_much],
-)  # fmt: skip
+)
 FEW = settings(FUZZ, max_examples=scaled(100, 1000))
 
 
@@ -97,13 +97,13 @@ json_values = st.recursive(
     | st.text(max_size=20),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
     max_leaves=10,
-)  # fmt: skip
+)
 edge_numbers = st.sampled_from([
     0, -0.0, 1e-320, 5e-324, -1, 0.0099999, 0.01, 0.5, 0.5000001, 1e9, 1e9 + 1, 1e308,
     2**53 + 1, 10**30, -(10**30), 10**400, True, False, Decimal("1e-12"), Decimal("1e-9"),
     Decimal("0.0000001"), Decimal("0.00001"), Decimal("0.009999999999999999999999"),
     Decimal("0.5000000000000000000001"), Decimal("2.0000000000"), Decimal("1e999999"),
-])  # fmt: skip
+])
 # Each token's decimals, read here from the schema file (not from engine.amounts).
 DECIMALS: dict[str, int] = SCHEMAS.documents["common"]["$defs"]["token"]["x-decimals"]
 schema_orders = from_schema(ORDER_SCHEMA)
@@ -116,9 +116,9 @@ def exact_orders(draw: st.DrawFn) -> Any:
     order: dict[str, Any] = dict(draw(schema_orders))  # type: ignore[arg-type]
     unit = Decimal(1).scaleb(-DECIMALS[order["token_in"]])
     order["amount"] = draw(st.decimals(min_value=unit, max_value=Decimal(10**9),
-                                       places=DECIMALS[order["token_in"]]))  # fmt: skip
+                                       places=DECIMALS[order["token_in"]]))
     order["max_slippage"] = draw(st.decimals(min_value=Decimal("0.01"), max_value=Decimal("0.5"),
-                                             places=draw(st.integers(2, 8))))  # fmt: skip
+                                             places=draw(st.integers(2, 8))))
     return order
 
 
@@ -132,7 +132,7 @@ def mutated_orders(draw: st.DrawFn) -> Any:
     order: dict[str, Any] = dict(draw(valid_orders))  # type: ignore[arg-type]
     for _ in range(draw(st.integers(1, 2))):
         kind = draw(st.sampled_from(["drop", "add", "retype", "edge", "same_tokens", "case",
-                                     "whole", "nest"]))  # fmt: skip
+                                     "whole", "nest"]))
         field = draw(st.sampled_from(FIELDS))
         if kind == "drop":
             order.pop(field, None)
@@ -170,7 +170,7 @@ def raw_bodies(draw: st.DrawFn) -> bytes:
     """Bytes that are not (strict) JSON, or are JSON only by luck."""
     valid = encode(draw(valid_orders))
     kind = draw(st.sampled_from(["bytes", "truncated", "bad_utf8", "nan", "bom", "dup",
-                                 "deep", "huge_number", "splice", "empty"]))  # fmt: skip
+                                 "deep", "huge_number", "splice", "empty"]))
     if kind == "bytes":
         return draw(st.binary(max_size=300))
     if kind == "truncated":
@@ -180,7 +180,7 @@ def raw_bodies(draw: st.DrawFn) -> bytes:
         return valid[:at] + draw(st.sampled_from([b"\xff", b"\xc3", b"\xed\xa0\x80", b"\x80"])) + valid[at:]
     if kind == "nan":
         return valid.replace(b'"amount": ', b'"amount": ' + draw(st.sampled_from(
-            [b"NaN, \"x\": ", b"Infinity, \"x\": ", b"-Infinity, \"x\": "])), 1)  # fmt: skip
+            [b"NaN, \"x\": ", b"Infinity, \"x\": ", b"-Infinity, \"x\": "])), 1)
     if kind == "bom":
         return b"\xef\xbb\xbf" + valid
     if kind == "dup":
@@ -315,14 +315,14 @@ def test_fuzzed_headers_never_get_a_5xx(
 ) -> None:
     tally = Tally()
     body = encode({"token_in": "SOL", "token_out": "USDC", "amount": 1, "order_type": "market",
-                   "max_slippage": 0.05})  # fmt: skip
+                   "max_slippage": 0.05})
 
     @FEW
     @given(
         st.one_of(header_text, st.sampled_from([
             "application/json", "application/json; charset=utf-8", "text/plain",
             "application/x-www-form-urlencoded", "application/vnd.api+json", "", ";", "*/*",
-        ])),  # fmt: skip
+        ])),
         st.one_of(st.none(), header_text),
     )
     def check(content_type: str, idempotency_key: str | None) -> None:
@@ -334,7 +334,7 @@ def test_fuzzed_headers_never_get_a_5xx(
             response = await http_server_client.fetch(
                 "/api/orders/execute", method="POST", body=body, headers=headers,
                 raise_error=False,
-            )  # fmt: skip
+            )
             tally.tried += 1
             tally.codes[response.code] += 1
             if response.code != 202:
@@ -362,7 +362,7 @@ first_messages = st.one_of(
     st.uuids().map(str).flatmap(lambda u: st.sampled_from([u, u.upper(), f"  {u}\n", u[:-1], u + "0"])),
     st.binary(max_size=1100),
     st.binary(min_size=1020, max_size=3000),
-)  # fmt: skip
+)
 
 
 def expected_close(message: str | bytes) -> int:
@@ -501,7 +501,7 @@ def raw_frames(draw: st.DrawFn) -> tuple[bytes, set[int]]:
             fin=draw(st.booleans()),
             rsv=draw(st.sampled_from([0, 0, 0, 0, 0, 1, 2, 4])),
             masked=draw(st.booleans() | st.just(True)),
-        ))  # fmt: skip
+        ))
     return b"".join(frames), codes
 
 
@@ -549,14 +549,14 @@ def test_fuzzed_raw_frames_never_crash_the_server(
 # -- paths, methods, CORS, Origin --------------------------------------------------------------
 
 KNOWN_GET = {"/healthz", "/readyz", "/metrics", "/api/schemas", "/api/openapi.json",
-             "/api/asyncapi.json"}  # fmt: skip
+             "/api/asyncapi.json"}
 path_segments = st.text(alphabet=string.ascii_letters + string.digits + "-._~%!$&'()*+,;=:@",
-                        min_size=0, max_size=20)  # fmt: skip
+                        min_size=0, max_size=20)
 paths = st.one_of(
     st.lists(path_segments, min_size=1, max_size=5).map(lambda parts: "/" + "/".join(parts)),
     st.sampled_from(sorted(KNOWN_GET) + ["/api/orders/execute", "/api/orders/status",
                                          "/api/orders/" + str(uuid.uuid4()), "/api/schemas/x.json"]),
-)  # fmt: skip
+)
 methods = st.one_of(
     st.sampled_from(["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "PROPFIND"]),
     st.text(alphabet=string.ascii_uppercase, min_size=1, max_size=10),
@@ -568,7 +568,7 @@ origins = st.one_of(
               st.sampled_from(["http", "https", "ws", "chrome-extension"]),
               st.from_regex(r"[a-z0-9]{1,12}(\.[a-z]{2,5}){0,2}", fullmatch=True),
               st.sampled_from(["", ":80", ":443", ":3000"])),
-)  # fmt: skip
+)
 
 
 def assert_no_cors(response: Any) -> None:
@@ -593,7 +593,7 @@ def test_any_path_and_method_gets_json_and_no_cors_header(
                 url_path, method=method, body=body, raise_error=False,
                 allow_nonstandard_methods=True,
                 headers={"Origin": origin, "Access-Control-Request-Method": "POST"},
-            )  # fmt: skip
+            )
             tally.tried += 1
             tally.codes[response.code] += 1
             assert_no_cors(response)
@@ -623,13 +623,13 @@ async def test_only_an_allow_listed_origin_gets_cors_headers(
             path, method=method, raise_error=False, allow_nonstandard_methods=True,
             body=json.dumps(VALID_ORDER) if method == "POST" else None,
             headers={"Origin": origin, "Content-Type": "application/json", **headers},
-        )  # fmt: skip
+        )
 
     for method, path, code in (
         ("POST", "/api/orders/execute", 202), ("GET", "/healthz", 200),
         ("GET", "/api/schemas", 200), ("GET", f"/api/orders/{uuid.uuid4()}", 404),
         ("PUT", "/api/orders/execute", 405),
-    ):  # fmt: skip
+    ):
         allowed = await fetch(method, path, "https://app.example")
         assert allowed.code == code, (method, path, allowed.code)
         assert allowed.headers["Access-Control-Allow-Origin"] == "https://app.example"
@@ -703,7 +703,7 @@ def test_a_websocket_from_a_foreign_origin_is_refused_403(
         ({"Connection": "keep-alive"}, 400),
     ],
     ids=["foreign_origin", "unsupported_version", "no_key", "no_connection_upgrade"],
-)  # fmt: skip
+)
 async def test_a_refused_websocket_handshake_answers_a_json_error(
     http_server_client: Any, headers: dict[str, str], code: int
 ) -> None:
@@ -712,7 +712,7 @@ async def test_a_refused_websocket_handshake_answers_a_json_error(
         "Host": f"127.0.0.1:{port}", "Upgrade": "websocket", "Connection": "Upgrade",
         "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==", "Sec-WebSocket-Version": "13",
         **headers,
-    }  # fmt: skip
+    }
     lines = "".join(f"{k}: {v}\r\n" for k, v in handshake.items() if v)
     status, head, body = await raw_http(
         "127.0.0.1", port, f"GET /api/orders/status HTTP/1.1\r\n{lines}\r\n".encode()

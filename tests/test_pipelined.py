@@ -218,7 +218,7 @@ async def test_slow_replies_that_keep_coming_do_not_trip_the_watchdog(
 async def test_user_password_and_database_come_from_the_url(lonely_redis: RedisServer) -> None:
     admin = Redis.from_url(lonely_redis.url, decode_responses=True)
     await admin.acl_setuser("svc", enabled=True, passwords=["+s3cret"], keys="*",
-                            commands=["+@all"])  # fmt: skip
+                            commands=["+@all"])
     pipe = pipe_for(f"redis://svc:s3cret@127.0.0.1:{lonely_redis.port}/3")
     wrong = pipe_for(f"redis://svc:nope@127.0.0.1:{lonely_redis.port}/3")
 

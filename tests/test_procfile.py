@@ -39,7 +39,7 @@ async def test_honcho_runs_web_and_worker_from_the_procfile(
             [f"{bin_dir}/honcho", "start", "--no-colour", "-p", str(port)],
             cwd=PROJECT_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True,
-        )  # fmt: skip
+        )
     http = AsyncHTTPClient()
     base = f"http://127.0.0.1:{port}"
     try:

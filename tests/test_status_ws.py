@@ -474,7 +474,7 @@ async def test_a_client_that_stops_answering_pings_is_dropped(
         assert check_message(await alive.read_message() or "")["status"] == "pending"
         await eventually(lambda: len(services.open_sockets) == 2, message="both open")
         await eventually(lambda: len(services.open_sockets) == 1, timeout=10,
-                         message="the silent socket dropped")  # fmt: skip
+                         message="the silent socket dropped")
         await asyncio.sleep(0.6)  # three more ping rounds
         assert len(services.open_sockets) == 1 and alive.close_code is None
         alive.close()

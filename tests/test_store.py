@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 from hypothesis import given
@@ -97,9 +97,9 @@ async def test_events_stream_is_trimmed_approximately(store: OrderStore, redis: 
 async def test_a_burst_larger_than_the_pool_waits_instead_of_failing(
     store: OrderStore, redis: Redis
 ) -> None:
-    from engine.connections import MAX_CONNECTIONS
-
     import asyncio
+
+    from engine.connections import MAX_CONNECTIONS
 
     burst = 4 * MAX_CONNECTIONS + 50
     results = await asyncio.gather(
@@ -118,5 +118,5 @@ async def test_a_burst_larger_than_the_pool_waits_instead_of_failing(
     )
 )
 def test_timestamps_are_the_datetime_isoformat_text(epoch: float) -> None:
-    expected = datetime.fromtimestamp(epoch, tz=timezone.utc).isoformat(timespec="milliseconds")
+    expected = datetime.fromtimestamp(epoch, tz=UTC).isoformat(timespec="milliseconds")
     assert utc_timestamp(epoch) == expected[:-6] + "Z"

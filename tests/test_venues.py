@@ -244,7 +244,7 @@ class _StubVenue:
             raise self.answer
         assert isinstance(self.answer, int)
         return Quote(self.name, token_in, token_out, amount_in, self.answer,
-                     Decimal("0.0025"), Decimal(0), 0.0)  # fmt: skip
+                     Decimal("0.0025"), Decimal(0), 0.0)
 
     async def send(self, tx: SwapTx) -> str:
         raise NotImplementedError
@@ -286,7 +286,7 @@ async def test_router_asks_every_venue_at_once() -> None:
             return await super().quote(token_in, token_out, amount_in)
 
     router = Router([_Rendezvous("a", 219), _Rendezvous("b", 220), _Rendezvous("c", 218)],
-                    timeout_secs=5.0)  # fmt: skip
+                    timeout_secs=5.0)
     assert (await router.best_quote("SOL", "USDC", sol(1))).venue == "b"
     assert sorted(asked) == ["a", "b", "c"]
 
