@@ -28,8 +28,9 @@ from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 from tornado.websocket import websocket_connect
 
 from engine import strict_json
+from engine.status import HAPPY_PATH, OrderStatus
 
-STEPS = ("pending", "routing", "building", "submitted", "confirmed")
+STEPS = tuple(HAPPY_PATH)
 EXIT_CONFIRMED, EXIT_FAILED, EXIT_REFUSED, EXIT_UNREACHABLE = 0, 1, 2, 3
 BAR_WIDTH = len(STEPS)
 
@@ -74,7 +75,7 @@ class Progress:
         step = STEPS.index(status) + 1 if status in STEPS else BAR_WIDTH
         bar = "#" * step + "-" * (BAR_WIDTH - step)
         detail = ""
-        if "venue" in message and status in ("building", "submitted"):
+        if "venue" in message and status in (OrderStatus.BUILDING, OrderStatus.SUBMITTED):
             detail = f" via {message['venue']}"
         if "tx_hash" in message:
             detail += f" tx {message['tx_hash'][:10]}..."
@@ -139,14 +140,14 @@ async def run(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = 
         err.write(f"lost the status stream: {exc}; see GET {base}/api/orders/{order_id}\n")
         return EXIT_UNREACHABLE
     progress.done()
-    if last.get("status") == "confirmed":
+    if last.get("status") == OrderStatus.CONFIRMED:
         out.write(
             f"confirmed: {order['amount']} {args.token_in} -> {last.get('amount_out')} "
             f"{args.token_out} at {last['execution_price']} on {last.get('venue')}\n"
             f"tx {last['tx_hash']}\n"
         )
         return EXIT_CONFIRMED
-    if last.get("status") == "failed":
+    if last.get("status") == OrderStatus.FAILED:
         err.write(f"failed: {last.get('reason')}\n")
         return EXIT_FAILED
     err.write(f"the status stream ended early: {last.get('message', last)}\n")

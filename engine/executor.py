@@ -30,7 +30,6 @@ import asyncio
 import contextlib
 import contextvars
 import dataclasses
-import functools
 import json
 import logging
 import os
@@ -44,11 +43,11 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from engine import amounts, keys, strict_json
-from engine.amounts import Token
+from engine import amounts, keys
 from engine.config import Config
 from engine.connections import REDIS_DOWN_ERRORS, raise_if_cancelled
 from engine.router import QUOTE_TIMEOUT_SECS, Router
+from engine.status import InvalidOrderError, Order, OrderStatus
 from engine.store import (
     BUILDING,
     CONFIRMED,
@@ -56,9 +55,7 @@ from engine.store import (
     PENDING,
     ROUTING,
     SUBMITTED,
-    TERMINAL,
     OrderStore,
-    stored_field,
 )
 from engine.venues import (
     SLIPPAGE,
@@ -138,52 +135,6 @@ class LostEntry(Exception):
 
 class PoisonEntry(Exception):
     """An orders-stream entry that cannot be processed: it goes to the dead-letter stream."""
-
-
-class InvalidOrderError(Exception):
-    """The stored order request cannot be executed; the order fails without a retry."""
-
-
-@dataclasses.dataclass(frozen=True)
-class OrderRequest:
-    """The parts of a stored order request the executor needs, exactly."""
-
-    token_in: Token
-    token_out: Token
-    amount_in: int  # base units of token_in
-    max_slippage: Decimal  # a fraction: 0.01 is 1%
-
-    @classmethod
-    def from_order(cls, order: Mapping[str, str]) -> OrderRequest:
-        """Parse the ``request`` field of an order hash (its numbers exactly, as the
-        client wrote them); raise InvalidOrderError."""
-        return _parse_request(order.get("request") or "")
-
-    @classmethod
-    def parse(cls, text: str) -> OrderRequest:
-        """An order's stored request (JSON text); raise InvalidOrderError."""
-        try:
-            data = strict_json.loads(text)
-            request = cls(
-                token_in=amounts.token(data["token_in"]),
-                token_out=amounts.token(data["token_out"]),
-                amount_in=amounts.token(data["token_in"]).to_base_units(data["amount"]),
-                max_slippage=Decimal(data["max_slippage"]),
-            )
-        except amounts.AmountError as exc:
-            raise InvalidOrderError(f"The order amount cannot be traded: {exc}") from None
-        except (ValueError, TypeError, KeyError, ArithmeticError) as exc:
-            raise InvalidOrderError(f"The order request is unreadable ({exc!r})") from None
-        if request.amount_in <= 0:
-            raise InvalidOrderError("The order amount must be a positive number")
-        if not 0 < request.max_slippage < 1:
-            raise InvalidOrderError("max_slippage must be between 0 and 1")
-        return request
-
-
-# A request never changes, and an order's steps read it several times (route, send,
-# settle): parsed once per text (about 20 us), for the orders in flight and then some.
-_parse_request = functools.lru_cache(maxsize=4096)(OrderRequest.parse)
 
 
 def consumer_name() -> str:
@@ -640,11 +591,11 @@ class Executor:
             f"(limit {self.config.max_deliveries}); set aside for an operator"
         )
         order = await self.store.get(order_id)
-        if order is not None and order["status"] not in TERMINAL:
+        if order is not None and not order.terminal:
             try:
                 may_fail = await self._may_fail(order)
             except (RuntimeError, InvalidOrderError):
-                may_fail = order["status"] != SUBMITTED and not order.get("tx_hash")
+                may_fail = order.status != SUBMITTED and not order.tx_hash
             if may_fail:
                 await self._advance(order, FAILED, reason=reason)
             elif await self._settle_before_giving_up(order):
@@ -654,7 +605,7 @@ class Executor:
                 logger.error(
                     "order %s: %s with tx %s but its entry keeps failing; left for an "
                     "operator (see %s)",
-                    order_id, order["status"], order.get("tx_hash"), keys.DEAD_LETTER_STREAM,
+                    order_id, order.status, order.tx_hash, keys.DEAD_LETTER_STREAM,
                 )
         await self._dead_letter(entry_id, fields, reason, deliveries)
 
@@ -671,7 +622,7 @@ class Executor:
         if lost:
             raise LostEntry(entry_id)
 
-    async def _settle_before_giving_up(self, order: dict[str, str]) -> bool:
+    async def _settle_before_giving_up(self, order: Order) -> bool:
         """Finish an order whose transaction is out from the venue's answer alone;
         False if that did not work within GIVE_UP_SETTLE_SECS."""
         try:
@@ -679,11 +630,11 @@ class Executor:
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # whatever kept failing this entry: leave it to a person
-            logger.warning("order %s: could not settle before giving up: %r", order["id"], exc)
+            logger.warning("order %s: could not settle before giving up: %r", order.id, exc)
             return False
         logger.info("order %s: settled as %s although its entry was delivered too often",
-                    order["id"], final["status"])
-        return final["status"] in TERMINAL
+                    order.id, final.status)
+        return final.terminal
 
     # -- one order ------------------------------------------------------------------
 
@@ -691,8 +642,8 @@ class Executor:
         """Run the order to a terminal status, retrying transient venue failures."""
         order = await self._load(order_id)
         last_error: TransientVenueError | None = None
-        while order["status"] not in TERMINAL:
-            attempts = int(order.get("attempts") or 0)
+        while not order.terminal:
+            attempts = order.attempts
             if attempts >= MAX_ATTEMPTS and await self._may_fail(order):
                 # Used up here (failing was not safe until now), or by a worker
                 # before us that then died.
@@ -703,12 +654,12 @@ class Executor:
                 order = await self._drive(order)
             except (InvalidOrderError, RejectedSwapError) as exc:
                 order = await self._load(order_id)
-                if order["status"] not in TERMINAL:
+                if not order.terminal:
                     order = await self._advance(order, FAILED, reason=_rejection_reason(exc))
             except TransientVenueError as exc:
                 last_error = exc
                 order = await self._load(order_id)
-                if order["status"] in TERMINAL:
+                if order.terminal:
                     break
                 if attempts >= MAX_ATTEMPTS and await self._may_fail(order):
                     order = await self._fail_exhausted(order, attempts, exc)
@@ -720,11 +671,11 @@ class Executor:
                 await asyncio.sleep(delay)
                 order = await self._load(order_id)
 
-    async def _drive(self, order: dict[str, str]) -> dict[str, str]:
+    async def _drive(self, order: Order) -> Order:
         """Take the steps from the order's stored status up to a terminal one."""
         while True:
-            status = order["status"]
-            if status in TERMINAL:
+            status = order.status
+            if status.terminal:
                 return order
             if status == PENDING:
                 order = await self._advance(order, ROUTING)
@@ -735,10 +686,10 @@ class Executor:
             elif status == SUBMITTED:
                 order = await self._settle(order)
             else:
-                raise PoisonEntry(f"order {order['id']} has an unknown status {status!r}")
+                raise PoisonEntry(f"order {order.id} has an unknown status {status!r}")
 
-    async def _route(self, order: dict[str, str]) -> dict[str, str]:
-        request = OrderRequest.from_order(order)
+    async def _route(self, order: Order) -> Order:
+        request = order.parsed_request()
         sold, bought = request.token_in, request.token_out
         quote = await self.router.best_quote(sold.symbol, bought.symbol, request.amount_in)
         least = amounts.min_amount_out(quote.amount_out, request.max_slippage)
@@ -751,20 +702,21 @@ class Executor:
             min_amount_out=bought.from_base_units(least),
         )
 
-    def _transaction(self, order: Mapping[str, str]) -> tuple[SwapTx, Venue]:
+    def _transaction(self, order: Order) -> tuple[SwapTx, Venue]:
         """The order's one transaction, rebuilt from what the ``building`` step stored."""
-        request = OrderRequest.from_order(order)
-        venue = self.venues.get(order.get("venue", ""))
+        request = order.parsed_request()
+        venue = self.venues.get(order.venue or "")
         if venue is None:
             # Not a failure of the order: a worker that knows the venue can finish it.
-            raise RuntimeError(f"order {order['id']} was routed to unknown venue {order.get('venue')!r}")
+            raise RuntimeError(f"order {order.id} was routed to unknown venue {order.venue!r}")
         try:
-            least = request.token_out.to_base_units(Decimal(order["min_amount_out"]))
-        except (KeyError, ArithmeticError, ValueError) as exc:
+            assert order.min_amount_out is not None, "no min_amount_out"
+            least = request.token_out.to_base_units(order.min_amount_out)
+        except (AssertionError, ArithmeticError, ValueError) as exc:
             # Not a failure of the order either: its transaction may be out.
-            raise RuntimeError(f"order {order['id']} has no usable min_amount_out ({exc!r})") from None
+            raise RuntimeError(f"order {order.id} has no usable min_amount_out ({exc!r})") from None
         tx = SwapTx.build(
-            order_id=order["id"],
+            order_id=order.id,
             venue=venue.name,
             token_in=request.token_in.symbol,
             token_out=request.token_out.symbol,
@@ -773,11 +725,11 @@ class Executor:
         )
         return tx, venue
 
-    async def _send(self, order: dict[str, str]) -> dict[str, str]:
+    async def _send(self, order: Order) -> Order:
         tx, venue = self._transaction(order)
-        recorded = order.get("tx_hash")
+        recorded = order.tx_hash
         if recorded and recorded != tx.tx_hash:
-            raise RuntimeError(f"order {order['id']} records tx {recorded}, expected {tx.tx_hash}")
+            raise RuntimeError(f"order {order.id} records tx {recorded}, expected {tx.tx_hash}")
         if recorded:
             # Someone (perhaps a worker that died) got this far: did the tx go out?
             if (await venue.status(tx.tx_hash)).state is TxState.UNKNOWN:
@@ -787,17 +739,17 @@ class Executor:
             # Recorded before sending, so whoever resumes this order knows the tx_hash;
             # and only while the order is still building, so a client's cancel that
             # came first wins and nothing is sent.
-            if not await self.store.record_tx(order["id"], tx.tx_hash):
-                current = await self._load(order["id"])
+            if not await self.store.record_tx(order.id, tx.tx_hash):
+                current = await self._load(order.id)
                 logger.info("order %s: %s before its transaction was sent; not sending",
-                            order["id"], current["status"])
+                            order.id, current.status)
                 return current
-            order = {**order, "tx_hash": tx.tx_hash}
+            order = dataclasses.replace(order, tx_hash=tx.tx_hash)
             await self._check_still_owner()
             await venue.send(tx)
         return await self._advance(order, SUBMITTED, tx_hash=tx.tx_hash, venue=venue.name)
 
-    async def _settle(self, order: dict[str, str]) -> dict[str, str]:
+    async def _settle(self, order: Order) -> Order:
         """Wait for the venue's verdict on the order's transaction."""
         tx, venue = self._transaction(order)
         delay = self.status_poll_secs
@@ -807,7 +759,7 @@ class Executor:
                 status = await venue.status(tx.tx_hash)
             except TransientVenueError as exc:
                 # The tx is out: failing the order now could be a lie. Keep asking.
-                logger.warning("order %s: status of %s unavailable (%s)", order["id"], tx.tx_hash, exc)
+                logger.warning("order %s: status of %s unavailable (%s)", order.id, tx.tx_hash, exc)
                 status = None
             if status is not None:
                 if status.state is TxState.CONFIRMED:
@@ -832,28 +784,28 @@ class Executor:
                 if status.state is TxState.UNKNOWN:
                     # The venue lost it (or never got it): sending is idempotent.
                     logger.warning("order %s: venue %s does not know %s; sending it again",
-                                   order["id"], venue.name, tx.tx_hash)
+                                   order.id, venue.name, tx.tx_hash)
                     await self._check_still_owner()
                     await venue.send(tx)
             await asyncio.sleep(delay)
             delay = min(delay * 2, STATUS_POLL_MAX_SECS)
 
     @staticmethod
-    def _revert_reason(order: Mapping[str, str], status: TxStatus) -> str:
-        if status.reason == SLIPPAGE and status.amount_out is not None:
-            request = OrderRequest.from_order(order)
+    def _revert_reason(order: Order, status: TxStatus) -> str:
+        if status.reason == SLIPPAGE and status.amount_out is not None and order.quoted_price:
+            request = order.parsed_request()
             would_pay = amounts.price(
                 request.amount_in, request.token_in, status.amount_out, request.token_out
             )
-            quoted = Decimal(order["quoted_price"])
+            quoted = order.quoted_price
             return slippage_reason((quoted - would_pay) / quoted, request.max_slippage)
         return f"Transaction reverted: {status.reason or 'no reason given'}"
 
-    async def _may_fail(self, order: Mapping[str, str]) -> bool:
+    async def _may_fail(self, order: Order) -> bool:
         """Whether failing the order now is certain not to hide an executed trade."""
-        if order["status"] == SUBMITTED:
+        if order.status == SUBMITTED:
             return False
-        if order["status"] != BUILDING or not order.get("tx_hash"):
+        if order.status != BUILDING or not order.tx_hash:
             return True
         tx, venue = self._transaction(order)
         try:
@@ -862,34 +814,32 @@ class Executor:
             return False
 
     async def _fail_exhausted(
-        self, order: dict[str, str], attempts: int, error: TransientVenueError | None
-    ) -> dict[str, str]:
+        self, order: Order, attempts: int, error: TransientVenueError | None
+    ) -> Order:
         detail = f": {error}" if error is not None else ""
         return await self._advance(
             order, FAILED, reason=f"Retries exhausted after {attempts} attempts{detail}"
         )
 
-    async def _load(self, order_id: str) -> dict[str, str]:
+    async def _load(self, order_id: str) -> Order:
         order = await self.store.get(order_id)
         if order is None:
             raise PoisonEntry(f"unknown order id {order_id!r}")
         return order
 
-    async def _advance(self, order: dict[str, str], status: str, **fields: Any) -> dict[str, str]:
+    async def _advance(self, order: Order, status: OrderStatus, **fields: Any) -> Order:
         """Transition the order; the order as it now is (whoever moved it)."""
-        order_id = order["id"]
+        order_id = order.id
         result = await self.store.transition(order_id, status, **fields)
         if result.applied:
             details = "".join(f" {k}={v}" for k, v in fields.items() if v is not None)
-            logger.info("order %s: %s -> %s%s", order_id, order["status"], status, details)
-            updated = dict(order, status=status)
-            updated.update({k: stored_field(v) for k, v in fields.items() if v is not None})
-            return updated
+            logger.info("order %s: %s -> %s%s", order_id, order.status, status, details)
+            return order.moved(status, fields)
         current = await self._load(order_id)
-        if current["status"] == order["status"]:
-            raise RuntimeError(f"order {order_id}: {order['status']} -> {status} was refused")
+        if current.status == order.status:
+            raise RuntimeError(f"order {order_id}: {order.status} -> {status} was refused")
         # Another worker took the step (or a further one): carry on from there.
-        logger.info("order %s: already %s (wanted %s)", order_id, current["status"], status)
+        logger.info("order %s: already %s (wanted %s)", order_id, current.status, status)
         return current
 
 

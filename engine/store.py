@@ -25,28 +25,18 @@ from redis.exceptions import ResponseError
 from engine import keys, strict_json
 from engine.config import Config
 from engine.pipelined import PipelinedRedis, Script, Unanswered
+from engine.status import ALLOWED, Order, OrderStatus
 
 logger = logging.getLogger(__name__)
 
-PENDING = "pending"
-ROUTING = "routing"
-BUILDING = "building"
-SUBMITTED = "submitted"
-CONFIRMED = "confirmed"
-FAILED = "failed"
-
-STATUSES = (PENDING, ROUTING, BUILDING, SUBMITTED, CONFIRMED, FAILED)
-TERMINAL = frozenset({CONFIRMED, FAILED})
-# The only moves an order can make. Anything else (a replay, a retry, a second worker
-# racing the first) is refused by the transition script.
-ALLOWED: Mapping[str, frozenset[str]] = {
-    PENDING: frozenset({ROUTING, FAILED}),
-    ROUTING: frozenset({BUILDING, FAILED}),
-    BUILDING: frozenset({SUBMITTED, FAILED}),
-    SUBMITTED: frozenset({CONFIRMED, FAILED}),
-    CONFIRMED: frozenset(),
-    FAILED: frozenset(),
-}
+# The statuses by name, for the modules that import them from here.
+PENDING = OrderStatus.PENDING
+ROUTING = OrderStatus.ROUTING
+BUILDING = OrderStatus.BUILDING
+SUBMITTED = OrderStatus.SUBMITTED
+CONFIRMED = OrderStatus.CONFIRMED
+FAILED = OrderStatus.FAILED
+STATUSES = tuple(OrderStatus)
 
 
 # A stream read, as the decoding client returns it: [(entry id, {field: value})].
@@ -405,11 +395,11 @@ class OrderStore:
         """Add one to a running total (see ``counters``)."""
         await self.redis.hincrby(keys.COUNTERS, name, 1)
 
-    async def get(self, order_id: str) -> dict[str, str] | None:
-        """The order hash as stored, or None for an unknown order."""
+    async def get(self, order_id: str) -> Order | None:
+        """The order, or None for an unknown order."""
         # The client decodes responses, so every key and value is a str.
         data = cast(dict[str, str], await self.redis.hgetall(keys.order(order_id)))
-        return data or None
+        return Order.from_hash(data) if data else None
 
     async def exists(self, order_id: str) -> bool:
         return bool(await self.redis.exists(keys.order(order_id)))

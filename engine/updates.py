@@ -29,6 +29,7 @@ from redis.asyncio.connection import AbstractConnection
 from engine import keys
 from engine.config import Config
 from engine.connections import REDIS_DOWN_ERRORS, raise_if_cancelled
+from engine.status import TERMINAL
 from engine.store import OrderStore, StreamEntries
 
 logger = logging.getLogger(__name__)
@@ -54,7 +55,8 @@ RECONNECT_DELAY_SECS = 0.5
 # Called with (message JSON, is_terminal) for each message to send, in order.
 Sink = Callable[[str, bool], None]
 
-_TERMINAL_MARKERS = ('"status":"confirmed"', '"status":"failed"')
+# How a terminal status reads in a message (engine.strict_json writes no spaces).
+_TERMINAL_MARKERS = tuple(f'"status":"{status}"' for status in sorted(TERMINAL))
 
 
 def is_terminal(data: str) -> bool:

@@ -6,7 +6,6 @@ import logging
 import re
 import time
 import uuid
-from decimal import Decimal
 from typing import Any
 
 from tornado.httputil import HTTPMessageDelegate, HTTPServerRequest
@@ -16,6 +15,7 @@ from tornado.web import Application, stream_request_body
 from engine import amounts, strict_json
 from engine.pipelined import Unanswered
 from engine.services import Services
+from engine.status import Order
 from engine.store import (
     BUILDING,
     FAILED,
@@ -233,7 +233,7 @@ class OrderHandler(APIHandler):
             history = await self.services.store.history(order_id) if stored else []
         if stored is None:
             raise APIError(404, "not_found", f"no order {order_id}", order_id=order_id)
-        self.write_json(order_view(order_id, stored, history))
+        self.write_json(order_view(stored, history))
 
 
     async def delete(self, raw_id: str) -> None:
@@ -250,11 +250,11 @@ class OrderHandler(APIHandler):
         else:
             if stored is None:
                 raise APIError(404, "not_found", f"no order {order_id}", order_id=order_id)
-            if stored.get("reason") != CANCEL_REASON:  # a repeated DELETE is answered again
+            if stored.reason != CANCEL_REASON:  # a repeated DELETE is answered again
                 raise APIError(
                     409,
                     "too_late",
-                    f"the order is {stored['status']} and its transaction may already be "
+                    f"the order is {stored.status} and its transaction may already be "
                     "sent: only an order whose transaction is not yet sent can be cancelled",
                     order_id=order_id,
                 )
@@ -285,26 +285,23 @@ async def cancel(
         unanswered=unanswered, reason=CANCEL_REASON,
     )
 
-# Hash fields published as they are (strings) or as the exact numbers they hold.
-_TEXT_FIELDS = ("venue", "tx_hash", "reason")
-_NUMBER_FIELDS = ("execution_price", "amount_out")
+# The order's outcome fields that the API shows, once known.
+_OUTCOME_FIELDS = ("venue", "tx_hash", "reason", "execution_price", "amount_out")
 
 
-def order_view(order_id: str, stored: dict[str, str], history: list[tuple[int, str]]) -> dict[str, Any]:
-    """The public shape of an order (schemas/order.json) from its stored hash. The
-    history's messages are passed through as stored (exact JSON text)."""
+def order_view(order: Order, history: list[tuple[int, str]]) -> dict[str, Any]:
+    """The public shape of an order (schemas/order.json). The history's messages are
+    passed through as stored (exact JSON text)."""
     view: dict[str, Any] = {
-        "order_id": order_id,
-        "status": stored["status"],
-        "request": strict_json.loads(stored["request"]),
-        "created_at": utc_timestamp(float(stored["created_at"])),
-        "updated_at": utc_timestamp(float(stored["updated_at"])),
+        "order_id": order.id,
+        "status": order.status,
+        "request": strict_json.loads(order.request),
+        "created_at": utc_timestamp(order.created_at),
+        "updated_at": utc_timestamp(order.updated_at),
     }
-    for name in _TEXT_FIELDS:
-        if name in stored:
-            view[name] = stored[name]
-    for name in _NUMBER_FIELDS:
-        if name in stored:
-            view[name] = Decimal(stored[name])
+    for name in _OUTCOME_FIELDS:
+        value = getattr(order, name)
+        if value is not None:
+            view[name] = value
     view["history"] = [strict_json.raw(data) for _seq, data in history]
     return view

@@ -268,9 +268,9 @@ async def test_an_order_too_small_to_buy_one_unit_fails_with_a_clear_reason(
     await store.create(order_id, {**VALID_ORDER, "amount": Decimal("0.000000001")})
     await Executor(redis, config).run(burst=True)
     order = await store.get(order_id)
-    assert order is not None and order["status"] == "failed"
-    assert "less than the smallest unit of USDC (0.000001)" in order["reason"], order["reason"]
-    assert "tx_hash" not in order  # nothing was sent
+    assert order is not None and order.status == "failed"
+    assert order.reason and "less than the smallest unit of USDC (0.000001)" in order.reason, order.reason
+    assert order.tx_hash is None  # nothing was sent
 
 
 # -- 5. HEAD -------------------------------------------------------------------------------

@@ -31,7 +31,8 @@ from engine.connections import connect, connect_pipelined
 from engine.executor import MAX_ATTEMPTS, Executor, slippage_reason
 from engine.redis_server import RedisServer, free_port
 from engine.schemas import Schemas
-from engine.store import TERMINAL, OrderStore
+from engine.status import TERMINAL
+from engine.store import OrderStore
 from engine.venues import (
     METEORA,
     RAYDIUM,
@@ -73,7 +74,7 @@ async def statuses(store: OrderStore, order_id: str) -> list[str]:
 async def status_of(store: OrderStore, order_id: str) -> str:
     order = await store.get(order_id)
     assert order is not None
-    return order["status"]
+    return order.status
 
 
 async def ledger(redis: Redis) -> dict[str, list[dict[str, str]]]:
@@ -224,9 +225,9 @@ async def test_an_order_goes_through_every_status_to_confirmed(
 
     order = await store.get(order_id)
     assert order is not None
-    assert order["status"] == "confirmed"
-    assert order["tx_hash"] == submitted["tx_hash"]
-    assert order["attempts"] == "1"
+    assert order.status == "confirmed"
+    assert order.tx_hash == submitted["tx_hash"]
+    assert order.attempts == 1
     await assert_executed_once(redis, [order_id])
     await assert_stream_drained(redis)
 
@@ -344,7 +345,7 @@ async def test_a_price_move_beyond_max_slippage_fails_the_order(
 
 async def _has_status(store: OrderStore, order_id: str, status: str) -> bool:
     order = await store.get(order_id)
-    return order is not None and order["status"] == status
+    return order is not None and order.status == status
 
 
 @pytest.mark.parametrize("operation", ["quote", "send", "status"])
@@ -363,7 +364,7 @@ async def test_a_transient_venue_failure_is_retried(
     order = await store.get(order_id)
     assert order is not None
     # A failed status poll is asked again without using up an attempt: the tx is out.
-    assert order["attempts"] == ("1" if operation == "status" else "2")
+    assert order.attempts == (1 if operation == "status" else 2)
     await assert_executed_once(redis, [order_id])
 
 
@@ -387,7 +388,7 @@ async def test_retries_exhausted_fails_the_order_with_a_clear_reason(
     assert "raydium" in reason and "meteora" in reason
     assert schemas.errors("status_message", history[-1]) == []
     order = await store.get(order_id)
-    assert order is not None and order["attempts"] == str(MAX_ATTEMPTS)
+    assert order is not None and order.attempts == MAX_ATTEMPTS
     assert await ledger(redis) == {}
     await assert_stream_drained(redis)
 
@@ -426,7 +427,7 @@ async def test_a_pair_no_venue_has_fails_without_retries(
     assert [m["status"] for m in history] == ["pending", "routing", "failed"]
     assert history[-1]["reason"] == "No venue offers a BONK/RAY pool"
     order = await store.get(order_id)
-    assert order is not None and order["attempts"] == "1"
+    assert order is not None and order.attempts == 1
 
 
 # -- never twice -----------------------------------------------------------------------------
@@ -487,8 +488,8 @@ async def test_an_order_interrupted_mid_flight_is_finished_by_another_worker(
     await asyncio.wait_for(venues["raydium"].blocked.wait(), RUN_TIMEOUT_SECS)
 
     order = await store.get(order_id)
-    assert order is not None and TX_HASH.match(order["tx_hash"])
-    assert order["status"] == ("submitted" if point == "status" else "building")
+    assert order is not None and order.tx_hash and TX_HASH.match(order.tx_hash)
+    assert order.status == ("submitted" if point == "status" else "building")
     first.cancel()
     with pytest.raises(asyncio.CancelledError):
         await first
@@ -501,7 +502,7 @@ async def test_an_order_interrupted_mid_flight_is_finished_by_another_worker(
     assert [m["status"] for m in history] == [
         "pending", "routing", "building", "submitted", "confirmed"
     ]
-    assert history[-1]["tx_hash"] == order["tx_hash"]
+    assert history[-1]["tx_hash"] == order.tx_hash
     await assert_executed_once(redis, [order_id])
     await assert_stream_drained(redis)
 
@@ -963,7 +964,7 @@ async def test_a_cancel_after_the_transaction_is_recorded_is_refused(
     worker = asyncio.create_task(burst(executor_for(redis, config, venues=dict(venues))))
     await asyncio.wait_for(venues["raydium"].blocked.wait(), RUN_TIMEOUT_SECS)
     order = await store.get(order_id)
-    assert order is not None and order["status"] == "building" and order["tx_hash"]
+    assert order is not None and order.status == "building" and order.tx_hash
     assert not await cancel(store, order_id)  # the trade may go out: too late
     venues["raydium"].release.set()
     await worker

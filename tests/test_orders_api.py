@@ -375,7 +375,7 @@ async def test_cancel_before_the_transaction_is_recorded(
     await _advance_to(store, order_id, reached)
     response = await http_server_client.fetch(f"/api/orders/{order_id}", method="DELETE")
     assert response.code == 200
-    assert (await store.get(order_id))["status"] == "failed"
+    assert (await store.get(order_id)).status == "failed"  # type: ignore[union-attr]
 
 
 @pytest.mark.parametrize("reached", ["building+tx", "submitted", "confirmed"])
@@ -394,7 +394,7 @@ async def test_cancel_is_409_once_a_transaction_may_be_sent(
     assert response.code == 409
     body = json.loads(response.body)
     assert body["error"] == "too_late" and reached in body["message"]
-    assert (await store.get(order_id))["status"] == reached
+    assert (await store.get(order_id)).status == reached  # type: ignore[union-attr]
 
 
 async def test_cancel_an_unknown_order_is_404(http_server_client: Any) -> None:

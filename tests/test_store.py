@@ -13,7 +13,8 @@ from redis.asyncio import Redis
 
 from engine import keys
 from engine.schemas import Schemas
-from engine.store import ALLOWED, OrderStore, utc_timestamp
+from engine.status import ALLOWED
+from engine.store import OrderStore, utc_timestamp
 from tests.helpers import VALID_ORDER
 
 
