@@ -46,7 +46,18 @@ from redis.exceptions import ResponseError
 from engine import amounts, keys
 from engine.config import Config
 from engine.connections import REDIS_DOWN_ERRORS, raise_if_cancelled
-from engine.router import QUOTE_TIMEOUT_SECS, Router
+from engine.execution.router import QUOTE_TIMEOUT_SECS, Router
+from engine.execution.venues.base import (
+    SLIPPAGE,
+    RejectedSwapError,
+    SwapTx,
+    TransientVenueError,
+    TxState,
+    TxStatus,
+    UnsupportedPairError,
+    Venue,
+)
+from engine.execution.venues.simulated import SimulatedMarket, make_simulated_venues
 from engine.status import InvalidOrderError, Order, OrderStatus
 from engine.store import (
     BUILDING,
@@ -56,18 +67,6 @@ from engine.store import (
     ROUTING,
     SUBMITTED,
     OrderStore,
-)
-from engine.venues import (
-    SLIPPAGE,
-    RejectedSwapError,
-    SimulatedMarket,
-    SwapTx,
-    TransientVenueError,
-    TxState,
-    TxStatus,
-    UnsupportedPairError,
-    Venue,
-    make_simulated_venues,
 )
 
 logger = logging.getLogger(__name__)

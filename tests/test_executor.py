@@ -28,24 +28,20 @@ from redis.asyncio import Redis
 from engine import amounts, keys, strict_json
 from engine.config import PROJECT_ROOT, Config
 from engine.connections import connect, connect_pipelined
+from engine.execution.venues.base import Quote, SwapTx, TransientVenueError, TxStatus, Venue
+from engine.execution.venues.simulated import (
+    METEORA,
+    RAYDIUM,
+    ManualClock,
+    SimulatedMarket,
+    VenueProfile,
+    make_simulated_venues,
+)
 from engine.executor import MAX_ATTEMPTS, Executor, slippage_reason
 from engine.redis_server import RedisServer, free_port
 from engine.schemas import Schemas
 from engine.status import TERMINAL
 from engine.store import OrderStore
-from engine.venues import (
-    METEORA,
-    RAYDIUM,
-    ManualClock,
-    Quote,
-    SimulatedMarket,
-    SwapTx,
-    TransientVenueError,
-    TxStatus,
-    Venue,
-    VenueProfile,
-    make_simulated_venues,
-)
 from tests.helpers import VALID_ORDER, eventually
 
 TX_HASH = re.compile(r"^0x[0-9a-f]{64}$")

@@ -15,9 +15,18 @@ from redis.asyncio import Redis
 from engine import keys
 from engine.amounts import token
 from engine.config import Config
-from engine.router import Router
-from engine.schemas import Schemas
-from engine.venues import (
+from engine.execution.router import Router
+from engine.execution.venues.base import (
+    Quote,
+    RejectedSwapError,
+    SwapTx,
+    TransientVenueError,
+    TxState,
+    TxStatus,
+    UnsupportedPairError,
+    tx_hash_for,
+)
+from engine.execution.venues.simulated import (
     DEFAULT_PROFILES,
     METEORA,
     PAIR_DEPTH_USD,
@@ -25,19 +34,12 @@ from engine.venues import (
     REFERENCE_PRICES_USD,
     ManualClock,
     Pool,
-    Quote,
-    RejectedSwapError,
     SimulatedMarket,
     SimulatedVenue,
-    SwapTx,
-    TransientVenueError,
-    TxState,
-    TxStatus,
-    UnsupportedPairError,
     make_simulated_venues,
     pair_key,
-    tx_hash_for,
 )
+from engine.schemas import Schemas
 
 TX_HASH = re.compile(r"^0x[0-9a-f]{64}$")
 SOL, USDC = token("SOL"), token("USDC")

@@ -1,7 +1,7 @@
 """After a fault: read Redis and count what went wrong, order by order.
 
 "Executed once" is checked on the simulated venues' ledger (``ledger:{tx_hash}``
-hashes, see engine/venues.py): an order executed once has exactly one ledger entry
+hashes, see engine/execution/venues/simulated.py): an order executed once has exactly one ledger entry
 (one transaction, so one trade), that entry is the order's own ``tx_hash``, and its
 outcome is the order's (``confirmed`` with the same execution price, or ``reverted``
 for an order that failed after sending). Sending the same transaction twice does not

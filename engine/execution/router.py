@@ -6,7 +6,7 @@ import asyncio
 import logging
 from collections.abc import Iterable, Mapping
 
-from engine.venues import (
+from engine.execution.venues.base import (
     Quote,
     RejectedSwapError,
     TransientVenueError,

@@ -1,0 +1,1 @@
+"""Venues: the contract (``base``) and its implementations (``simulated``)."""
