@@ -17,7 +17,8 @@ import sys
 from engine import runtime
 from engine.config import Config, ConfigError
 from engine.connections import connect, connect_pipelined, worker_pool_size
-from engine.executor import READ_BLOCK_MS, Executor
+from engine.execution.consumer import READ_BLOCK_MS
+from engine.execution.services import build_worker
 from engine.logs import setup_logging
 from engine.store import OrderStore
 
@@ -25,7 +26,7 @@ logger = logging.getLogger("worker")
 
 
 async def work(config: Config, redis_url: str) -> None:
-    """Run one executor until a signal, then shut it down gracefully."""
+    """Run one worker until a signal, then shut it down gracefully."""
     redis = connect(
         redis_url,
         config,
@@ -35,8 +36,8 @@ async def work(config: Config, redis_url: str) -> None:
     )
     # The store's scripts (the order's transitions) go over one pipelined connection.
     pipe = connect_pipelined(redis_url, config)
-    executor = Executor(redis, config, store=OrderStore(redis, config, pipe))
-    runner = asyncio.create_task(executor.run(), name="executor")
+    consumer = build_worker(redis, config, store=OrderStore(redis, config, pipe))
+    runner = asyncio.create_task(consumer.run(), name="consumer")
     signals = 0
 
     def on_signal(signum: int) -> None:
@@ -44,7 +45,7 @@ async def work(config: Config, redis_url: str) -> None:
         signals += 1
         if signals == 1:
             logger.info("%s received; finishing orders in flight", signal.Signals(signum).name)
-            executor.stop()
+            consumer.stop()
         else:
             logger.warning("second signal; stopping now")
             runner.cancel()

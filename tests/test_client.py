@@ -15,7 +15,8 @@ from typing import Any
 from tornado.testing import bind_unused_port
 
 from engine.config import PROJECT_ROOT, Config
-from engine.executor import Executor
+from engine.execution.consumer import Consumer
+from engine.execution.services import build_worker
 from engine.redis_server import RedisServer, free_port
 from engine.schemas import Schemas
 from engine.services import Services
@@ -35,7 +36,7 @@ async def run_client(*args: str) -> tuple[int, str, str]:
 
 
 @contextlib.asynccontextmanager
-async def running(worker: Executor) -> AsyncIterator[None]:
+async def running(worker: Consumer) -> AsyncIterator[None]:
     """``worker`` executing orders for the duration of the block."""
     task = asyncio.create_task(worker.run())
     try:
@@ -48,7 +49,7 @@ async def running(worker: Executor) -> AsyncIterator[None]:
 async def test_client_submits_and_follows_an_order_to_confirmed(
     http_server_client: Any, services: Services, config: Config
 ) -> None:
-    async with running(Executor(services.redis, config)):
+    async with running(build_worker(services.redis, config)):
         code, out, err = await run_client(
             "SOL", "USDC", "1.5", "--slippage", "0.05", "--url", http_server_client.get_url("")
         )
@@ -83,7 +84,7 @@ async def test_client_exits_1_with_the_reason_when_the_order_fails(
     import dataclasses
 
     broken = dataclasses.replace(config, venue_failure_rate=1.0)
-    async with running(Executor(services.redis, broken, retry_backoff_secs=0.01)):
+    async with running(build_worker(services.redis, broken, retry_backoff_secs=0.01)):
         code, out, err = await run_client("SOL", "USDC", "2", "--url", http_server_client.get_url(""))
     assert code == 1
     assert "] failed" in out
@@ -93,7 +94,7 @@ async def test_client_exits_1_with_the_reason_when_the_order_fails(
 async def test_client_sends_and_shows_amounts_exactly(
     http_server_client: Any, services: Services, config: Config
 ) -> None:
-    async with running(Executor(services.redis, config)):
+    async with running(build_worker(services.redis, config)):
         code, out, err = await run_client(
             "SOL", "USDC", "0.000000001", "--url", http_server_client.get_url("")
         )  # one lamport: buys less than a micro-USDC
@@ -132,7 +133,7 @@ async def test_client_prints_a_safe_retry_when_the_outcome_is_unknown(
         assert argv[:3] == ["python", "-m", "engine.client"] and "--idempotency-key" in argv
         key = argv[argv.index("--idempotency-key") + 1]
         # The hint's command, run now Redis is back: the order, once, under that key.
-        async with running(Executor(services.redis, config)):
+        async with running(build_worker(services.redis, config)):
             retried, out, err = await run_client(*argv[3:])
         assert retried == 0, (out, err)
         order_id = out.splitlines()[0].removeprefix("order ")

@@ -37,7 +37,7 @@ from tornado.testing import bind_unused_port
 
 from engine import amounts, keys
 from engine.config import Config
-from engine.executor import Executor
+from engine.execution.services import build_worker
 from engine.redis_server import RedisServer, free_port
 from engine.schemas import Schemas
 from engine.services import Services
@@ -237,7 +237,7 @@ async def test_amounts_come_back_exact_in_the_token_decimals(
 ) -> None:
     _, _, accepted = await post_text(http_server_client, ORDER_TEXT % ("1.5", "0.01"))
     order_id = accepted["order_id"]
-    await Executor(redis, config).run(burst=True)
+    await build_worker(redis, config).run(burst=True)
     response = await http_server_client.fetch(f"/api/orders/{order_id}")
     text = response.body.decode()
     # The raw JSON text: amounts written exactly, never a binary float's digits.
@@ -266,7 +266,7 @@ async def test_an_order_too_small_to_buy_one_unit_fails_with_a_clear_reason(
     # One lamport (1e-9 SOL) buys ~2.2e-7 USDC: less than USDC's smallest unit.
     order_id = str(uuid.uuid4())
     await store.create(order_id, {**VALID_ORDER, "amount": Decimal("0.000000001")})
-    await Executor(redis, config).run(burst=True)
+    await build_worker(redis, config).run(burst=True)
     order = await store.get(order_id)
     assert order is not None and order.status == "failed"
     assert order.reason and "less than the smallest unit of USDC (0.000001)" in order.reason, order.reason

@@ -28,6 +28,9 @@ from redis.asyncio import Redis
 from engine import amounts, keys, strict_json
 from engine.config import PROJECT_ROOT, Config
 from engine.connections import connect, connect_pipelined
+from engine.execution.consumer import Consumer
+from engine.execution.driver import MAX_ATTEMPTS, slippage_reason
+from engine.execution.services import build_worker
 from engine.execution.venues.base import Quote, SwapTx, TransientVenueError, TxStatus, Venue
 from engine.execution.venues.simulated import (
     METEORA,
@@ -37,7 +40,6 @@ from engine.execution.venues.simulated import (
     VenueProfile,
     make_simulated_venues,
 )
-from engine.executor import MAX_ATTEMPTS, Executor, slippage_reason
 from engine.redis_server import RedisServer, free_port
 from engine.schemas import Schemas
 from engine.status import TERMINAL
@@ -101,7 +103,7 @@ async def assert_stream_drained(redis: Redis) -> None:
     assert (await redis.xpending(keys.ORDERS_STREAM, keys.EXECUTORS_GROUP))["pending"] == 0
 
 
-async def burst(executor: Executor) -> None:
+async def burst(executor: Consumer) -> None:
     await asyncio.wait_for(executor.run(burst=True), RUN_TIMEOUT_SECS)
 
 
@@ -112,8 +114,8 @@ def executor_for(
     market: SimulatedMarket | None = None,
     venues: dict[str, Venue] | None = None,
     **kwargs: Any,
-) -> Executor:
-    return Executor(
+) -> Consumer:
+    return build_worker(
         redis,
         config,
         venues=venues,
@@ -291,7 +293,7 @@ async def test_each_transition_is_logged_with_the_order_id(
     redis: Redis, store: OrderStore, config: Config, caplog: pytest.LogCaptureFixture
 ) -> None:
     order_id = await new_order(store)
-    with caplog.at_level(logging.INFO, logger="engine.executor"):
+    with caplog.at_level(logging.INFO, logger="engine.execution"):
         await burst(executor_for(redis, config))
     lines = [r.getMessage() for r in caplog.records if order_id in r.getMessage() and "->" in r.getMessage()]
     assert [line.split(" -> ")[1].split()[0] for line in lines] == [
@@ -370,7 +372,7 @@ async def test_retries_exhausted_fails_the_order_with_a_clear_reason(
 ) -> None:
     down = dataclasses.replace(config, venue_failure_rate=1.0)
     order_id = await new_order(store)
-    with caplog.at_level(logging.WARNING, logger="engine.executor"):
+    with caplog.at_level(logging.WARNING, logger="engine.execution"):
         await burst(executor_for(redis, down, retry_backoff_secs=0.01))
 
     # Exponential backoff between the attempts: 0.01 s, then 0.02 s.
@@ -604,7 +606,7 @@ async def test_a_worker_with_a_fixed_name_waits_for_its_predecessor_then_resumes
     named = dataclasses.replace(config, worker_name="worker.1", claim_idle_ms=600_000)
     executor = executor_for(redis, named)
     assert executor.consumer == "worker.1"
-    with caplog.at_level(logging.INFO, logger="engine.executor"):
+    with caplog.at_level(logging.INFO, logger="engine.execution"):
         run = asyncio.create_task(burst(executor))
         await eventually(lambda: "another process of this name is alive" in caplog.text,
                          message="the wait is logged")
@@ -651,9 +653,9 @@ async def test_a_submitted_order_whose_entry_keeps_failing_finishes_from_the_ven
 async def test_a_submitted_order_the_venue_cannot_settle_is_left_to_an_operator(
     redis: Redis, store: OrderStore, config: Config, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import engine.executor
+    import engine.execution.driver
 
-    monkeypatch.setattr(engine.executor, "GIVE_UP_SETTLE_SECS", 0.3)
+    monkeypatch.setattr(engine.execution.driver, "GIVE_UP_SETTLE_SECS", 0.3)
     order_id = await _submitted_order_delivered_twice(redis, store)
     venues = wrapped_venues(redis, config)
     for venue in venues.values():
@@ -712,7 +714,7 @@ async def test_redis_down_is_retried_not_fatal(
     nowhere = connect(f"redis://127.0.0.1:{free_port()}/0", config)
     executor = executor_for(nowhere, config)
     try:
-        with caplog.at_level(logging.WARNING, logger="engine.executor"):
+        with caplog.at_level(logging.WARNING, logger="engine.execution"):
             run = asyncio.create_task(executor.run())
             await eventually(
                 lambda: any("Redis unavailable" in r.getMessage() for r in caplog.records),
@@ -978,10 +980,10 @@ async def test_a_worker_frozen_before_sending_does_not_send_after_a_takeover(
     stalled = executor_for(redis, dataclasses.replace(config, claim_idle_ms=60_000))
     real_check = stalled._check_still_owner
 
-    async def freeze_then_check() -> None:
+    async def freeze_then_check(entry_id: str) -> None:
         frozen.set()
         await thaw.wait()
-        await real_check()
+        await real_check(entry_id)
 
     stalled._check_still_owner = freeze_then_check  # type: ignore[method-assign]
     order_id = await new_order(store)

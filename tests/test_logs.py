@@ -32,14 +32,14 @@ def test_json_log_lines(monkeypatch: pytest.MonkeyPatch) -> None:
     stream = io.StringIO()
     monkeypatch.setattr("sys.stderr", stream)
     setup_logging(dataclasses.replace(Config(), log_format="json"), "worker")
-    logging.getLogger("engine.executor").info("order %s: %s -> %s", "abc", "pending", "routing")
+    logging.getLogger("engine.execution.driver").info("order %s: %s -> %s", "abc", "pending", "routing")
     try:
         raise ValueError("boom")
     except ValueError:
         logging.getLogger("worker").exception("task failed")
     first, second = (json.loads(line) for line in stream.getvalue().splitlines())
     assert first["message"] == "order abc: pending -> routing"
-    assert first["level"] == "info" and first["logger"] == "engine.executor"
+    assert first["level"] == "info" and first["logger"] == "engine.execution.driver"
     assert first["ts"].endswith("Z")
     assert second["level"] == "error" and "ValueError: boom" in second["exc"]
 

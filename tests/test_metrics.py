@@ -12,7 +12,8 @@ from redis.asyncio import Redis
 
 from engine import keys
 from engine.config import Config
-from engine.executor import MAX_ATTEMPTS, Executor
+from engine.execution.driver import MAX_ATTEMPTS
+from engine.execution.services import build_worker
 from engine.services import Services
 from tests.helpers import VALID_ORDER, eventually, open_socket, post_chunked, post_order
 
@@ -40,7 +41,7 @@ async def test_metrics_count_requests_orders_sockets_and_workers(
     assert chunked.code == 202
     ws = await open_socket(http_server_client)
 
-    worker = Executor(services.redis, config)
+    worker = build_worker(services.redis, config)
     task = asyncio.create_task(worker.run())
     try:
         await eventually(lambda: redis.exists(keys.worker(worker.consumer)), message="worker alive")
@@ -85,7 +86,7 @@ async def test_metrics_show_lag_retries_and_dead_letters(
     # is dead-lettered.
     failing = dataclasses.replace(config, venue_failure_rate=1.0)
     await asyncio.wait_for(
-        Executor(services.redis, failing, retry_backoff_secs=0.0).run(burst=True), 20
+        build_worker(services.redis, failing, retry_backoff_secs=0.0).run(burst=True), 20
     )
     samples = await scrape(http_server_client)
     assert samples[("orders_stream_lag", ())] == 0

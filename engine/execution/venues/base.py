@@ -1,4 +1,4 @@
-"""The venue contract: what the executor asks of a place to swap tokens.
+"""The venue contract: what the order driver asks of a place to swap tokens.
 
 A venue quotes a swap, accepts a transaction and answers "did it land?" for a
 tx_hash. The router and the order driver (engine.execution) talk to venues through

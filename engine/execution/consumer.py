@@ -1,35 +1,20 @@
-"""The execution worker: takes orders from the consumer group and drives each to the end.
+"""The orders stream's consumer: lease, read, claim, heartbeat, dispatch, ack, dead letters.
 
-Per order: ``pending`` -> ``routing`` (quote every venue) -> ``building`` (chosen venue,
-quoted price, min_amount_out from max_slippage) -> ``submitted`` (tx_hash) ->
-``confirmed`` or ``failed``. Every status change goes through OrderStore.transition,
-which refuses duplicates, so two workers (or one worker replaying its own work after
-a crash) can never publish a status twice.
-
-Each step is decided by the order's stored status, not by what this process
-remembers, so a worker that picks up an order someone else started continues where
-it stopped:
-
-* An order's tx_hash is a pure function of what the ``building`` message recorded, and
-  is written to the order before the transaction is sent. A worker resuming a
-  ``building`` order asks the venue about that tx_hash before sending, and the venue
-  ledger records a tx_hash once however often it is sent: an order executes at most
-  once.
-* The orders-stream entry is acknowledged (and deleted) only after a terminal status.
-  Until then it sits in the group's pending list: a worker's own entries are resumed
-  when it starts, entries of a dead worker are taken over with XAUTOCLAIM once idle for
-  ``claim_idle_ms``, and a live worker keeps its entries fresh (XCLAIM JUSTID) so they
-  are not taken from it while it waits for a slow confirmation.
-* An entry delivered more than ``max_deliveries`` times, or one that names no order,
-  goes to the dead-letter stream; its order (if any) is failed with a reason.
+The orders-stream entry is acknowledged (and deleted) only after its order reached a
+terminal status. Until then it sits in the group's pending list: a worker's own
+entries are resumed when it starts, entries of a dead worker are taken over with
+XAUTOCLAIM once idle for ``claim_idle_ms``, and a live worker keeps its entries fresh
+(XCLAIM JUSTID) so they are not taken from it while it waits for a slow confirmation.
+An entry delivered more than ``max_deliveries`` times, or one that names no order,
+goes to the dead-letter stream; its order (if any) is failed with a reason. What
+happens to the order itself is the driver's business (engine.execution.driver).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
-import dataclasses
+import functools
 import json
 import logging
 import os
@@ -37,52 +22,22 @@ import secrets
 import socket
 import time
 from collections.abc import Mapping
-from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from engine import amounts, keys
+from engine import keys
 from engine.config import Config
 from engine.connections import REDIS_DOWN_ERRORS, raise_if_cancelled
-from engine.execution.router import QUOTE_TIMEOUT_SECS, Router
-from engine.execution.venues.base import (
-    SLIPPAGE,
-    RejectedSwapError,
-    SwapTx,
-    TransientVenueError,
-    TxState,
-    TxStatus,
-    UnsupportedPairError,
-    Venue,
-)
-from engine.execution.venues.simulated import SimulatedMarket, make_simulated_venues
-from engine.status import InvalidOrderError, Order, OrderStatus
-from engine.store import (
-    BUILDING,
-    CONFIRMED,
-    FAILED,
-    PENDING,
-    ROUTING,
-    SUBMITTED,
-    OrderStore,
-)
+from engine.execution.driver import OrderDriver, PoisonEntry, owner_check
+from engine.store import OrderStore
 
 logger = logging.getLogger(__name__)
 
-# Tries per order when venues fail transiently (the first try included).
-MAX_ATTEMPTS = 3
-# Wait before the second try; doubles for each further one, up to the cap.
-RETRY_BACKOFF_SECS = 0.5
-RETRY_BACKOFF_MAX_SECS = 30.0
 # XREADGROUP BLOCK: short enough that a stop request or an XAUTOCLAIM round is never
 # far away, and well below the client's socket timeout (redis_timeout_secs + block).
 READ_BLOCK_MS = 1000
-# Asking a venue whether a transaction landed: first after this long, then twice as
-# long each time, up to the cap (simulated confirmations take 0.4-1 s).
-STATUS_POLL_SECS = 0.05
-STATUS_POLL_MAX_SECS = 0.5
 # After a Redis connection error, wait this long before trying again.
 REDIS_RETRY_SECS = 1.0
 # The longest wait for the heartbeat task to end when the worker stops.
@@ -99,13 +54,8 @@ if record and cjson.decode(record)['token'] == ARGV[1] then
 end
 return 0
 """
-
-# An order whose transaction is out and whose entry is past max_deliveries gets this
-# long to learn its outcome from the venue before it is left to an operator.
-GIVE_UP_SETTLE_SECS = 30.0
 # The dead-letter stream is for an operator to read; keep it from growing forever.
 DEAD_LETTER_MAXLEN = 100_000
-
 
 # Refresh the idle time of the entries this consumer still owns, and only those: an
 # entry another worker has claimed (this one was frozen or partitioned past
@@ -124,16 +74,9 @@ end
 return lost
 """
 
-# The entry the current task is working on (set by _process, read before a send).
-_current_entry: contextvars.ContextVar[str] = contextvars.ContextVar("current_entry")
-
 
 class LostEntry(Exception):
     """Another worker has taken over this task's entry: stop working on the order."""
-
-
-class PoisonEntry(Exception):
-    """An orders-stream entry that cannot be processed: it goes to the dead-letter stream."""
 
 
 def consumer_name() -> str:
@@ -141,57 +84,29 @@ def consumer_name() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
 
 
-_TENTH = Decimal("0.1")
-
-
-def slippage_reason(moved: Decimal, max_slippage: Decimal) -> str:
-    """The failure reason for a price move (fractions), e.g.
-    ``Price moved 1.8% (max allowed: 1.0%)``: percentages to one decimal, half up."""
-    moved_pct = (moved * 100).quantize(_TENTH, ROUND_HALF_UP)
-    max_pct = (max_slippage * 100).quantize(_TENTH, ROUND_HALF_UP)
-    if moved_pct <= max_pct:
-        # The move did exceed the limit; rounding must not make it read as within it.
-        moved_pct = max_pct + _TENTH
-    return f"Price moved {moved_pct}% (max allowed: {max_pct}%)"
-
-
-class Executor:
-    """Consumes ``keys.ORDERS_STREAM`` as one member of ``keys.EXECUTORS_GROUP``.
+class Consumer:
+    """Consumes ``keys.ORDERS_STREAM`` as one member of ``keys.EXECUTORS_GROUP``, and
+    hands each entry's order to ``driver``.
 
     ``run()`` works until ``stop()`` (or, with ``burst=True``, until the group has
     nothing left to do), then lets in-flight orders finish within
     ``config.shutdown_grace_secs`` and cancels the rest: their entries stay pending, so
     another worker or the next start takes them over. The Redis client is the
-    caller's: ``run()`` does not close it.
+    caller's: ``run()`` does not close it. ``consumer`` is this worker's name in the
+    group (default: WORKER_NAME, else unique to the process).
     """
 
     def __init__(
-        self,
-        redis: Redis,
-        config: Config,
-        *,
-        venues: Mapping[str, Venue] | None = None,
-        market: SimulatedMarket | None = None,
-        store: OrderStore | None = None,
-        consumer: str | None = None,
-        retry_backoff_secs: float = RETRY_BACKOFF_SECS,
-        status_poll_secs: float = STATUS_POLL_SECS,
+        self, redis: Redis, config: Config, driver: OrderDriver, *, consumer: str | None = None
     ) -> None:
         self.redis = redis
         self.config = config
-        self.store = store or OrderStore(redis, config)
-        self.venues: dict[str, Venue] = dict(
-            venues if venues is not None else make_simulated_venues(redis, config, market)
-        )
-        quote_timeout = max(QUOTE_TIMEOUT_SECS, 3 * config.quote_latency_ms / 1000)
-        self.router = Router(self.venues, timeout_secs=quote_timeout)
+        self.driver = driver
         self.consumer = consumer or config.worker_name or consumer_name()
         # Marks this process's record under keys.worker(consumer): a restarted worker
         # of the same name tells its predecessor's record from its own.
         self._token = secrets.token_hex(8)
         self.concurrency = config.worker_concurrency
-        self.retry_backoff_secs = retry_backoff_secs
-        self.status_poll_secs = status_poll_secs
         self._claim_interval_secs = min(config.claim_idle_ms / 2000, CLAIM_INTERVAL_MAX_SECS)
         self._block_ms = max(1, min(READ_BLOCK_MS, int(self._claim_interval_secs * 1000)))
         self._stop = asyncio.Event()
@@ -208,6 +123,11 @@ class Executor:
         self._heartbeat_stop = asyncio.Event()
 
     # -- lifecycle -------------------------------------------------------------------
+
+    @property
+    def store(self) -> OrderStore:
+        """The driver's order store."""
+        return self.driver.store
 
     @property
     def in_flight(self) -> int:
@@ -514,7 +434,9 @@ class Executor:
     async def _process(self, entry_id: str, fields: dict[str, str], deliveries: int) -> None:
         """Drive one entry's order to a terminal status, then acknowledge the entry."""
         order_id = fields.get("id", "")
-        _current_entry.set(entry_id)  # this task's own context
+        # This task's own context: the driver checks, before it sends, that the entry
+        # is still ours.
+        owner_check.set(functools.partial(self._check_still_owner, entry_id))
         try:
             while True:
                 try:
@@ -523,7 +445,7 @@ class Executor:
                     if deliveries > self.config.max_deliveries:
                         await self._give_up(entry_id, order_id, fields, deliveries)
                         return
-                    await self._execute(order_id)
+                    await self.driver.execute(order_id)
                     await self._ack(entry_id)
                     return
                 except PoisonEntry as exc:
@@ -589,263 +511,20 @@ class Executor:
             f"Order could not be processed: delivered {deliveries} times "
             f"(limit {self.config.max_deliveries}); set aside for an operator"
         )
-        order = await self.store.get(order_id)
-        if order is not None and not order.terminal:
-            try:
-                may_fail = await self._may_fail(order)
-            except (RuntimeError, InvalidOrderError):
-                may_fail = order.status != SUBMITTED and not order.tx_hash
-            if may_fail:
-                await self._advance(order, FAILED, reason=reason)
-            elif await self._settle_before_giving_up(order):
-                await self._ack(entry_id)
-                return
-            else:
-                logger.error(
-                    "order %s: %s with tx %s but its entry keeps failing; left for an "
-                    "operator (see %s)",
-                    order_id, order.status, order.tx_hash, keys.DEAD_LETTER_STREAM,
-                )
+        if await self.driver.give_up(order_id, reason):
+            await self._ack(entry_id)
+            return
         await self._dead_letter(entry_id, fields, reason, deliveries)
 
-    async def _check_still_owner(self) -> None:
-        """Raise LostEntry if another worker has claimed this task's entry. Called just
-        before a transaction is sent: a worker that was frozen past claim_idle_ms must
-        not send what the worker that took over is sending."""
-        entry_id = _current_entry.get(None)
-        if entry_id is None:
-            return
+    async def _check_still_owner(self, entry_id: str) -> None:
+        """Raise LostEntry if another worker has claimed the entry (the driver calls
+        this just before a transaction is sent: a worker that was frozen past
+        claim_idle_ms must not send what the worker that took over is sending)."""
         lost = await self._keep_owned(
             keys=[keys.ORDERS_STREAM], args=[keys.EXECUTORS_GROUP, self.consumer, entry_id]
         )
         if lost:
             raise LostEntry(entry_id)
-
-    async def _settle_before_giving_up(self, order: Order) -> bool:
-        """Finish an order whose transaction is out from the venue's answer alone;
-        False if that did not work within GIVE_UP_SETTLE_SECS."""
-        try:
-            final = await asyncio.wait_for(self._drive(order), GIVE_UP_SETTLE_SECS)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # whatever kept failing this entry: leave it to a person
-            logger.warning("order %s: could not settle before giving up: %r", order.id, exc)
-            return False
-        logger.info("order %s: settled as %s although its entry was delivered too often",
-                    order.id, final.status)
-        return final.terminal
-
-    # -- one order ------------------------------------------------------------------
-
-    async def _execute(self, order_id: str) -> None:
-        """Run the order to a terminal status, retrying transient venue failures."""
-        order = await self._load(order_id)
-        last_error: TransientVenueError | None = None
-        while not order.terminal:
-            attempts = order.attempts
-            if attempts >= MAX_ATTEMPTS and await self._may_fail(order):
-                # Used up here (failing was not safe until now), or by a worker
-                # before us that then died.
-                order = await self._fail_exhausted(order, attempts, last_error)
-                break
-            attempts = await self.store.count_attempt(order_id)
-            try:
-                order = await self._drive(order)
-            except (InvalidOrderError, RejectedSwapError) as exc:
-                order = await self._load(order_id)
-                if not order.terminal:
-                    order = await self._advance(order, FAILED, reason=_rejection_reason(exc))
-            except TransientVenueError as exc:
-                last_error = exc
-                order = await self._load(order_id)
-                if order.terminal:
-                    break
-                if attempts >= MAX_ATTEMPTS and await self._may_fail(order):
-                    order = await self._fail_exhausted(order, attempts, exc)
-                    break
-                delay = min(self.retry_backoff_secs * 2 ** (attempts - 1), RETRY_BACKOFF_MAX_SECS)
-                await self.store.count("retries")
-                logger.warning("order %s: attempt %s of %s failed (%s); retrying in %.2f s",
-                               order_id, attempts, MAX_ATTEMPTS, exc, delay)
-                await asyncio.sleep(delay)
-                order = await self._load(order_id)
-
-    async def _drive(self, order: Order) -> Order:
-        """Take the steps from the order's stored status up to a terminal one."""
-        while True:
-            status = order.status
-            if status.terminal:
-                return order
-            if status == PENDING:
-                order = await self._advance(order, ROUTING)
-            elif status == ROUTING:
-                order = await self._route(order)
-            elif status == BUILDING:
-                order = await self._send(order)
-            elif status == SUBMITTED:
-                order = await self._settle(order)
-            else:
-                raise PoisonEntry(f"order {order.id} has an unknown status {status!r}")
-
-    async def _route(self, order: Order) -> Order:
-        request = order.parsed_request()
-        sold, bought = request.token_in, request.token_out
-        quote = await self.router.best_quote(sold.symbol, bought.symbol, request.amount_in)
-        least = amounts.min_amount_out(quote.amount_out, request.max_slippage)
-        return await self._advance(
-            order,
-            BUILDING,
-            venue=quote.venue,
-            quoted_price=quote.price,
-            expected_amount_out=bought.from_base_units(quote.amount_out),
-            min_amount_out=bought.from_base_units(least),
-        )
-
-    def _transaction(self, order: Order) -> tuple[SwapTx, Venue]:
-        """The order's one transaction, rebuilt from what the ``building`` step stored."""
-        request = order.parsed_request()
-        venue = self.venues.get(order.venue or "")
-        if venue is None:
-            # Not a failure of the order: a worker that knows the venue can finish it.
-            raise RuntimeError(f"order {order.id} was routed to unknown venue {order.venue!r}")
-        try:
-            assert order.min_amount_out is not None, "no min_amount_out"
-            least = request.token_out.to_base_units(order.min_amount_out)
-        except (AssertionError, ArithmeticError, ValueError) as exc:
-            # Not a failure of the order either: its transaction may be out.
-            raise RuntimeError(f"order {order.id} has no usable min_amount_out ({exc!r})") from None
-        tx = SwapTx.build(
-            order_id=order.id,
-            venue=venue.name,
-            token_in=request.token_in.symbol,
-            token_out=request.token_out.symbol,
-            amount_in=request.amount_in,
-            min_amount_out=least,
-        )
-        return tx, venue
-
-    async def _send(self, order: Order) -> Order:
-        tx, venue = self._transaction(order)
-        recorded = order.tx_hash
-        if recorded and recorded != tx.tx_hash:
-            raise RuntimeError(f"order {order.id} records tx {recorded}, expected {tx.tx_hash}")
-        if recorded:
-            # Someone (perhaps a worker that died) got this far: did the tx go out?
-            if (await venue.status(tx.tx_hash)).state is TxState.UNKNOWN:
-                await self._check_still_owner()
-                await venue.send(tx)
-        else:
-            # Recorded before sending, so whoever resumes this order knows the tx_hash;
-            # and only while the order is still building, so a client's cancel that
-            # came first wins and nothing is sent.
-            if not await self.store.record_tx(order.id, tx.tx_hash):
-                current = await self._load(order.id)
-                logger.info("order %s: %s before its transaction was sent; not sending",
-                            order.id, current.status)
-                return current
-            order = dataclasses.replace(order, tx_hash=tx.tx_hash)
-            await self._check_still_owner()
-            await venue.send(tx)
-        return await self._advance(order, SUBMITTED, tx_hash=tx.tx_hash, venue=venue.name)
-
-    async def _settle(self, order: Order) -> Order:
-        """Wait for the venue's verdict on the order's transaction."""
-        tx, venue = self._transaction(order)
-        delay = self.status_poll_secs
-        while True:
-            status: TxStatus | None
-            try:
-                status = await venue.status(tx.tx_hash)
-            except TransientVenueError as exc:
-                # The tx is out: failing the order now could be a lie. Keep asking.
-                logger.warning("order %s: status of %s unavailable (%s)", order.id, tx.tx_hash, exc)
-                status = None
-            if status is not None:
-                if status.state is TxState.CONFIRMED:
-                    assert status.amount_out is not None
-                    sold, bought = amounts.token(tx.token_in), amounts.token(tx.token_out)
-                    return await self._advance(
-                        order,
-                        CONFIRMED,
-                        tx_hash=tx.tx_hash,
-                        execution_price=amounts.price(tx.amount_in, sold, status.amount_out, bought),
-                        amount_out=bought.from_base_units(status.amount_out),
-                        venue=venue.name,
-                    )
-                if status.state is TxState.REVERTED:
-                    return await self._advance(
-                        order,
-                        FAILED,
-                        reason=self._revert_reason(order, status),
-                        tx_hash=tx.tx_hash,
-                        venue=venue.name,
-                    )
-                if status.state is TxState.UNKNOWN:
-                    # The venue lost it (or never got it): sending is idempotent.
-                    logger.warning("order %s: venue %s does not know %s; sending it again",
-                                   order.id, venue.name, tx.tx_hash)
-                    await self._check_still_owner()
-                    await venue.send(tx)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, STATUS_POLL_MAX_SECS)
-
-    @staticmethod
-    def _revert_reason(order: Order, status: TxStatus) -> str:
-        if status.reason == SLIPPAGE and status.amount_out is not None and order.quoted_price:
-            request = order.parsed_request()
-            would_pay = amounts.price(
-                request.amount_in, request.token_in, status.amount_out, request.token_out
-            )
-            quoted = order.quoted_price
-            return slippage_reason((quoted - would_pay) / quoted, request.max_slippage)
-        return f"Transaction reverted: {status.reason or 'no reason given'}"
-
-    async def _may_fail(self, order: Order) -> bool:
-        """Whether failing the order now is certain not to hide an executed trade."""
-        if order.status == SUBMITTED:
-            return False
-        if order.status != BUILDING or not order.tx_hash:
-            return True
-        tx, venue = self._transaction(order)
-        try:
-            return (await venue.status(tx.tx_hash)).state is TxState.UNKNOWN
-        except TransientVenueError:
-            return False
-
-    async def _fail_exhausted(
-        self, order: Order, attempts: int, error: TransientVenueError | None
-    ) -> Order:
-        detail = f": {error}" if error is not None else ""
-        return await self._advance(
-            order, FAILED, reason=f"Retries exhausted after {attempts} attempts{detail}"
-        )
-
-    async def _load(self, order_id: str) -> Order:
-        order = await self.store.get(order_id)
-        if order is None:
-            raise PoisonEntry(f"unknown order id {order_id!r}")
-        return order
-
-    async def _advance(self, order: Order, status: OrderStatus, **fields: Any) -> Order:
-        """Transition the order; the order as it now is (whoever moved it)."""
-        order_id = order.id
-        result = await self.store.transition(order_id, status, **fields)
-        if result.applied:
-            details = "".join(f" {k}={v}" for k, v in fields.items() if v is not None)
-            logger.info("order %s: %s -> %s%s", order_id, order.status, status, details)
-            return order.moved(status, fields)
-        current = await self._load(order_id)
-        if current.status == order.status:
-            raise RuntimeError(f"order {order_id}: {order.status} -> {status} was refused")
-        # Another worker took the step (or a further one): carry on from there.
-        logger.info("order %s: already %s (wanted %s)", order_id, current.status, status)
-        return current
-
-
-def _rejection_reason(error: Exception) -> str:
-    if isinstance(error, (InvalidOrderError, UnsupportedPairError)):
-        return str(error)
-    return f"The venue refused the swap: {error}"
 
 
 def _stream_entries(response: Any) -> list[tuple[str, dict[str, str] | None]]:

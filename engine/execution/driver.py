@@ -1,0 +1,365 @@
+"""One order's state machine: route, build, send, settle.
+
+Per order: ``pending`` -> ``routing`` (quote every venue) -> ``building`` (chosen venue,
+quoted price, min_amount_out from max_slippage) -> ``submitted`` (tx_hash) ->
+``confirmed`` or ``failed``. Every status change goes through OrderStore.transition,
+which refuses duplicates, so two workers (or one worker replaying its own work after
+a crash) can never publish a status twice.
+
+Each step is decided by the order's stored status, not by what this process
+remembers, so a driver that picks up an order someone else started continues where
+it stopped. An order's tx_hash is a pure function of what the ``building`` message
+recorded, and is written to the order before the transaction is sent; a driver
+resuming a ``building`` order asks the venue about that tx_hash before sending, and
+the venue records a tx_hash once however often it is sent: an order executes at most
+once. Which entry of the orders stream carries the order, and whether this worker
+still owns it, is the consumer's business (engine.execution.consumer).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import dataclasses
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from decimal import ROUND_HALF_UP, Decimal
+from typing import Any
+
+from engine import amounts
+from engine.execution.router import Router
+from engine.execution.venues.base import (
+    SLIPPAGE,
+    RejectedSwapError,
+    SwapTx,
+    TransientVenueError,
+    TxState,
+    TxStatus,
+    UnsupportedPairError,
+    Venue,
+)
+from engine.status import InvalidOrderError, Order, OrderStatus
+from engine.store import BUILDING, CONFIRMED, FAILED, PENDING, ROUTING, SUBMITTED, OrderStore
+
+logger = logging.getLogger(__name__)
+
+# Tries per order when venues fail transiently (the first try included).
+MAX_ATTEMPTS = 3
+# Wait before the second try; doubles for each further one, up to the cap.
+RETRY_BACKOFF_SECS = 0.5
+RETRY_BACKOFF_MAX_SECS = 30.0
+# Asking a venue whether a transaction landed: first after this long, then twice as
+# long each time, up to the cap (simulated confirmations take 0.4-1 s).
+STATUS_POLL_SECS = 0.05
+STATUS_POLL_MAX_SECS = 0.5
+# An order whose transaction is out and whose entry is past max_deliveries gets this
+# long to learn its outcome from the venue before it is left to an operator.
+GIVE_UP_SETTLE_SECS = 30.0
+
+OwnerCheck = Callable[[], Awaitable[None]]
+# Set by whoever drives the current task's order (the consumer: "is this entry still
+# mine?"), called just before a transaction is sent, so that a worker frozen past the
+# claim time does not send what the worker that took over is sending. It raises to
+# stop the order's work.
+owner_check: contextvars.ContextVar[OwnerCheck | None] = contextvars.ContextVar(
+    "owner_check", default=None
+)
+
+
+async def _ensure_owner() -> None:
+    check = owner_check.get()
+    if check is not None:
+        await check()
+
+
+class PoisonEntry(Exception):
+    """An orders-stream entry that cannot be processed: it goes to the dead-letter stream."""
+
+
+_TENTH = Decimal("0.1")
+
+
+def slippage_reason(moved: Decimal, max_slippage: Decimal) -> str:
+    """The failure reason for a price move (fractions), e.g.
+    ``Price moved 1.8% (max allowed: 1.0%)``: percentages to one decimal, half up."""
+    moved_pct = (moved * 100).quantize(_TENTH, ROUND_HALF_UP)
+    max_pct = (max_slippage * 100).quantize(_TENTH, ROUND_HALF_UP)
+    if moved_pct <= max_pct:
+        # The move did exceed the limit; rounding must not make it read as within it.
+        moved_pct = max_pct + _TENTH
+    return f"Price moved {moved_pct}% (max allowed: {max_pct}%)"
+
+
+class OrderDriver:
+    """Drives orders through their statuses against ``venues`` (by name), quoting
+    through ``router`` and recording every step in ``store``."""
+
+    def __init__(
+        self,
+        store: OrderStore,
+        venues: Mapping[str, Venue],
+        router: Router,
+        *,
+        retry_backoff_secs: float = RETRY_BACKOFF_SECS,
+        status_poll_secs: float = STATUS_POLL_SECS,
+    ) -> None:
+        self.store = store
+        self.venues = dict(venues)
+        self.router = router
+        self.retry_backoff_secs = retry_backoff_secs
+        self.status_poll_secs = status_poll_secs
+
+    async def give_up(self, order_id: str, reason: str) -> bool:
+        """For an order whose entry keeps coming back: fail it with ``reason`` if that
+        cannot hide an executed trade; else learn its outcome from the venue for up
+        to GIVE_UP_SETTLE_SECS. True if the order finished that way (its entry may
+        be acknowledged); False if it was failed, was already finished or unknown, or
+        could not be settled (its entry is for an operator: the order keeps its
+        tx_hash)."""
+        order = await self.store.get(order_id)
+        if order is None or order.terminal:
+            return False
+        try:
+            may_fail = await self._may_fail(order)
+        except (RuntimeError, InvalidOrderError):
+            may_fail = order.status != SUBMITTED and not order.tx_hash
+        if may_fail:
+            await self._advance(order, FAILED, reason=reason)
+            return False
+        if await self._settle_before_giving_up(order):
+            return True
+        logger.error(
+            "order %s: %s with tx %s but its entry keeps failing; left for an operator",
+            order_id, order.status, order.tx_hash,
+        )
+        return False
+
+    async def _settle_before_giving_up(self, order: Order) -> bool:
+        """Finish an order whose transaction is out from the venue's answer alone;
+        False if that did not work within GIVE_UP_SETTLE_SECS."""
+        try:
+            final = await asyncio.wait_for(self._drive(order), GIVE_UP_SETTLE_SECS)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # whatever kept failing this entry: leave it to a person
+            logger.warning("order %s: could not settle before giving up: %r", order.id, exc)
+            return False
+        logger.info("order %s: settled as %s although its entry was delivered too often",
+                    order.id, final.status)
+        return final.terminal
+
+    # -- one order ------------------------------------------------------------------
+
+    async def execute(self, order_id: str) -> None:
+        """Run the order to a terminal status, retrying transient venue failures.
+
+        Raises PoisonEntry for an unknown order, what the store raises when Redis is
+        unreachable (the caller retries: every step resumes from the stored status),
+        and what the owner check raises (see ``owner_check``)."""
+        order = await self._load(order_id)
+        last_error: TransientVenueError | None = None
+        while not order.terminal:
+            attempts = order.attempts
+            if attempts >= MAX_ATTEMPTS and await self._may_fail(order):
+                # Used up here (failing was not safe until now), or by a worker
+                # before us that then died.
+                order = await self._fail_exhausted(order, attempts, last_error)
+                break
+            attempts = await self.store.count_attempt(order_id)
+            try:
+                order = await self._drive(order)
+            except (InvalidOrderError, RejectedSwapError) as exc:
+                order = await self._load(order_id)
+                if not order.terminal:
+                    order = await self._advance(order, FAILED, reason=_rejection_reason(exc))
+            except TransientVenueError as exc:
+                last_error = exc
+                order = await self._load(order_id)
+                if order.terminal:
+                    break
+                if attempts >= MAX_ATTEMPTS and await self._may_fail(order):
+                    order = await self._fail_exhausted(order, attempts, exc)
+                    break
+                delay = min(self.retry_backoff_secs * 2 ** (attempts - 1), RETRY_BACKOFF_MAX_SECS)
+                await self.store.count("retries")
+                logger.warning("order %s: attempt %s of %s failed (%s); retrying in %.2f s",
+                               order_id, attempts, MAX_ATTEMPTS, exc, delay)
+                await asyncio.sleep(delay)
+                order = await self._load(order_id)
+
+    async def _drive(self, order: Order) -> Order:
+        """Take the steps from the order's stored status up to a terminal one."""
+        while True:
+            status = order.status
+            if status.terminal:
+                return order
+            if status == PENDING:
+                order = await self._advance(order, ROUTING)
+            elif status == ROUTING:
+                order = await self._route(order)
+            elif status == BUILDING:
+                order = await self._send(order)
+            elif status == SUBMITTED:
+                order = await self._settle(order)
+            else:
+                raise PoisonEntry(f"order {order.id} has an unknown status {status!r}")
+
+    async def _route(self, order: Order) -> Order:
+        request = order.parsed_request()
+        sold, bought = request.token_in, request.token_out
+        quote = await self.router.best_quote(sold.symbol, bought.symbol, request.amount_in)
+        least = amounts.min_amount_out(quote.amount_out, request.max_slippage)
+        return await self._advance(
+            order,
+            BUILDING,
+            venue=quote.venue,
+            quoted_price=quote.price,
+            expected_amount_out=bought.from_base_units(quote.amount_out),
+            min_amount_out=bought.from_base_units(least),
+        )
+
+    def _transaction(self, order: Order) -> tuple[SwapTx, Venue]:
+        """The order's one transaction, rebuilt from what the ``building`` step stored."""
+        request = order.parsed_request()
+        venue = self.venues.get(order.venue or "")
+        if venue is None:
+            # Not a failure of the order: a worker that knows the venue can finish it.
+            raise RuntimeError(f"order {order.id} was routed to unknown venue {order.venue!r}")
+        try:
+            assert order.min_amount_out is not None, "no min_amount_out"
+            least = request.token_out.to_base_units(order.min_amount_out)
+        except (AssertionError, ArithmeticError, ValueError) as exc:
+            # Not a failure of the order either: its transaction may be out.
+            raise RuntimeError(f"order {order.id} has no usable min_amount_out ({exc!r})") from None
+        tx = SwapTx.build(
+            order_id=order.id,
+            venue=venue.name,
+            token_in=request.token_in.symbol,
+            token_out=request.token_out.symbol,
+            amount_in=request.amount_in,
+            min_amount_out=least,
+        )
+        return tx, venue
+
+    async def _send(self, order: Order) -> Order:
+        tx, venue = self._transaction(order)
+        recorded = order.tx_hash
+        if recorded and recorded != tx.tx_hash:
+            raise RuntimeError(f"order {order.id} records tx {recorded}, expected {tx.tx_hash}")
+        if recorded:
+            # Someone (perhaps a worker that died) got this far: did the tx go out?
+            if (await venue.status(tx.tx_hash)).state is TxState.UNKNOWN:
+                await _ensure_owner()
+                await venue.send(tx)
+        else:
+            # Recorded before sending, so whoever resumes this order knows the tx_hash;
+            # and only while the order is still building, so a client's cancel that
+            # came first wins and nothing is sent.
+            if not await self.store.record_tx(order.id, tx.tx_hash):
+                current = await self._load(order.id)
+                logger.info("order %s: %s before its transaction was sent; not sending",
+                            order.id, current.status)
+                return current
+            order = dataclasses.replace(order, tx_hash=tx.tx_hash)
+            await _ensure_owner()
+            await venue.send(tx)
+        return await self._advance(order, SUBMITTED, tx_hash=tx.tx_hash, venue=venue.name)
+
+    async def _settle(self, order: Order) -> Order:
+        """Wait for the venue's verdict on the order's transaction."""
+        tx, venue = self._transaction(order)
+        delay = self.status_poll_secs
+        while True:
+            status: TxStatus | None
+            try:
+                status = await venue.status(tx.tx_hash)
+            except TransientVenueError as exc:
+                # The tx is out: failing the order now could be a lie. Keep asking.
+                logger.warning("order %s: status of %s unavailable (%s)", order.id, tx.tx_hash, exc)
+                status = None
+            if status is not None:
+                if status.state is TxState.CONFIRMED:
+                    assert status.amount_out is not None
+                    sold, bought = amounts.token(tx.token_in), amounts.token(tx.token_out)
+                    return await self._advance(
+                        order,
+                        CONFIRMED,
+                        tx_hash=tx.tx_hash,
+                        execution_price=amounts.price(tx.amount_in, sold, status.amount_out, bought),
+                        amount_out=bought.from_base_units(status.amount_out),
+                        venue=venue.name,
+                    )
+                if status.state is TxState.REVERTED:
+                    return await self._advance(
+                        order,
+                        FAILED,
+                        reason=self._revert_reason(order, status),
+                        tx_hash=tx.tx_hash,
+                        venue=venue.name,
+                    )
+                if status.state is TxState.UNKNOWN:
+                    # The venue lost it (or never got it): sending is idempotent.
+                    logger.warning("order %s: venue %s does not know %s; sending it again",
+                                   order.id, venue.name, tx.tx_hash)
+                    await _ensure_owner()
+                    await venue.send(tx)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, STATUS_POLL_MAX_SECS)
+
+    @staticmethod
+    def _revert_reason(order: Order, status: TxStatus) -> str:
+        if status.reason == SLIPPAGE and status.amount_out is not None and order.quoted_price:
+            request = order.parsed_request()
+            would_pay = amounts.price(
+                request.amount_in, request.token_in, status.amount_out, request.token_out
+            )
+            quoted = order.quoted_price
+            return slippage_reason((quoted - would_pay) / quoted, request.max_slippage)
+        return f"Transaction reverted: {status.reason or 'no reason given'}"
+
+    async def _may_fail(self, order: Order) -> bool:
+        """Whether failing the order now is certain not to hide an executed trade."""
+        if order.status == SUBMITTED:
+            return False
+        if order.status != BUILDING or not order.tx_hash:
+            return True
+        tx, venue = self._transaction(order)
+        try:
+            return (await venue.status(tx.tx_hash)).state is TxState.UNKNOWN
+        except TransientVenueError:
+            return False
+
+    async def _fail_exhausted(
+        self, order: Order, attempts: int, error: TransientVenueError | None
+    ) -> Order:
+        detail = f": {error}" if error is not None else ""
+        return await self._advance(
+            order, FAILED, reason=f"Retries exhausted after {attempts} attempts{detail}"
+        )
+
+    async def _load(self, order_id: str) -> Order:
+        order = await self.store.get(order_id)
+        if order is None:
+            raise PoisonEntry(f"unknown order id {order_id!r}")
+        return order
+
+    async def _advance(self, order: Order, status: OrderStatus, **fields: Any) -> Order:
+        """Transition the order; the order as it now is (whoever moved it)."""
+        order_id = order.id
+        result = await self.store.transition(order_id, status, **fields)
+        if result.applied:
+            details = "".join(f" {k}={v}" for k, v in fields.items() if v is not None)
+            logger.info("order %s: %s -> %s%s", order_id, order.status, status, details)
+            return order.moved(status, fields)
+        current = await self._load(order_id)
+        if current.status == order.status:
+            raise RuntimeError(f"order {order_id}: {order.status} -> {status} was refused")
+        # Another worker took the step (or a further one): carry on from there.
+        logger.info("order %s: already %s (wanted %s)", order_id, current.status, status)
+        return current
+
+
+def _rejection_reason(error: Exception) -> str:
+    if isinstance(error, (InvalidOrderError, UnsupportedPairError)):
+        return str(error)
+    return f"The venue refused the swap: {error}"

@@ -1,0 +1,55 @@
+"""The worker's composition root: the one place that chooses the venues and builds the
+driver and the consumer (engine.services is the web process's).
+
+The consumer and the driver know venues only through engine.execution.venues.base;
+which venues a worker trades on is decided here, from the configuration.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from redis.asyncio import Redis
+
+from engine.config import Config
+from engine.execution.consumer import Consumer
+from engine.execution.driver import RETRY_BACKOFF_SECS, STATUS_POLL_SECS, OrderDriver
+from engine.execution.router import QUOTE_TIMEOUT_SECS, Router
+from engine.execution.venues.base import Venue
+from engine.execution.venues.simulated import SimulatedMarket, make_simulated_venues
+from engine.store import OrderStore
+
+
+def venues_for(
+    redis: Redis, config: Config, market: SimulatedMarket | None = None
+) -> dict[str, Venue]:
+    """The venues a worker trades on, by name: today the simulated market's (with
+    ``market`` given, that market: tests pass one with a manual clock)."""
+    return dict(make_simulated_venues(redis, config, market))
+
+
+def build_worker(
+    redis: Redis,
+    config: Config,
+    *,
+    venues: Mapping[str, Venue] | None = None,
+    market: SimulatedMarket | None = None,
+    store: OrderStore | None = None,
+    consumer: str | None = None,
+    retry_backoff_secs: float = RETRY_BACKOFF_SECS,
+    status_poll_secs: float = STATUS_POLL_SECS,
+) -> Consumer:
+    """A worker: a Consumer of the orders stream whose OrderDriver trades on
+    ``venues`` (default: ``venues_for(redis, config, market)``) and records in
+    ``store`` (default: an OrderStore on ``redis``). ``consumer`` is its name in the
+    group; the two intervals are for tests."""
+    store = store or OrderStore(redis, config)
+    chosen = dict(venues) if venues is not None else venues_for(redis, config, market)
+    # A venue that has not quoted by then is treated as down for this order; a slow
+    # simulated market (QUOTE_LATENCY_MS) gets three round trips.
+    quote_timeout = max(QUOTE_TIMEOUT_SECS, 3 * config.quote_latency_ms / 1000)
+    router = Router(chosen, timeout_secs=quote_timeout)
+    driver = OrderDriver(
+        store, chosen, router, retry_backoff_secs=retry_backoff_secs, status_poll_secs=status_poll_secs
+    )
+    return Consumer(redis, config, driver, consumer=consumer)
