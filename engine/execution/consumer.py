@@ -15,14 +15,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import json
 import logging
 import os
 import secrets
 import socket
 import time
 from collections.abc import Mapping
-from typing import Any
 
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
@@ -31,6 +29,8 @@ from engine import keys
 from engine.config import Config
 from engine.connections import REDIS_DOWN_ERRORS, raise_if_cancelled
 from engine.execution.driver import OrderDriver, PoisonEntry, owner_check
+from engine.execution.group import OrderGroup
+from engine.execution.lease import REDIS_RETRY_SECS, ConsumerLease
 from engine.store import OrderStore
 
 logger = logging.getLogger(__name__)
@@ -38,42 +38,12 @@ logger = logging.getLogger(__name__)
 # XREADGROUP BLOCK: short enough that a stop request or an XAUTOCLAIM round is never
 # far away, and well below the client's socket timeout (redis_timeout_secs + block).
 READ_BLOCK_MS = 1000
-# After a Redis connection error, wait this long before trying again.
-REDIS_RETRY_SECS = 1.0
 # The longest wait for the heartbeat task to end when the worker stops.
 HEARTBEAT_STOP_SECS = 2.0
 # XAUTOCLAIM at least this often, whatever claim_idle_ms is.
 CLAIM_INTERVAL_MAX_SECS = 5.0
 # Burst mode: how often to look again while other workers still hold pending entries.
 BURST_POLL_SECS = 0.05
-# Removes a worker's record (keys.worker) only if it is still this process's.
-_RELEASE_NAME_LUA = """
-local record = redis.call('GET', KEYS[1])
-if record and cjson.decode(record)['token'] == ARGV[1] then
-    return redis.call('DEL', KEYS[1])
-end
-return 0
-"""
-# The dead-letter stream is for an operator to read; keep it from growing forever.
-DEAD_LETTER_MAXLEN = 100_000
-
-# Refresh the idle time of the entries this consumer still owns, and only those: an
-# entry another worker has claimed (this one was frozen or partitioned past
-# claim_idle_ms) is not taken back. Returns the ids this consumer no longer owns.
-# KEYS: orders stream; ARGV: group, consumer, entry ids...
-_KEEP_OWNED_LUA = """
-local lost = {}
-for i = 3, #ARGV do
-  local row = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
-  if row[1] and row[1][2] == ARGV[2] then
-    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'JUSTID')
-  else
-    table.insert(lost, ARGV[i])
-  end
-end
-return lost
-"""
-
 
 class LostEntry(Exception):
     """Another worker has taken over this task's entry: stop working on the order."""
@@ -103,9 +73,8 @@ class Consumer:
         self.config = config
         self.driver = driver
         self.consumer = consumer or config.worker_name or consumer_name()
-        # Marks this process's record under keys.worker(consumer): a restarted worker
-        # of the same name tells its predecessor's record from its own.
-        self._token = secrets.token_hex(8)
+        self.lease = ConsumerLease(redis, config, self.consumer)
+        self.group = OrderGroup(redis, self.consumer)
         self.concurrency = config.worker_concurrency
         self._claim_interval_secs = min(config.claim_idle_ms / 2000, CLAIM_INTERVAL_MAX_SECS)
         self._block_ms = max(1, min(READ_BLOCK_MS, int(self._claim_interval_secs * 1000)))
@@ -118,8 +87,6 @@ class Consumer:
         self._history_cursor = "0"
         self._claim_cursor = "0-0"
         self._next_claim_at = 0.0
-        self._keep_owned = redis.register_script(_KEEP_OWNED_LUA)
-        self._release_name_script = redis.register_script(_RELEASE_NAME_LUA)
         self._heartbeat_stop = asyncio.Event()
 
     # -- lifecycle -------------------------------------------------------------------
@@ -150,7 +117,7 @@ class Consumer:
             self.concurrency,
             ", burst" if burst else "",
         )
-        await self._take_name()
+        await self.lease.acquire(self._stop)
         heartbeat = asyncio.create_task(self._heartbeat(), name=f"heartbeat-{self.consumer}")
         try:
             await self._loop(burst)
@@ -165,52 +132,8 @@ class Consumer:
             self._heartbeat_stop.set()
             heartbeat.cancel()
             await asyncio.wait({heartbeat}, timeout=HEARTBEAT_STOP_SECS)
-            await self._release_name()
+            await self.lease.release()
         logger.info("worker %s: stopped", self.consumer)
-
-    def _record(self, in_flight: int) -> str:
-        """This process's entry under keys.worker(consumer): alive, and how busy."""
-        return json.dumps({"in_flight": in_flight, "pid": os.getpid(), "token": self._token})
-
-    async def _take_name(self) -> None:
-        """Wait until no other live process uses this consumer name.
-
-        Two processes of one name would each take the other's pending entries for
-        their own. A unique name (the default) is free at once. A fixed one
-        (WORKER_NAME, DYNO) may still be held by the process this one replaces: it
-        lets go when it stops gracefully, or its record expires CLAIM_IDLE_MS after
-        it died, the same wait after which its entries could be claimed anyway.
-        """
-        warned = False
-        while not self._stop.is_set():
-            try:
-                taken = await self.redis.set(
-                    keys.worker(self.consumer), self._record(0), nx=True,
-                    px=self.config.claim_idle_ms,
-                )
-                if taken:
-                    return
-                if not warned:
-                    logger.warning(
-                        "worker %s: another process of this name is alive, or stopped "
-                        "less than %s ms ago; waiting until its record expires",
-                        self.consumer, self.config.claim_idle_ms,
-                    )
-                    warned = True
-                await self._sleep_unless_stopped(min(1.0, self.config.claim_idle_ms / 1000))
-            except REDIS_DOWN_ERRORS as exc:
-                raise_if_cancelled()
-                logger.warning("worker %s: Redis unavailable (%s); retrying in %s s",
-                               self.consumer, exc, REDIS_RETRY_SECS)
-                await self._sleep_unless_stopped(REDIS_RETRY_SECS)
-
-    async def _release_name(self) -> None:
-        """Let a successor of the same name start at once (only our own record)."""
-        try:
-            await self._release_name_script(keys=[keys.worker(self.consumer)], args=[self._token])
-        except (*REDIS_DOWN_ERRORS, ResponseError) as exc:
-            raise_if_cancelled()
-            logger.warning("worker %s: could not remove its record: %s", self.consumer, exc)
 
     async def _drain(self) -> None:
         if not self._tasks:
@@ -243,7 +166,7 @@ class Consumer:
                 if await self._read_once(burst):
                     continue
                 if burst:
-                    if not self._tasks and await self._group_idle():
+                    if not self._tasks and await self.group.idle():
                         logger.info("worker %s: burst done, no work left", self.consumer)
                         return
                     await self._wait_for_tasks(BURST_POLL_SECS)
@@ -280,27 +203,14 @@ class Consumer:
             self._next_claim_at = time.monotonic() + self._claim_interval_secs
             if await self._claim_stale(capacity):
                 return True
-        response = await self.redis.xreadgroup(
-            keys.EXECUTORS_GROUP,
-            self.consumer,
-            {keys.ORDERS_STREAM: ">"},
-            count=capacity,
-            block=None if burst else self._block_ms,
-        )
-        entries = _stream_entries(response)
+        entries = await self.group.read_new(capacity, None if burst else self._block_ms)
         for entry_id, fields in entries:
             self._dispatch(entry_id, fields, deliveries=1)
         return bool(entries)
 
     async def _resume_own(self, capacity: int) -> bool:
         """Read this consumer's own pending entries (delivered, never acknowledged)."""
-        response = await self.redis.xreadgroup(
-            keys.EXECUTORS_GROUP,
-            self.consumer,
-            {keys.ORDERS_STREAM: self._history_cursor},
-            count=capacity,
-        )
-        entries = _stream_entries(response)
+        entries = await self.group.read_own(self._history_cursor, capacity)
         if not entries:
             self._read_history = False
             self._history_cursor = "0"
@@ -309,7 +219,7 @@ class Consumer:
         for entry_id, fields in entries:
             if entry_id in self._tasks:
                 continue
-            deliveries = await self._deliveries(entry_id)
+            deliveries = await self.group.deliveries(entry_id)
             if deliveries is None:
                 continue
             logger.info("worker %s: resuming own pending entry %s", self.consumer, entry_id)
@@ -318,18 +228,11 @@ class Consumer:
 
     async def _claim_stale(self, capacity: int) -> bool:
         """XAUTOCLAIM entries idle longer than claim_idle_ms (their worker is gone)."""
-        response = await self.redis.xautoclaim(
-            keys.ORDERS_STREAM,
-            keys.EXECUTORS_GROUP,
-            self.consumer,
-            min_idle_time=self.config.claim_idle_ms,
-            start_id=self._claim_cursor,
-            count=capacity,
+        self._claim_cursor, entries = await self.group.claim_idle(
+            self.config.claim_idle_ms, self._claim_cursor, capacity
         )
-        # Redis 6.2 answers [cursor, entries]; 7+ adds a list of deleted ids.
-        self._claim_cursor = response[0]
         claimed = False
-        for entry_id, fields in response[1]:
+        for entry_id, fields in entries:
             if entry_id is None:
                 # Redis 6.2 returns a deleted entry as nil; reading our own pending
                 # list shows its id, so it can be dead-lettered and acknowledged.
@@ -337,7 +240,7 @@ class Consumer:
                 continue
             if entry_id in self._tasks:
                 continue  # ours and still in flight: the heartbeat was late
-            deliveries = await self._deliveries(entry_id)
+            deliveries = await self.group.deliveries(entry_id)
             if deliveries is None:
                 continue  # finished and acknowledged by its task while we claimed it
             logger.info("worker %s: claimed stale entry %s (delivery %s)",
@@ -349,28 +252,8 @@ class Consumer:
             self._next_claim_at = 0.0
         return claimed
 
-    async def _deliveries(self, entry_id: str) -> int | None:
-        """How many times the group delivered this entry; None if it is no longer
-        pending (acknowledged since it was read: a claim that raced our own XACK)."""
-        rows = await self.redis.xpending_range(
-            keys.ORDERS_STREAM, keys.EXECUTORS_GROUP, min=entry_id, max=entry_id, count=1
-        )
-        return int(rows[0]["times_delivered"]) if rows else None
-
-    async def _group_idle(self) -> bool:
-        """Nothing pending in the whole group (burst mode's end)."""
-        summary = await self.redis.xpending(keys.ORDERS_STREAM, keys.EXECUTORS_GROUP)
-        return int(summary["pending"]) == 0
-
     async def _ensure_group(self) -> None:
-        try:
-            await self.redis.xgroup_create(
-                keys.ORDERS_STREAM, keys.EXECUTORS_GROUP, id="0", mkstream=True
-            )
-            logger.info("created consumer group %s on %s", keys.EXECUTORS_GROUP, keys.ORDERS_STREAM)
-        except ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
+        await self.group.ensure()
         self._group_ready = True
 
     async def _heartbeat(self) -> None:
@@ -384,18 +267,9 @@ class Consumer:
                 return
             except TimeoutError:
                 pass
-            ids: list[Any] = list(self._tasks)
             try:
-                # For metrics: this worker is alive, with this many orders in flight.
-                await self.redis.set(
-                    keys.worker(self.consumer), self._record(len(ids)),
-                    px=max(int(interval * 3000), 1000),
-                )
-                if not ids:
-                    continue
-                lost = await self._keep_owned(
-                    keys=[keys.ORDERS_STREAM], args=[keys.EXECUTORS_GROUP, self.consumer, *ids]
-                )
+                # Also for metrics: this worker is alive, with this many in flight.
+                lost = await self.lease.beat(list(self._tasks), max(int(interval * 3000), 1000))
                 for entry_id in lost:
                     task = self._tasks.get(entry_id)
                     if task is not None:
@@ -446,10 +320,10 @@ class Consumer:
                         await self._give_up(entry_id, order_id, fields, deliveries)
                         return
                     await self.driver.execute(order_id)
-                    await self._ack(entry_id)
+                    await self.group.ack(entry_id)
                     return
                 except PoisonEntry as exc:
-                    await self._dead_letter(entry_id, fields, str(exc), deliveries)
+                    await self.group.dead_letter(entry_id, fields, str(exc), deliveries)
                     return
                 except REDIS_DOWN_ERRORS as exc:
                     raise_if_cancelled()
@@ -468,35 +342,6 @@ class Consumer:
             # and is dead-lettered after max_deliveries.
             logger.exception("order %s: unexpected error; entry %s stays pending", order_id, entry_id)
 
-    async def _ack(self, entry_id: str) -> None:
-        # Deleting the entry with its acknowledgement keeps orders:new short without
-        # ever trimming an entry that is still pending.
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.xack(keys.ORDERS_STREAM, keys.EXECUTORS_GROUP, entry_id)
-            pipe.xdel(keys.ORDERS_STREAM, entry_id)
-            await pipe.execute()
-
-    async def _dead_letter(
-        self, entry_id: str, fields: Mapping[str, str], reason: str, deliveries: int
-    ) -> None:
-        logger.warning("entry %s (order %s): dead-lettered: %s",
-                       entry_id, fields.get("id", "-"), reason)
-        record = {
-            "entry_id": entry_id,
-            "order_id": fields.get("id", ""),
-            "reason": reason,
-            "deliveries": str(deliveries),
-            "consumer": self.consumer,
-            "fields": json.dumps(dict(fields), sort_keys=True),
-        }
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.xadd(keys.DEAD_LETTER_STREAM, record,  # type: ignore[arg-type]
-                      maxlen=DEAD_LETTER_MAXLEN, approximate=True)
-            pipe.xack(keys.ORDERS_STREAM, keys.EXECUTORS_GROUP, entry_id)
-            pipe.xdel(keys.ORDERS_STREAM, entry_id)
-            pipe.hincrby(keys.COUNTERS, "dead_letters", 1)
-            await pipe.execute()
-
     async def _give_up(
         self, entry_id: str, order_id: str, fields: Mapping[str, str], deliveries: int
     ) -> None:
@@ -512,24 +357,13 @@ class Consumer:
             f"(limit {self.config.max_deliveries}); set aside for an operator"
         )
         if await self.driver.give_up(order_id, reason):
-            await self._ack(entry_id)
+            await self.group.ack(entry_id)
             return
-        await self._dead_letter(entry_id, fields, reason, deliveries)
+        await self.group.dead_letter(entry_id, fields, reason, deliveries)
 
     async def _check_still_owner(self, entry_id: str) -> None:
         """Raise LostEntry if another worker has claimed the entry (the driver calls
         this just before a transaction is sent: a worker that was frozen past
         claim_idle_ms must not send what the worker that took over is sending)."""
-        lost = await self._keep_owned(
-            keys=[keys.ORDERS_STREAM], args=[keys.EXECUTORS_GROUP, self.consumer, entry_id]
-        )
-        if lost:
+        if not await self.lease.owns(entry_id):
             raise LostEntry(entry_id)
-
-
-def _stream_entries(response: Any) -> list[tuple[str, dict[str, str] | None]]:
-    """The entries of an XREADGROUP answer (RESP2: [[stream, [(id, fields), ...]]])."""
-    entries: list[tuple[str, dict[str, str] | None]] = []
-    for _stream, batch in response or ():
-        entries.extend(batch)
-    return entries
