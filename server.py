@@ -18,7 +18,7 @@ from tornado.netutil import bind_sockets
 from tornado.web import Application
 
 from engine import apidocs, prefork, runtime
-from engine.config import PROJECT_ROOT, Config, ConfigError
+from engine.core.config import PROJECT_ROOT, Config, ConfigError
 from engine.logs import setup_logging
 from engine.redis_server import (
     RedisServer,

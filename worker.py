@@ -15,12 +15,12 @@ import signal
 import sys
 
 from engine import runtime
-from engine.config import Config, ConfigError
-from engine.connections import connect, connect_pipelined, worker_pool_size
+from engine.core.config import Config, ConfigError
+from engine.core.connections import connect, connect_pipelined, worker_pool_size
+from engine.core.store import OrderStore
 from engine.execution.consumer import READ_BLOCK_MS
 from engine.execution.services import build_worker
 from engine.logs import setup_logging
-from engine.store import OrderStore
 
 logger = logging.getLogger("worker")
 

@@ -27,7 +27,7 @@ from bench.phases import Samples, submit_run
 from bench.run import Interrupted, _on_signal, log
 from bench.stats import median
 from bench.system import Service, System
-from engine.config import PROJECT_ROOT
+from engine.core.config import PROJECT_ROOT
 
 
 def parse_tree(text: str) -> tuple[str, Path]:
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--no-floor", action="store_true", help="leave the floor out")
     parser.add_argument("--pipelined-floor", action="store_true",
-                        help="also the floor with its XADD over engine.pipelined ('floor-pipelined')")
+                        help="also the floor with its XADD over engine.core.pipelined ('floor-pipelined')")
     parser.add_argument("--out", type=Path, help="write every run's figures here (JSON)")
     args = parser.parse_args(argv)
     names = ["this", *(name for name, _ in args.trees)]

@@ -7,7 +7,7 @@ redis-py client, same Redis, same logging level as the service under test, so th
 service's latency divided by this one's is the cost of everything the service adds.
 
 Run as ``python -m bench.floor_server --port P --redis-url redis://127.0.0.1:N/0``.
-With ``--pipelined`` the XADD goes over ``engine.pipelined`` (the connection the
+With ``--pipelined`` the XADD goes over ``engine.core.pipelined`` (the connection the
 service's store scripts use) instead of redis-py: the floor with the service's own
 client, for the comparison in docs/benchmarks.md.
 """
@@ -27,7 +27,7 @@ from redis.asyncio import Redis
 from tornado.httpserver import HTTPServer
 from tornado.web import Application, RequestHandler
 
-from engine.pipelined import PipelinedRedis
+from engine.core.pipelined import PipelinedRedis
 
 FLOOR_STREAM = "bench:floor"
 # Keeps the stream from growing without bound over a long run.
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--redis-url", required=True)
     parser.add_argument("--log-level", default="WARNING")
     parser.add_argument("--pipelined", action="store_true",
-                        help="XADD over engine.pipelined instead of redis-py")
+                        help="XADD over engine.core.pipelined instead of redis-py")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level, stream=sys.stderr)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)

@@ -3,7 +3,7 @@
 Run as ``python -m bench.micro --out FILE`` (``bench.run`` does, with orjson on the
 path when it could install it into ``bench/out/variants``). Each figure is the median
 of several ``timeit`` repeats, in microseconds per call. They are the service's own
-functions (``engine.strict_json``, ``engine.schemas``, ``engine.store``), called the
+functions (``engine.core.strict_json``, ``engine.schemas``, ``engine.core.store``), called the
 way the POST handler calls them, plus the cost of one access-log line at INFO
 versus one dropped at WARNING.
 """
@@ -22,9 +22,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from engine import strict_json
+from engine.core import strict_json
+from engine.core.store import event_body
 from engine.schemas import Schemas
-from engine.store import event_body
 
 BODY = b'{"token_in":"SOL","token_out":"USDC","amount":1.5,"order_type":"market","max_slippage":0.05}'
 

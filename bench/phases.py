@@ -3,7 +3,7 @@ up and returns JSON-ready figures; raw latencies for the plot go into ``Samples`
 
 All load comes from separate processes (``bench.httpgen``, ``bench.e2e_client``,
 ``bench.fanout_client``); only the fan-out driver, which writes status changes
-through ``engine.store.OrderStore`` exactly as the worker does, runs in the bench
+through ``engine.core.store.OrderStore`` exactly as the worker does, runs in the bench
 process itself. Every wait below has a deadline.
 """
 
@@ -39,9 +39,9 @@ from bench.system import (
     rss_kb,
 )
 from bench.timer import PreciseSleeper
-from engine import keys
-from engine.config import Config
-from engine.store import OrderStore
+from engine.core import keys
+from engine.core.config import Config
+from engine.core.store import OrderStore
 
 # Seconds between starting load processes and their first request: Python starts,
 # imports and opens its connections within it.

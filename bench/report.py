@@ -19,7 +19,7 @@ from typing import Any
 
 from bench.phases import GENERATOR_CPU_LIMIT, GENERATOR_LAG_LIMIT_MS, Samples
 from bench.stats import median, ratio
-from engine.config import PROJECT_ROOT
+from engine.core.config import PROJECT_ROOT
 
 P99_LIMIT_MS = 10.0
 FLOOR_RATIO_LIMIT = 1.3
@@ -335,7 +335,7 @@ def render_markdown(results: dict[str, Any], rows: list[dict[str, Any]], plot: s
                    "and every status until the server's close (closed loop: a client task starts "
                    "its next order when one ends), at several numbers of orders in flight. "
                    "Worker with zero-latency venues. `burst` has more orders in flight than the "
-                   "web process's Redis pool has connections (`engine.connections.MAX_CONNECTIONS`): "
+                   "web process's Redis pool has connections (`engine.core.connections.MAX_CONNECTIONS`): "
                    "a burst must queue, not fail. CPU per order is each process's CPU time over "
                    "the run divided by the orders finished.")
         out.append("")

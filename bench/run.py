@@ -57,7 +57,7 @@ from bench.variants import (
     run_e2e_variants,
     run_variants,
 )
-from engine.config import PROJECT_ROOT
+from engine.core.config import PROJECT_ROOT
 
 DEFAULT_OUT = PROJECT_ROOT / "bench" / "out"
 REFERENCE_RATE = 1000.0
@@ -76,7 +76,7 @@ class Plan:
     repeats: int
     # End-to-end runs: (client processes, orders in flight per process, orders). The
     # "burst" one has more in flight than the web process's Redis pool has connections
-    # (engine.connections.MAX_CONNECTIONS): a burst must wait for a connection, not fail.
+    # (engine.core.connections.MAX_CONNECTIONS): a burst must wait for a connection, not fail.
     e2e_levels: tuple[tuple[int, int, int], ...]
     e2e_burst: tuple[int, int, int] | None
     fanout_sockets: tuple[int, ...]

@@ -24,7 +24,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import IO
 
-from engine.config import PROJECT_ROOT
+from engine.core.config import PROJECT_ROOT
 from engine.redis_server import RedisServer, die_with_parent, free_port, stop_process
 
 GC_LOG_DIR = PROJECT_ROOT / "bench" / "gclog"
@@ -230,7 +230,7 @@ class System:
         return Service(child, port, gc_path)
 
     def start_floor(self, pipelined: bool = False) -> Service:
-        """The floor (bench/floor_server.py); ``pipelined``: its XADD over engine.pipelined."""
+        """The floor (bench/floor_server.py); ``pipelined``: its XADD over engine.core.pipelined."""
         port = free_port()
         child = self.spawn(
             "floor-pipelined" if pipelined else "floor",

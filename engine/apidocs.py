@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from engine.config import PROJECT_ROOT
+from engine.core.config import PROJECT_ROOT
 from engine.schemas import Schemas
 
 DOCS_DIR = PROJECT_ROOT / "docs"

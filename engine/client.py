@@ -27,8 +27,8 @@ from typing import Any, TextIO
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 from tornado.websocket import websocket_connect
 
-from engine import strict_json
-from engine.status import HAPPY_PATH, OrderStatus
+from engine.core import strict_json
+from engine.core.status import HAPPY_PATH, OrderStatus
 
 STEPS = tuple(HAPPY_PATH)
 EXIT_CONFIRMED, EXIT_FAILED, EXIT_REFUSED, EXIT_UNREACHABLE = 0, 1, 2, 3

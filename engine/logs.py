@@ -7,7 +7,7 @@ import logging
 import sys
 import time
 
-from engine.config import Config
+from engine.core.config import Config
 
 
 class JSONFormatter(logging.Formatter):

@@ -17,8 +17,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 from redis.asyncio import Redis
 
-from engine import keys
-from engine.store import STATUSES, OrderStore
+from engine.core import keys
+from engine.core.store import STATUSES, OrderStore
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # Submit latency buckets: the target is a p99 of 10 ms, so resolve well below it.

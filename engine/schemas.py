@@ -8,7 +8,7 @@ Two validators are compiled from the same files. ``jsonschema_rs`` (Rust) answer
 "valid or not" in about 1 us where ``jsonschema`` takes about 180 us for an order
 request; ``jsonschema`` then explains an invalid document field by field. A
 differential test keeps the two in agreement. Both compare numbers exactly: the
-documents validated hold ``Decimal`` numbers (engine.strict_json), ``jsonschema_rs``
+documents validated hold ``Decimal`` numbers (engine.core.strict_json), ``jsonschema_rs``
 compares those with arbitrary precision, and ``jsonschema`` is given the schema
 files with their numbers as ``Decimal`` too (a float bound like ``0.01`` is
 0.01000000000000000020816..., which the exact ``Decimal("0.01")`` is below).
@@ -28,8 +28,8 @@ from jsonschema.exceptions import ValidationError
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
-from engine import strict_json
-from engine.config import PROJECT_ROOT
+from engine.core import strict_json
+from engine.core.config import PROJECT_ROOT
 
 SCHEMA_DIR = PROJECT_ROOT / "schemas"
 

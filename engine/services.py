@@ -9,17 +9,17 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from engine.config import Config
-from engine.connections import REDIS_DOWN_ERRORS, connect, connect_pipelined, raise_if_cancelled
+from engine.core.config import Config
+from engine.core.connections import REDIS_DOWN_ERRORS, connect, connect_pipelined, raise_if_cancelled
+from engine.core.pipelined import PipelinedRedis
+from engine.core.store import OrderStore
 from engine.metrics import Metrics
-from engine.pipelined import PipelinedRedis
 from engine.schemas import Schemas
-from engine.store import OrderStore
 from engine.updates import StatusHub
 
 logger = logging.getLogger(__name__)
 
-# How often a web process measures Redis's clock (engine.store.RedisClock, for the
+# How often a web process measures Redis's clock (engine.core.store.RedisClock, for the
 # create script's deadline): clocks drift by parts per million, so once a minute is
 # plenty; after a failed or too slow sample, again after a second.
 CLOCK_SYNC_SECS = 60.0

@@ -26,11 +26,11 @@ from typing import Any, cast
 from redis.asyncio import Redis
 from redis.asyncio.connection import AbstractConnection
 
-from engine import keys
-from engine.config import Config
-from engine.connections import REDIS_DOWN_ERRORS, raise_if_cancelled
-from engine.status import TERMINAL
-from engine.store import OrderStore, StreamEntries
+from engine.core import keys
+from engine.core.config import Config
+from engine.core.connections import REDIS_DOWN_ERRORS, raise_if_cancelled
+from engine.core.status import TERMINAL
+from engine.core.store import OrderStore, StreamEntries
 
 logger = logging.getLogger(__name__)
 
@@ -55,12 +55,12 @@ RECONNECT_DELAY_SECS = 0.5
 # Called with (message JSON, is_terminal) for each message to send, in order.
 Sink = Callable[[str, bool], None]
 
-# How a terminal status reads in a message (engine.strict_json writes no spaces).
+# How a terminal status reads in a message (engine.core.strict_json writes no spaces).
 _TERMINAL_MARKERS = tuple(f'"status":"{status}"' for status in sorted(TERMINAL))
 
 
 def is_terminal(data: str) -> bool:
-    """Whether a status message (as written by engine.store) ends its order."""
+    """Whether a status message (as written by engine.core.store) ends its order."""
     return any(marker in data for marker in _TERMINAL_MARKERS)
 
 

@@ -14,10 +14,10 @@ from tornado.log import access_log
 from tornado.web import HTTPError, RequestHandler
 from typing_extensions import override
 
-from engine import strict_json
-from engine.config import Config
-from engine.connections import REDIS_DOWN_ERRORS, refused_for_now
-from engine.pipelined import Unanswered
+from engine.core import strict_json
+from engine.core.config import Config
+from engine.core.connections import REDIS_DOWN_ERRORS, refused_for_now
+from engine.core.pipelined import Unanswered
 from engine.services import Services
 
 __all__ = ["APIError", "APIHandler", "JSONErrors", "NotFoundHandler", "origin_allowed", "override"]
@@ -218,7 +218,7 @@ class APIHandler(JSONErrors):
         self.finish()
 
     def write_json(self, body: Any, status: int = 200) -> None:
-        """Finish with ``body`` as JSON (engine.strict_json.dumps: exact numbers,
+        """Finish with ``body`` as JSON (engine.core.strict_json.dumps: exact numbers,
         valid UTF-8 whatever the data)."""
         self.set_status(status)
         self.finish(strict_json.dumps(body))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from engine.connections import REDIS_DOWN_ERRORS
+from engine.core.connections import REDIS_DOWN_ERRORS
 from engine.metrics import CONTENT_TYPE
 from handlers.base import APIHandler
 

@@ -48,7 +48,7 @@ from tornado.http1connection import (
 )
 from tornado.httpserver import HTTPServer, _HTTPRequestContext
 
-from engine import strict_json
+from engine.core import strict_json
 from handlers.base import override
 
 logger = logging.getLogger(__name__)

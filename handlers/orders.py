@@ -12,11 +12,10 @@ from tornado.httputil import HTTPMessageDelegate, HTTPServerRequest
 from tornado.routing import Router
 from tornado.web import Application, stream_request_body
 
-from engine import amounts, strict_json
-from engine.pipelined import Unanswered
-from engine.services import Services
-from engine.status import Order
-from engine.store import (
+from engine.core import amounts, strict_json
+from engine.core.pipelined import Unanswered
+from engine.core.status import Order
+from engine.core.store import (
     BUILDING,
     FAILED,
     PENDING,
@@ -25,6 +24,7 @@ from engine.store import (
     TransitionResult,
     utc_timestamp,
 )
+from engine.services import Services
 from handlers.base import APIError, APIHandler, override
 
 logger = logging.getLogger(__name__)

@@ -18,8 +18,8 @@ from tornado.websocket import (
     WebSocketProtocol13,
 )
 
-from engine import strict_json
-from engine.connections import REDIS_DOWN_ERRORS
+from engine.core import strict_json
+from engine.core.connections import REDIS_DOWN_ERRORS
 from engine.services import Services
 from engine.updates import Subscription
 from handlers.base import APIError, JSONErrors, origin_allowed, override

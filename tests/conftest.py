@@ -16,12 +16,12 @@ from redis.asyncio import Redis
 from tornado.ioloop import IOLoop
 from tornado.web import Application
 
-from engine.config import Config
-from engine.connections import connect
+from engine.core.config import Config
+from engine.core.connections import connect
+from engine.core.store import OrderStore
 from engine.redis_server import RedisServer
 from engine.schemas import Schemas
 from engine.services import Services
-from engine.store import OrderStore
 from server import make_app, make_http_server
 from tests.contract import check_response
 from tests.faults.cluster import Cluster

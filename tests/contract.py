@@ -1,5 +1,5 @@
 """Every answer a test receives is checked against its schema file, after being
-decoded by the strict parser (engine.strict_json: no lone surrogate, no duplicate key,
+decoded by the strict parser (engine.core.strict_json: no lone surrogate, no duplicate key,
 no NaN, numbers exact), so an answer a strict client could not read fails the test."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from typing import Any
 
 from tornado.httpclient import HTTPResponse
 
-from engine import strict_json
+from engine.core import strict_json
 from engine.schemas import Schemas
 
 _SCHEMAS = Schemas()

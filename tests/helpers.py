@@ -14,7 +14,7 @@ from typing import Any
 from tornado.httpclient import AsyncHTTPClient, HTTPResponse
 from tornado.websocket import WebSocketClientConnection, websocket_connect
 
-from engine.config import PROJECT_ROOT
+from engine.core.config import PROJECT_ROOT
 from engine.redis_server import stop_process
 from tests.contract import check_message
 

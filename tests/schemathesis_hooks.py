@@ -15,7 +15,7 @@ from typing import Any
 
 import schemathesis
 
-from engine.config import PROJECT_ROOT
+from engine.core.config import PROJECT_ROOT
 
 _DECIMALS: dict[str, int] = json.loads((PROJECT_ROOT / "schemas" / "common.json").read_bytes())[
     "$defs"

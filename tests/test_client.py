@@ -14,7 +14,7 @@ from typing import Any
 
 from tornado.testing import bind_unused_port
 
-from engine.config import PROJECT_ROOT, Config
+from engine.core.config import PROJECT_ROOT, Config
 from engine.execution.consumer import Consumer
 from engine.execution.services import build_worker
 from engine.redis_server import RedisServer, free_port

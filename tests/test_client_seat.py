@@ -35,13 +35,13 @@ from tornado.httpclient import AsyncHTTPClient
 from tornado.httputil import HTTPHeaders
 from tornado.testing import bind_unused_port
 
-from engine import amounts, keys
-from engine.config import Config
+from engine.core import amounts, keys
+from engine.core.config import Config
+from engine.core.store import OrderStore
 from engine.execution.services import build_worker
 from engine.redis_server import RedisServer, free_port
 from engine.schemas import Schemas
 from engine.services import Services
-from engine.store import OrderStore
 from server import make_app, make_http_server
 from tests.faults.clients import raw_http
 from tests.helpers import VALID_ORDER, post_order
@@ -644,7 +644,7 @@ async def post_chunked_gzip(client: Any, body: bytes) -> Any:
 
 
 def test_a_zero_with_a_huge_exponent_is_written_short() -> None:
-    from engine import strict_json
+    from engine.core import strict_json
 
     assert strict_json.dumps(Decimal("0E-100000")) == b"0E-100000"
     assert strict_json.dumps(Decimal("0E-99999999999")) == b"0E-99999999999"

@@ -29,7 +29,7 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
-from engine import keys
+from engine.core import keys
 from tests.faults import run_scenario, scaled
 from tests.faults.clients import RawWebSocket, post_order
 from tests.faults.cluster import Cluster, WebProcess, connections, start_web

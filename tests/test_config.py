@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.config import PROJECT_ROOT, Config, ConfigError
+from engine.core.config import PROJECT_ROOT, Config, ConfigError
 
 
 def test_defaults() -> None:

@@ -1,4 +1,4 @@
-"""Redis clients (engine.connections), against a real Redis: a full pool either waits
+"""Redis clients (engine.core.connections), against a real Redis: a full pool either waits
 a bounded time for a connection (web: then a 503) or as long as it takes (worker)."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import dataclasses
 import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from engine.config import Config
-from engine.connections import WORKER_MAX_CONNECTIONS, connect, worker_pool_size
+from engine.core.config import Config
+from engine.core.connections import WORKER_MAX_CONNECTIONS, connect, worker_pool_size
 
 HOLD_MS = 400  # one command holds the only connection this long (XREAD BLOCK)
 

@@ -19,7 +19,7 @@ from referencing.jsonschema import DRAFT7
 from tornado.httpclient import AsyncHTTPClient
 
 from engine import apidocs
-from engine.config import PROJECT_ROOT
+from engine.core.config import PROJECT_ROOT
 from engine.redis_server import RedisServer, free_port
 from engine.schemas import Schemas
 from tests.helpers import eventually, start_server, stop_server

@@ -16,11 +16,11 @@ import redis as sync_redis
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 from tornado.websocket import websocket_connect
 
-from engine import keys
-from engine.config import PROJECT_ROOT, Config
-from engine.connections import connect
+from engine.core import keys
+from engine.core.config import PROJECT_ROOT, Config
+from engine.core.connections import connect
+from engine.core.store import OrderStore
 from engine.redis_server import RedisServer, free_port, stop_process
-from engine.store import OrderStore
 from tests.helpers import (
     VALID_ORDER,
     eventually,

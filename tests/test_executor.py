@@ -25,9 +25,11 @@ from typing import Any, cast
 import pytest
 from redis.asyncio import Redis
 
-from engine import amounts, keys, strict_json
-from engine.config import PROJECT_ROOT, Config
-from engine.connections import connect, connect_pipelined
+from engine.core import amounts, keys, strict_json
+from engine.core.config import PROJECT_ROOT, Config
+from engine.core.connections import connect, connect_pipelined
+from engine.core.status import TERMINAL
+from engine.core.store import OrderStore
 from engine.execution.consumer import Consumer
 from engine.execution.driver import MAX_ATTEMPTS, slippage_reason
 from engine.execution.services import build_worker
@@ -42,8 +44,6 @@ from engine.execution.venues.simulated import (
 )
 from engine.redis_server import RedisServer, free_port
 from engine.schemas import Schemas
-from engine.status import TERMINAL
-from engine.store import OrderStore
 from tests.helpers import VALID_ORDER, eventually
 
 TX_HASH = re.compile(r"^0x[0-9a-f]{64}$")
@@ -256,7 +256,7 @@ async def test_many_orders_with_bounded_concurrency(
 async def test_transitions_over_the_pipelined_connection_survive_it_being_killed(
     redis: Redis, store: OrderStore, config: Config
 ) -> None:
-    # worker.py runs the store's scripts over a pipelined connection (engine.pipelined).
+    # worker.py runs the store's scripts over a pipelined connection (engine.core.pipelined).
     # Kill that connection again and again while orders execute: a transition whose
     # reply is lost is sent once more, so every order still ends with each status
     # exactly once and one ledger entry.

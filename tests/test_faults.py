@@ -28,7 +28,7 @@ import pytest
 from redis.asyncio import Redis
 from tornado.httpclient import AsyncHTTPClient
 
-from engine import keys
+from engine.core import keys
 from tests.faults import SOAK, run_scenario, scaled
 from tests.faults.audit import (
     Audit,

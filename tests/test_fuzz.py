@@ -41,7 +41,7 @@ from tornado.httpclient import HTTPClientError, HTTPRequest
 from tornado.ioloop import IOLoop
 from tornado.websocket import websocket_connect
 
-from engine import strict_json
+from engine.core import strict_json
 from engine.schemas import Schemas
 from engine.services import Services
 from tests.faults import SOAK, scaled
@@ -104,7 +104,7 @@ edge_numbers = st.sampled_from([
     Decimal("0.0000001"), Decimal("0.00001"), Decimal("0.009999999999999999999999"),
     Decimal("0.5000000000000000000001"), Decimal("2.0000000000"), Decimal("1e999999"),
 ])
-# Each token's decimals, read here from the schema file (not from engine.amounts).
+# Each token's decimals, read here from the schema file (not from engine.core.amounts).
 DECIMALS: dict[str, int] = SCHEMAS.documents["common"]["$defs"]["token"]["x-decimals"]
 schema_orders = from_schema(ORDER_SCHEMA)
 

@@ -14,7 +14,7 @@ from tornado.httpclient import AsyncHTTPClient
 from tornado.netutil import bind_sockets
 from tornado.web import Application
 
-from engine.config import Config
+from engine.core.config import Config
 from engine.logs import setup_logging
 from server import make_http_server
 

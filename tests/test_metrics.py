@@ -10,8 +10,8 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 
-from engine import keys
-from engine.config import Config
+from engine.core import keys
+from engine.core.config import Config
 from engine.execution.driver import MAX_ATTEMPTS
 from engine.execution.services import build_worker
 from engine.services import Services

@@ -13,7 +13,7 @@ from redis.asyncio import Redis
 from tornado.httputil import HTTPHeaders, HTTPServerRequest, RequestStartLine
 from tornado.web import Application
 
-from engine import keys
+from engine.core import keys
 from engine.schemas import Schemas
 from handlers.orders import ExecuteOrderHandler, ExecuteOrderRouter, StreamedExecuteOrderHandler
 from tests.faults.clients import raw_http

@@ -1,4 +1,4 @@
-"""The pipelined connection (engine.pipelined) against a real Redis: replies reach
+"""The pipelined connection (engine.core.pipelined) against a real Redis: replies reach
 their callers in order, and every fault ends in a ConnectionError or the caller's own
 timeout, never a wrong reply or a hang."""
 
@@ -17,12 +17,12 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 from tornado.ioloop import IOLoop
 
-from engine import keys
-from engine.config import Config
-from engine.connections import connect_pipelined
-from engine.pipelined import PipelinedRedis, Script
+from engine.core import keys
+from engine.core.config import Config
+from engine.core.connections import connect_pipelined
+from engine.core.pipelined import PipelinedRedis, Script
+from engine.core.store import OrderStore
 from engine.redis_server import RedisServer, free_port
-from engine.store import OrderStore
 from tests.helpers import VALID_ORDER, eventually
 
 ECHO_SCRIPT = Script("return {KEYS[1], ARGV[1]}")

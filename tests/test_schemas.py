@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from jsonschema import Draft202012Validator
 
-from engine.config import PROJECT_ROOT
+from engine.core.config import PROJECT_ROOT
 from engine.schemas import SCHEMA_DIR, Schemas
 
 
@@ -125,7 +125,7 @@ def test_the_readme_decimals_table_is_the_schema_s(schemas: Schemas) -> None:
 
 
 def test_token_decimals_are_defined_once_for_every_token(schemas: Schemas) -> None:
-    from engine import amounts
+    from engine.core import amounts
 
     decimals = schemas.documents["common"]["$defs"]["token"]["x-decimals"]
     assert set(decimals) == set(schemas.tokens())

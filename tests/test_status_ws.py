@@ -18,12 +18,13 @@ from tornado.ioloop import IOLoop
 from tornado.testing import bind_unused_port
 from tornado.websocket import WebSocketClientConnection, websocket_connect
 
-from engine import keys, updates
-from engine.config import Config
+from engine import updates
+from engine.core import keys
+from engine.core.config import Config
+from engine.core.store import OrderStore
 from engine.redis_server import RedisServer, free_port
 from engine.schemas import Schemas
 from engine.services import Services
-from engine.store import OrderStore
 from engine.updates import Subscription
 from server import make_app
 from tests.contract import check_message

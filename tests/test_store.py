@@ -11,10 +11,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 from redis.asyncio import Redis
 
-from engine import keys
+from engine.core import keys
+from engine.core.status import ALLOWED
+from engine.core.store import OrderStore, utc_timestamp
 from engine.schemas import Schemas
-from engine.status import ALLOWED
-from engine.store import OrderStore, utc_timestamp
 from tests.helpers import VALID_ORDER
 
 
@@ -100,7 +100,7 @@ async def test_a_burst_larger_than_the_pool_waits_instead_of_failing(
 ) -> None:
     import asyncio
 
-    from engine.connections import MAX_CONNECTIONS
+    from engine.core.connections import MAX_CONNECTIONS
 
     burst = 4 * MAX_CONNECTIONS + 50
     results = await asyncio.gather(

@@ -12,9 +12,9 @@ from typing import cast
 import pytest
 from redis.asyncio import Redis
 
-from engine import keys
-from engine.amounts import token
-from engine.config import Config
+from engine.core import keys
+from engine.core.amounts import token
+from engine.core.config import Config
 from engine.execution.router import Router
 from engine.execution.venues.base import (
     Quote,

@@ -25,13 +25,13 @@ from collections.abc import Mapping
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from engine import keys
-from engine.config import Config
-from engine.connections import REDIS_DOWN_ERRORS, raise_if_cancelled
+from engine.core import keys
+from engine.core.config import Config
+from engine.core.connections import REDIS_DOWN_ERRORS, raise_if_cancelled
+from engine.core.store import OrderStore
 from engine.execution.driver import OrderDriver, PoisonEntry, owner_check
 from engine.execution.group import OrderGroup
 from engine.execution.lease import REDIS_RETRY_SECS, ConsumerLease
-from engine.store import OrderStore
 
 logger = logging.getLogger(__name__)
 

@@ -26,7 +26,9 @@ from collections.abc import Awaitable, Callable, Mapping
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 
-from engine import amounts
+from engine.core import amounts
+from engine.core.status import InvalidOrderError, Order, OrderStatus
+from engine.core.store import BUILDING, CONFIRMED, FAILED, PENDING, ROUTING, SUBMITTED, OrderStore
 from engine.execution.router import Router
 from engine.execution.venues.base import (
     SLIPPAGE,
@@ -38,8 +40,6 @@ from engine.execution.venues.base import (
     UnsupportedPairError,
     Venue,
 )
-from engine.status import InvalidOrderError, Order, OrderStatus
-from engine.store import BUILDING, CONFIRMED, FAILED, PENDING, ROUTING, SUBMITTED, OrderStore
 
 logger = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from engine import keys
+from engine.core import keys
 
 logger = logging.getLogger(__name__)
 

@@ -18,9 +18,9 @@ import secrets
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from engine import keys
-from engine.config import Config
-from engine.connections import REDIS_DOWN_ERRORS, raise_if_cancelled
+from engine.core import keys
+from engine.core.config import Config
+from engine.core.connections import REDIS_DOWN_ERRORS, raise_if_cancelled
 
 logger = logging.getLogger(__name__)
 

@@ -11,13 +11,13 @@ from collections.abc import Mapping
 
 from redis.asyncio import Redis
 
-from engine.config import Config
+from engine.core.config import Config
+from engine.core.store import OrderStore
 from engine.execution.consumer import Consumer
 from engine.execution.driver import RETRY_BACKOFF_SECS, STATUS_POLL_SECS, OrderDriver
 from engine.execution.router import QUOTE_TIMEOUT_SECS, Router
 from engine.execution.venues.base import Venue
 from engine.execution.venues.simulated import SimulatedMarket, make_simulated_venues
-from engine.store import OrderStore
 
 
 def venues_for(

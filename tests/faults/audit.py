@@ -20,7 +20,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from engine import amounts, keys
+from engine.core import amounts, keys
 
 PATH = ("pending", "routing", "building", "submitted")
 TERMINAL = ("confirmed", "failed")

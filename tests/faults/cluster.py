@@ -24,8 +24,8 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from tornado.httpclient import AsyncHTTPClient
 
-from engine import keys
-from engine.config import PROJECT_ROOT, Config
+from engine.core import keys
+from engine.core.config import PROJECT_ROOT, Config
 from engine.redis_server import RedisServer, die_with_parent, free_port
 from tests.faults.clients import http_client
 from tests.helpers import eventually

@@ -4,7 +4,7 @@ A venue quotes a swap, accepts a transaction and answers "did it land?" for a
 tx_hash. The router and the order driver (engine.execution) talk to venues through
 ``Venue`` only; each implementation (engine.execution.venues.simulated, and real
 adapters) passes the contract suite in tests/venue_contract.py. Every amount that
-crosses it is an integer in base units (engine.amounts), as on a chain.
+crosses it is an integer in base units (engine.core.amounts), as on a chain.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import hashlib
 from decimal import Decimal
 from typing import Protocol
 
-from engine import amounts
+from engine.core import amounts
 
 
 class VenueError(Exception):
@@ -52,7 +52,7 @@ class Quote:
     @property
     def price(self) -> Decimal:
         """token_out per token_in in whole tokens, after fees and price impact
-        (engine.amounts.price: 10 significant digits)."""
+        (engine.core.amounts.price: 10 significant digits)."""
         return amounts.price(
             self.amount_in, amounts.token(self.token_in), self.amount_out, amounts.token(self.token_out)
         )

@@ -32,8 +32,8 @@ from typing import cast
 
 from redis.asyncio import Redis
 
-from engine import amounts, keys
-from engine.config import Config
+from engine.core import amounts, keys
+from engine.core.config import Config
 from engine.execution.venues.base import (
     SLIPPAGE,
     Quote,

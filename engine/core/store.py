@@ -2,7 +2,7 @@
 
 Each state change is one Lua script, so a status is checked, recorded and published
 to both event streams in a single step. Scripts are safe to run twice (redis-py and
-engine.pipelined may re-send one after a connection error): creating an order whose
+engine.core.pipelined may re-send one after a connection error): creating an order whose
 hash exists, or moving an order to the status it already has, changes nothing.
 """
 
@@ -22,10 +22,10 @@ from typing import Any, Literal, cast
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from engine import keys, strict_json
-from engine.config import Config
-from engine.pipelined import PipelinedRedis, Script, Unanswered
-from engine.status import ALLOWED, Order, OrderStatus
+from engine.core import keys, strict_json
+from engine.core.config import Config
+from engine.core.pipelined import PipelinedRedis, Script, Unanswered
+from engine.core.status import ALLOWED, Order, OrderStatus
 
 logger = logging.getLogger(__name__)
 
@@ -271,7 +271,7 @@ class OrderStore:
     """Owns every order key; handlers and the worker go through it.
 
     With ``pipe``, the scripts (create, transition, record_tx) go over that pipelined
-    connection instead of redis-py (see engine.pipelined); everything else uses
+    connection instead of redis-py (see engine.core.pipelined); everything else uses
     ``redis``. Each script is safe to run twice, as the pipe may re-send one.
     """
 
@@ -309,7 +309,7 @@ class OrderStore:
         canonical form, else ``conflict``. With ``deadline`` (epoch seconds on this
         host), a script that runs after it (on Redis's clock) creates nothing:
         ``expired``. ``unanswered`` tells a caller whose call failed whether the
-        script may have run all the same (see engine.pipelined.Unanswered).
+        script may have run all the same (see engine.core.pipelined.Unanswered).
         """
         now = time.time()
         request_json = strict_json.canonical(request)

@@ -3,7 +3,7 @@
 A token's smallest unit is ``10 ** -decimals`` of a whole token (a lamport is
 ``1e-9`` SOL, as the token's mint defines it on Solana). Amounts cross every module
 boundary exactly: a client's ``amount`` is a ``Decimal`` parsed from the JSON text
-(engine.strict_json), venues and the router work in integer base units, and what the
+(engine.core.strict_json), venues and the router work in integer base units, and what the
 service reports goes back to whole tokens with ``from_base_units``, exactly.
 
 The decimals are defined once, in ``schemas/common.json`` (``$defs/token``,
@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from decimal import ROUND_HALF_EVEN, Context, Decimal
 from typing import Any
 
-from engine.config import PROJECT_ROOT
+from engine.core.config import PROJECT_ROOT
 
 COMMON_SCHEMA = PROJECT_ROOT / "schemas" / "common.json"
 

@@ -1,9 +1,9 @@
 """The order's model: its statuses and the moves between them, and the order as stored.
 
 ``OrderStatus`` and ``ALLOWED`` are the state machine; the Lua transition script is
-generated from ``ALLOWED`` (engine.store), so Redis itself refuses a move that is not
+generated from ``ALLOWED`` (engine.core.store), so Redis itself refuses a move that is not
 here. ``Order`` is an order hash, typed; ``OrderRequest`` its request, typed, with the
-amount in base units (engine.amounts).
+amount in base units (engine.core.amounts).
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from collections.abc import Mapping
 from decimal import Decimal
 from typing import Any
 
-from engine import amounts, strict_json
-from engine.amounts import Token
+from engine.core import amounts, strict_json
+from engine.core.amounts import Token
 
 
 class OrderStatus(enum.StrEnum):

@@ -15,7 +15,7 @@ from typing import TypeVar
 
 T = TypeVar("T")
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROJECT_ROOT = Path(__file__).resolve().parent.parent.parent
 
 
 class ConfigError(ValueError):

@@ -12,8 +12,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from engine.config import Config
-from engine.pipelined import PipelinedRedis
+from engine.core.config import Config
+from engine.core.pipelined import PipelinedRedis
 
 # Connections per client. A burst of requests waits for a free connection (up to the
 # Redis timeout) instead of failing: redis-py's default pool refuses the 101st
@@ -85,7 +85,7 @@ def connect(
         socket_timeout=socket_timeout,
         socket_connect_timeout=min(config.redis_timeout_secs, 1.0),
         # One quick retry rides over a dropped idle connection; more would only
-        # delay the 503. Re-sent scripts are idempotent (see engine.store).
+        # delay the 503. Re-sent scripts are idempotent (see engine.core.store).
         retry=Retry(ExponentialBackoff(cap=0.2, base=0.05), retries=1),
         health_check_interval=30,
     )
@@ -93,7 +93,7 @@ def connect(
 
 
 def connect_pipelined(url: str, config: Config) -> PipelinedRedis | None:
-    """A pipelined connection for the order store's scripts (engine.pipelined), with
+    """A pipelined connection for the order store's scripts (engine.core.pipelined), with
     the same bounds as ``connect``'s clients; None where it does not apply (TLS)."""
     return PipelinedRedis.for_url(
         url,
