@@ -17,16 +17,17 @@ import sys
 from tornado.netutil import bind_sockets
 from tornado.web import Application
 
-from engine import apidocs, prefork, runtime
 from engine.core.config import PROJECT_ROOT, Config, ConfigError
-from engine.logs import setup_logging
-from engine.redis_server import (
+from engine.ops import prefork, runtime
+from engine.ops.logs import setup_logging
+from engine.ops.redis_server import (
     RedisServer,
     RedisServerError,
     die_with_parent,
     stop_process,
 )
-from engine.services import Services
+from engine.web import apidocs
+from engine.web.services import Services
 from handlers.base import NotFoundHandler, request_logger
 from handlers.health import HealthHandler, MetricsHandler, ReadyHandler
 from handlers.http1 import JSONHTTPServer

@@ -14,13 +14,13 @@ import logging
 import signal
 import sys
 
-from engine import runtime
 from engine.core.config import Config, ConfigError
 from engine.core.connections import connect, connect_pipelined, worker_pool_size
 from engine.core.store import OrderStore
 from engine.execution.consumer import READ_BLOCK_MS
 from engine.execution.services import build_worker
-from engine.logs import setup_logging
+from engine.ops import runtime
+from engine.ops.logs import setup_logging
 
 logger = logging.getLogger("worker")
 

@@ -3,7 +3,7 @@
 Run as ``python -m bench.micro --out FILE`` (``bench.run`` does, with orjson on the
 path when it could install it into ``bench/out/variants``). Each figure is the median
 of several ``timeit`` repeats, in microseconds per call. They are the service's own
-functions (``engine.core.strict_json``, ``engine.schemas``, ``engine.core.store``), called the
+functions (``engine.core.strict_json``, ``engine.web.schemas``, ``engine.core.store``), called the
 way the POST handler calls them, plus the cost of one access-log line at INFO
 versus one dropped at WARNING.
 """
@@ -24,7 +24,7 @@ from typing import Any
 
 from engine.core import strict_json
 from engine.core.store import event_body
-from engine.schemas import Schemas
+from engine.web.schemas import Schemas
 
 BODY = b'{"token_in":"SOL","token_out":"USDC","amount":1.5,"order_type":"market","max_slippage":0.05}'
 
@@ -63,7 +63,7 @@ def measure() -> dict[str, float]:
         pass
 
     # Tornado's access log: one INFO record per request through a text handler, as
-    # engine.logs sets it up, versus the same call filtered out at WARNING.
+    # engine.ops.logs sets it up, versus the same call filtered out at WARNING.
     access = logging.getLogger("tornado.access")
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import IO
 
 from engine.core.config import PROJECT_ROOT
-from engine.redis_server import RedisServer, die_with_parent, free_port, stop_process
+from engine.ops.redis_server import RedisServer, die_with_parent, free_port, stop_process
 
 GC_LOG_DIR = PROJECT_ROOT / "bench" / "gclog"
 READY_TIMEOUT_SECS = 20.0

@@ -28,7 +28,7 @@ from bench.phases import (
 )
 from bench.stats import median
 from bench.system import Child, Service, System
-from engine.redis_server import RedisServer
+from engine.ops.redis_server import RedisServer
 
 PIP_TIMEOUT_SECS = 300
 HIREDIS = "hiredis==3.5.0"

@@ -1,1 +1,1 @@
-"""Tornado handlers: thin, one class per resource, delegating to engine.services."""
+"""Tornado handlers: thin, one class per resource, delegating to engine.web.services."""

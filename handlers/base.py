@@ -18,7 +18,7 @@ from engine.core import strict_json
 from engine.core.config import Config
 from engine.core.connections import REDIS_DOWN_ERRORS, refused_for_now
 from engine.core.pipelined import Unanswered
-from engine.services import Services
+from engine.web.services import Services
 
 __all__ = ["APIError", "APIHandler", "JSONErrors", "NotFoundHandler", "origin_allowed", "override"]
 

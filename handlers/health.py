@@ -6,7 +6,7 @@ import asyncio
 import logging
 
 from engine.core.connections import REDIS_DOWN_ERRORS
-from engine.metrics import CONTENT_TYPE
+from engine.web.metrics import CONTENT_TYPE
 from handlers.base import APIHandler
 
 logger = logging.getLogger(__name__)

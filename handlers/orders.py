@@ -24,7 +24,7 @@ from engine.core.store import (
     TransitionResult,
     utc_timestamp,
 )
-from engine.services import Services
+from engine.web.services import Services
 from handlers.base import APIError, APIHandler, override
 
 logger = logging.getLogger(__name__)

@@ -3,7 +3,7 @@ documents built from them."""
 
 from __future__ import annotations
 
-from engine.services import Services
+from engine.web.services import Services
 from handlers.base import APIError, APIHandler, override
 
 

@@ -20,8 +20,8 @@ from tornado.websocket import (
 
 from engine.core import strict_json
 from engine.core.connections import REDIS_DOWN_ERRORS
-from engine.services import Services
-from engine.updates import Subscription
+from engine.web.services import Services
+from engine.web.updates import Subscription
 from handlers.base import APIError, JSONErrors, origin_allowed, override
 from handlers.orders import parse_order_id
 

@@ -19,9 +19,9 @@ from tornado.web import Application
 from engine.core.config import Config
 from engine.core.connections import connect
 from engine.core.store import OrderStore
-from engine.redis_server import RedisServer
-from engine.schemas import Schemas
-from engine.services import Services
+from engine.ops.redis_server import RedisServer
+from engine.web.schemas import Schemas
+from engine.web.services import Services
 from server import make_app, make_http_server
 from tests.contract import check_response
 from tests.faults.cluster import Cluster

@@ -10,7 +10,7 @@ from typing import Any
 from tornado.httpclient import HTTPResponse
 
 from engine.core import strict_json
-from engine.schemas import Schemas
+from engine.web.schemas import Schemas
 
 _SCHEMAS = Schemas()
 

@@ -15,7 +15,7 @@ from tornado.httpclient import AsyncHTTPClient, HTTPResponse
 from tornado.websocket import WebSocketClientConnection, websocket_connect
 
 from engine.core.config import PROJECT_ROOT
-from engine.redis_server import stop_process
+from engine.ops.redis_server import stop_process
 from tests.contract import check_message
 
 VALID_ORDER: dict[str, Any] = {

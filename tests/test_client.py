@@ -17,9 +17,9 @@ from tornado.testing import bind_unused_port
 from engine.core.config import PROJECT_ROOT, Config
 from engine.execution.consumer import Consumer
 from engine.execution.services import build_worker
-from engine.redis_server import RedisServer, free_port
-from engine.schemas import Schemas
-from engine.services import Services
+from engine.ops.redis_server import RedisServer, free_port
+from engine.web.schemas import Schemas
+from engine.web.services import Services
 from server import make_app, make_http_server
 
 

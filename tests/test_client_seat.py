@@ -39,9 +39,9 @@ from engine.core import amounts, keys
 from engine.core.config import Config
 from engine.core.store import OrderStore
 from engine.execution.services import build_worker
-from engine.redis_server import RedisServer, free_port
-from engine.schemas import Schemas
-from engine.services import Services
+from engine.ops.redis_server import RedisServer, free_port
+from engine.web.schemas import Schemas
+from engine.web.services import Services
 from server import make_app, make_http_server
 from tests.faults.clients import raw_http
 from tests.helpers import VALID_ORDER, post_order

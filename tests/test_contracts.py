@@ -18,10 +18,10 @@ from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT7
 from tornado.httpclient import AsyncHTTPClient
 
-from engine import apidocs
 from engine.core.config import PROJECT_ROOT
-from engine.redis_server import RedisServer, free_port
-from engine.schemas import Schemas
+from engine.ops.redis_server import RedisServer, free_port
+from engine.web import apidocs
+from engine.web.schemas import Schemas
 from tests.helpers import eventually, start_server, stop_server
 
 VENDOR = Path(__file__).parent / "vendor"
@@ -42,7 +42,7 @@ def asyncapi_validator() -> Draft7Validator:
 def test_committed_documents_are_current(schemas: Schemas, name: str) -> None:
     built = apidocs.render(getattr(apidocs, name)(schemas))
     committed = (apidocs.DOCS_DIR / f"{name}.json").read_text()
-    assert committed == built, "run `python -m engine.apidocs` and commit docs/"
+    assert committed == built, "run `python -m engine.web.apidocs` and commit docs/"
 
 
 def test_openapi_document_is_valid_openapi_3_1(schemas: Schemas) -> None:

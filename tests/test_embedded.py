@@ -20,7 +20,7 @@ from engine.core import keys
 from engine.core.config import PROJECT_ROOT, Config
 from engine.core.connections import connect
 from engine.core.store import OrderStore
-from engine.redis_server import RedisServer, free_port, stop_process
+from engine.ops.redis_server import RedisServer, free_port, stop_process
 from tests.helpers import (
     VALID_ORDER,
     eventually,
@@ -60,7 +60,7 @@ async def test_an_accepted_order_survives_a_redis_crash(tmp_path: Path) -> None:
 
 
 def test_start_fails_clearly_when_the_binary_is_missing(tmp_path: Path) -> None:
-    from engine.redis_server import RedisServerError
+    from engine.ops.redis_server import RedisServerError
 
     server = RedisServer(tmp_path, binary=str(tmp_path / "no-such-redis-server"))
     with pytest.raises((RedisServerError, FileNotFoundError)):

@@ -42,8 +42,8 @@ from engine.execution.venues.simulated import (
     VenueProfile,
     make_simulated_venues,
 )
-from engine.redis_server import RedisServer, free_port
-from engine.schemas import Schemas
+from engine.ops.redis_server import RedisServer, free_port
+from engine.web.schemas import Schemas
 from tests.helpers import VALID_ORDER, eventually
 
 TX_HASH = re.compile(r"^0x[0-9a-f]{64}$")

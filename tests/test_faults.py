@@ -841,7 +841,7 @@ async def _scaled_out(cluster: Cluster, figures: Figures, count: int) -> None:
 # Found by these tests and, at the same time, by the benchmark: redis-py's default
 # pool of 100 connections refused the 101st concurrent command ("Too many
 # connections", a ConnectionError), which the service took for an outage (POST 503,
-# WebSocket 1013, worker retries). Fixed in engine/connections.py (a blocking pool).
+# WebSocket 1013, worker retries). Fixed in engine/core/connections.py (a blocking pool).
 
 
 def test_a_burst_of_concurrent_requests_on_a_healthy_redis_is_not_refused(

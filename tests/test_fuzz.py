@@ -42,8 +42,8 @@ from tornado.ioloop import IOLoop
 from tornado.websocket import websocket_connect
 
 from engine.core import strict_json
-from engine.schemas import Schemas
-from engine.services import Services
+from engine.web.schemas import Schemas
+from engine.web.services import Services
 from tests.faults import SOAK, scaled
 from tests.faults.clients import RawWebSocket, raw_http
 from tests.faults.report import Figures

@@ -15,7 +15,7 @@ from tornado.netutil import bind_sockets
 from tornado.web import Application
 
 from engine.core.config import Config
-from engine.logs import setup_logging
+from engine.ops.logs import setup_logging
 from server import make_http_server
 
 

@@ -14,7 +14,7 @@ from engine.core import keys
 from engine.core.config import Config
 from engine.execution.driver import MAX_ATTEMPTS
 from engine.execution.services import build_worker
-from engine.services import Services
+from engine.web.services import Services
 from tests.helpers import VALID_ORDER, eventually, open_socket, post_chunked, post_order
 
 

@@ -14,7 +14,7 @@ from tornado.httputil import HTTPHeaders, HTTPServerRequest, RequestStartLine
 from tornado.web import Application
 
 from engine.core import keys
-from engine.schemas import Schemas
+from engine.web.schemas import Schemas
 from handlers.orders import ExecuteOrderHandler, ExecuteOrderRouter, StreamedExecuteOrderHandler
 from tests.faults.clients import raw_http
 from tests.helpers import VALID_ORDER, post_chunked, post_order

@@ -22,7 +22,7 @@ from engine.core.config import Config
 from engine.core.connections import connect_pipelined
 from engine.core.pipelined import PipelinedRedis, Script
 from engine.core.store import OrderStore
-from engine.redis_server import RedisServer, free_port
+from engine.ops.redis_server import RedisServer, free_port
 from tests.helpers import VALID_ORDER, eventually
 
 ECHO_SCRIPT = Script("return {KEYS[1], ARGV[1]}")

@@ -13,7 +13,7 @@ from typing import Any
 from tornado.httpclient import AsyncHTTPClient
 
 from engine.core.config import PROJECT_ROOT
-from engine.redis_server import RedisServer, free_port
+from engine.ops.redis_server import RedisServer, free_port
 from tests.helpers import eventually, submit_order, wait_until_ready
 
 

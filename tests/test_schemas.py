@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from jsonschema import Draft202012Validator
 
 from engine.core.config import PROJECT_ROOT
-from engine.schemas import SCHEMA_DIR, Schemas
+from engine.web.schemas import SCHEMA_DIR, Schemas
 
 
 def test_every_schema_file_is_a_valid_2020_12_schema_with_a_stable_id() -> None:

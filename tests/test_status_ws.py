@@ -18,14 +18,14 @@ from tornado.ioloop import IOLoop
 from tornado.testing import bind_unused_port
 from tornado.websocket import WebSocketClientConnection, websocket_connect
 
-from engine import updates
 from engine.core import keys
 from engine.core.config import Config
 from engine.core.store import OrderStore
-from engine.redis_server import RedisServer, free_port
-from engine.schemas import Schemas
-from engine.services import Services
-from engine.updates import Subscription
+from engine.ops.redis_server import RedisServer, free_port
+from engine.web import updates
+from engine.web.schemas import Schemas
+from engine.web.services import Services
+from engine.web.updates import Subscription
 from server import make_app
 from tests.contract import check_message
 from tests.faults.clients import RawWebSocket

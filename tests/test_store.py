@@ -14,7 +14,7 @@ from redis.asyncio import Redis
 from engine.core import keys
 from engine.core.status import ALLOWED
 from engine.core.store import OrderStore, utc_timestamp
-from engine.schemas import Schemas
+from engine.web.schemas import Schemas
 from tests.helpers import VALID_ORDER
 
 

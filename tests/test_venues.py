@@ -39,7 +39,7 @@ from engine.execution.venues.simulated import (
     make_simulated_venues,
     pair_key,
 )
-from engine.schemas import Schemas
+from engine.web.schemas import Schemas
 
 TX_HASH = re.compile(r"^0x[0-9a-f]{64}$")
 SOL, USDC = token("SOL"), token("USDC")

@@ -1,5 +1,5 @@
 """The worker's composition root: the one place that chooses the venues and builds the
-driver and the consumer (engine.services is the web process's).
+driver and the consumer (engine.web.services is the web process's).
 
 The consumer and the driver know venues only through engine.execution.venues.base;
 which venues a worker trades on is decided here, from the configuration.

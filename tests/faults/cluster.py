@@ -26,7 +26,7 @@ from tornado.httpclient import AsyncHTTPClient
 
 from engine.core import keys
 from engine.core.config import PROJECT_ROOT, Config
-from engine.redis_server import RedisServer, die_with_parent, free_port
+from engine.ops.redis_server import RedisServer, die_with_parent, free_port
 from tests.faults.clients import http_client
 from tests.helpers import eventually
 

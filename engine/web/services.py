@@ -13,9 +13,9 @@ from engine.core.config import Config
 from engine.core.connections import REDIS_DOWN_ERRORS, connect, connect_pipelined, raise_if_cancelled
 from engine.core.pipelined import PipelinedRedis
 from engine.core.store import OrderStore
-from engine.metrics import Metrics
-from engine.schemas import Schemas
-from engine.updates import StatusHub
+from engine.web.metrics import Metrics
+from engine.web.schemas import Schemas
+from engine.web.updates import StatusHub
 
 logger = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 No shape is written here: every request, answer and message schema comes from the
 schema files, with their cross-file ``$ref``s pointed at the document's components.
-The service serves the documents; ``python -m engine.apidocs`` writes the copies kept
+The service serves the documents; ``python -m engine.web.apidocs`` writes the copies kept
 in ``docs/`` (a test checks they are current).
 """
 
@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.core.config import PROJECT_ROOT
-from engine.schemas import Schemas
+from engine.web.schemas import Schemas
 
 DOCS_DIR = PROJECT_ROOT / "docs"
 API_VERSION = "1.0.0"

@@ -1,0 +1,1 @@
+"""Running the processes: the event loop and GC settings, the pre-fork supervisor, the embedded redis-server, logging."""
