@@ -2,7 +2,8 @@
 
 Every override of Tornado's HTTP/1.1 internals is in this file (they are private
 APIs; tornado is pinned, 6.6.1, and tests/test_client_seat.py and
-tests/test_client_seat_faults.py check each behaviour):
+tests/test_client_seat_faults.py check each behaviour); handlers/ws_protocol.py holds
+the same for the WebSocket:
 
 * **Malformed requests get a JSON answer.** Tornado answers a request it cannot
   parse (request line, header fields, framing, a body over the size limit) with a

@@ -454,7 +454,7 @@ async def send_raw(client: Any, frame: bytes) -> Any:
 
 
 # Tornado alone fails 1002/1007 cases by dropping TCP without a close frame, and
-# accepts unmasked client frames; handlers/status.py's StrictWebSocketProtocol
+# accepts unmasked client frames; handlers/ws_protocol.py's StrictWebSocketProtocol
 # sends the codes.
 @pytest.mark.parametrize("name", list(MALFORMED_FRAMES))
 async def test_a_malformed_frame_gets_the_rfc_6455_close_code(
