@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import enum
 import ipaddress
 import logging
 from collections.abc import Callable
@@ -20,21 +21,78 @@ from engine.core.connections import REDIS_DOWN_ERRORS, refused_for_now
 from engine.core.pipelined import Unanswered
 from engine.web.services import Services
 
-__all__ = ["APIError", "APIHandler", "JSONErrors", "NotFoundHandler", "origin_allowed", "override"]
+__all__ = [
+    "APIError", "APIHandler", "ErrorCode", "JSONErrors", "NotFoundHandler", "origin_allowed", "override",
+]
 
 logger = logging.getLogger(__name__)
 
+class ErrorCode(enum.StrEnum):
+    """Every ``error`` the service answers, over HTTP or on the status WebSocket.
+    ``schemas/error.json`` lists the same values (a test checks), and so does the
+    README's table of errors."""
+
+    INVALID_ORDER = "invalid_order"
+    """The body breaks the order schema, or an amount is finer than its token's unit."""
+    INVALID_JSON = "invalid_json"
+    """The body is not strict JSON (NaN, duplicate keys, a lone surrogate...)."""
+    INVALID_IDEMPOTENCY_KEY = "invalid_idempotency_key"
+    """A malformed Idempotency-Key, or the header sent more than once."""
+    BAD_REQUEST = "bad_request"
+    """A malformed HTTP request, or a header that may come once sent twice."""
+    ORIGIN_NOT_ALLOWED = "origin_not_allowed"
+    """A state-changing request or a WebSocket from a page on a foreign origin."""
+    FORBIDDEN = "forbidden"
+    """Any other 403."""
+    NOT_FOUND = "not_found"
+    """No such path, order or schema."""
+    METHOD_NOT_ALLOWED = "method_not_allowed"
+    """The resource does not take that method (Allow names those it does)."""
+    TOO_LATE = "too_late"
+    """A cancel of an order whose transaction may already be sent."""
+    CONFLICT = "conflict"
+    """Any other 409."""
+    BODY_TOO_LARGE = "body_too_large"
+    """A body over the order's 16 KiB, or over the server's 1 MiB."""
+    UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
+    """A body that is not plain JSON (Content-Type, Content-Encoding)."""
+    IDEMPOTENCY_KEY_REUSED = "idempotency_key_reused"
+    """An Idempotency-Key already used for a different order."""
+    UNPROCESSABLE = "unprocessable"
+    """Any other 422."""
+    HEADERS_TOO_LARGE = "headers_too_large"
+    """A header section over 64 KiB."""
+    WEBSOCKET_REQUIRED = "websocket_required"
+    """A plain GET of the WebSocket's path."""
+    BAD_HANDSHAKE = "bad_handshake"
+    """A WebSocket handshake that breaks RFC 6455 (key, Connection header...)."""
+    UPGRADE_REQUIRED = "upgrade_required"
+    """A WebSocket version other than 13."""
+    INVALID_ORDER_ID = "invalid_order_id"
+    """(WebSocket) The first message is not an order id."""
+    TIMEOUT = "timeout"
+    """(WebSocket) No order id within the first-message timeout."""
+    UNAVAILABLE = "unavailable"
+    """Redis cannot be used right now; nothing was done: retry shortly."""
+    OUTCOME_UNKNOWN = "outcome_unknown"
+    """A write reached Redis, which did not answer in time: it may have been done."""
+    INTERNAL_ERROR = "internal_error"
+    """A bug: the details are in the service's log, never in the answer."""
+    ERROR = "error"
+    """Any other 4xx that Tornado answers by itself."""
+
+
 # Error codes for the statuses Tornado raises by itself (unknown path, bad method...).
 _DEFAULT_CODES = {
-    400: "bad_request",
-    403: "forbidden",
-    404: "not_found",
-    405: "method_not_allowed",
-    413: "body_too_large",
-    409: "conflict",
-    415: "unsupported_media_type",
-    422: "unprocessable",
-    503: "unavailable",
+    400: ErrorCode.BAD_REQUEST,
+    403: ErrorCode.FORBIDDEN,
+    404: ErrorCode.NOT_FOUND,
+    405: ErrorCode.METHOD_NOT_ALLOWED,
+    413: ErrorCode.BODY_TOO_LARGE,
+    409: ErrorCode.CONFLICT,
+    415: ErrorCode.UNSUPPORTED_MEDIA_TYPE,
+    422: ErrorCode.UNPROCESSABLE,
+    503: ErrorCode.UNAVAILABLE,
 }
 
 
@@ -44,7 +102,7 @@ class APIError(HTTPError):
     def __init__(
         self,
         status_code: int,
-        error: str,
+        error: ErrorCode,
         message: str,
         details: list[dict[str, str]] | None = None,
         **extra: Any,
@@ -67,7 +125,7 @@ class JSONErrors(RequestHandler):
             # Tornado's own errors, and anything unexpected (logged by Tornado with its
             # traceback): a JSON body with no internals in it.
             code = _DEFAULT_CODES.get(
-                status_code, "internal_error" if status_code >= 500 else "error"
+                status_code, ErrorCode.INTERNAL_ERROR if status_code >= 500 else ErrorCode.ERROR
             )
             message = self._reason
             if isinstance(exc, HTTPError) and exc.reason:
@@ -168,7 +226,7 @@ class APIHandler(JSONErrors):
         headers = self.request.headers
         for name in SINGLETON_HEADERS:
             if len(headers.get_list(name)) > 1:
-                raise APIError(400, "bad_request", f"the {name} header must be sent once")
+                raise APIError(400, ErrorCode.BAD_REQUEST, f"the {name} header must be sent once")
         origin = headers.get("Origin")
         if (
             origin is not None
@@ -177,7 +235,7 @@ class APIHandler(JSONErrors):
         ):
             raise APIError(
                 403,
-                "origin_not_allowed",
+                ErrorCode.ORIGIN_NOT_ALLOWED,
                 f"requests from pages at {origin[:100]} may not change orders; "
                 "an operator can allow an origin with ALLOWED_ORIGINS",
             )
@@ -282,11 +340,11 @@ class RedisGuard:
             if self._unanswered is not None and self._unanswered.count > 0:
                 logger.warning("%s %s: Redis did not answer a write (order %s): %s",
                                request.method, request.path, self._order_id, str(exc) or "timed out")
-                raise APIError(504, "outcome_unknown", self._unknown_message,
+                raise APIError(504, ErrorCode.OUTCOME_UNKNOWN, self._unknown_message,
                                order_id=self._order_id) from None
             logger.warning("%s %s: Redis unavailable: %s", request.method, request.path, exc)
             raise APIError(
-                503, "unavailable", "the order store is unavailable; nothing was done: retry shortly"
+                503, ErrorCode.UNAVAILABLE, "the order store is unavailable; nothing was done: retry shortly"
             ) from None
 
 
@@ -322,4 +380,4 @@ class NotFoundHandler(APIHandler):
 
     @override
     def prepare(self) -> None:
-        raise APIError(404, "not_found", f"no resource at {self.request.path}")
+        raise APIError(404, ErrorCode.NOT_FOUND, f"no resource at {self.request.path}")

@@ -50,7 +50,7 @@ from tornado.http1connection import (
 from tornado.httpserver import HTTPServer, _HTTPRequestContext
 
 from engine.core import strict_json
-from handlers.base import override
+from handlers.base import ErrorCode, override
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ _BODY_TOO_LARGE = frozenset({"Content-Length too long", "chunked body too large"
 class _TooLarge(httputil.HTTPInputError):
     """Input past one of our bounds: answered with ``status`` and ``error``."""
 
-    def __init__(self, message: str, status: int, error: str) -> None:
+    def __init__(self, message: str, status: int, error: ErrorCode) -> None:
         super().__init__(message)
         self.status = status
         self.error = error
@@ -198,7 +198,7 @@ class StrictHTTP1Connection(HTTP1Connection):
         try:
             if len(data) > HEADER_MAX_BYTES:
                 raise _TooLarge(f"header section over {HEADER_MAX_BYTES} bytes", 431,
-                                "headers_too_large")
+                                ErrorCode.HEADERS_TOO_LARGE)
             start_line, headers = super()._parse_headers(data)
             # What _read_message_inner checks next, checked here so that a malformed
             # request gets our answer, not a bare 400.
@@ -262,9 +262,9 @@ class StrictHTTP1Connection(HTTP1Connection):
         if isinstance(exc, _TooLarge):
             status, error = exc.status, exc.error
         elif str(exc) in _BODY_TOO_LARGE:
-            status, error = 413, "body_too_large"
+            status, error = 413, ErrorCode.BODY_TOO_LARGE
         else:
-            status, error = 400, "bad_request"
+            status, error = 400, ErrorCode.BAD_REQUEST
         logger.info("malformed request from %s: %s -> %d", peer, exc, status)
         body = strict_json.dumps({"error": error, "message": f"malformed HTTP request: {exc}"})
         head = (

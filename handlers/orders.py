@@ -25,7 +25,7 @@ from engine.core.store import (
     utc_timestamp,
 )
 from engine.web.services import Services
-from handlers.base import APIError, APIHandler, override
+from handlers.base import APIError, APIHandler, ErrorCode, override
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ def idempotency_key(request: HTTPServerRequest) -> str | None:
         return None
     if len(lines) > 1:
         raise APIError(
-            400, "invalid_idempotency_key", "send the Idempotency-Key header once, with one key"
+            400, ErrorCode.INVALID_IDEMPOTENCY_KEY, "send the Idempotency-Key header once, with one key"
         )
     value = lines[0]
     quoted = _QUOTED_KEY.fullmatch(value)
@@ -116,7 +116,7 @@ def idempotency_key(request: HTTPServerRequest) -> str | None:
     if (quoted is None and not _BARE_KEY.fullmatch(value)) or not 1 <= len(value) <= 255:
         raise APIError(
             400,
-            "invalid_idempotency_key",
+            ErrorCode.INVALID_IDEMPOTENCY_KEY,
             "Idempotency-Key must be 1 to 255 printable ASCII characters, with no comma "
             'or quote unless the key is a quoted string ("...")',
         )
@@ -137,12 +137,12 @@ class ExecuteOrderHandler(APIHandler):
         try:
             order = strict_json.loads(self.order_body())
         except strict_json.InvalidJSON as exc:
-            raise APIError(400, "invalid_json", f"the body is not valid JSON: {exc}") from None
+            raise APIError(400, ErrorCode.INVALID_JSON, f"the body is not valid JSON: {exc}") from None
         details = self.services.schemas.errors("order_request", order)
         if not details:
             details = amounts.amount_errors(order)
         if details:
-            raise APIError(400, "invalid_order", "the order is not valid", details)
+            raise APIError(400, ErrorCode.INVALID_ORDER, "the order is not valid", details)
         return dict(order)
 
     async def post(self) -> None:
@@ -159,12 +159,12 @@ class ExecuteOrderHandler(APIHandler):
         if result.outcome == "expired":
             # Redis ran the create too late to answer in time: it created nothing.
             logger.warning("order %s: Redis ran its create past the deadline; not created", order_id)
-            raise APIError(503, "unavailable", "the order store answered too late; "
+            raise APIError(503, ErrorCode.UNAVAILABLE, "the order store answered too late; "
                            "nothing was created: retry shortly")
         if result.outcome == "conflict":
             raise APIError(
                 422,
-                "idempotency_key_reused",
+                ErrorCode.IDEMPOTENCY_KEY_REUSED,
                 "this Idempotency-Key was used for a different order",
                 order_id=result.order_id,
             )
@@ -196,15 +196,15 @@ class StreamedExecuteOrderHandler(ExecuteOrderHandler):
             return
         if not is_json(self.request):
             raise APIError(
-                415, "unsupported_media_type",
+                415, ErrorCode.UNSUPPORTED_MEDIA_TYPE,
                 "Content-Type must be application/json, with no Content-Encoding",
             )
         declared = declared_length(self.request)
         if declared is None and "Content-Length" in self.request.headers:
-            raise APIError(400, "bad_request", "Content-Length must be a decimal number")
+            raise APIError(400, ErrorCode.BAD_REQUEST, "Content-Length must be a decimal number")
         if declared is not None and declared > MAX_BODY_BYTES:
             raise APIError(
-                413, "body_too_large", f"the body must be at most {MAX_BODY_BYTES} bytes"
+                413, ErrorCode.BODY_TOO_LARGE, f"the body must be at most {MAX_BODY_BYTES} bytes"
             )
 
     @override
@@ -217,7 +217,7 @@ class StreamedExecuteOrderHandler(ExecuteOrderHandler):
     @override
     def order_body(self) -> bytes:
         if self._size > MAX_BODY_BYTES:
-            raise APIError(413, "body_too_large", f"the body must be at most {MAX_BODY_BYTES} bytes")
+            raise APIError(413, ErrorCode.BODY_TOO_LARGE, f"the body must be at most {MAX_BODY_BYTES} bytes")
         return b"".join(self._chunks)
 
 
@@ -227,12 +227,12 @@ class OrderHandler(APIHandler):
     async def get(self, raw_id: str) -> None:
         order_id = parse_order_id(raw_id)
         if order_id is None:
-            raise APIError(404, "not_found", f"{raw_id[:64]!r} is not an order id")
+            raise APIError(404, ErrorCode.NOT_FOUND, f"{raw_id[:64]!r} is not an order id")
         async with self.redis_guard():
             stored = await self.services.store.get(order_id)
             history = await self.services.store.history(order_id) if stored else []
         if stored is None:
-            raise APIError(404, "not_found", f"no order {order_id}", order_id=order_id)
+            raise APIError(404, ErrorCode.NOT_FOUND, f"no order {order_id}", order_id=order_id)
         self.write_json(order_view(stored, history))
 
 
@@ -240,7 +240,7 @@ class OrderHandler(APIHandler):
         """Cancel an order that no worker has begun to build a transaction for."""
         order_id = parse_order_id(raw_id)
         if order_id is None:
-            raise APIError(404, "not_found", f"{raw_id[:64]!r} is not an order id")
+            raise APIError(404, ErrorCode.NOT_FOUND, f"{raw_id[:64]!r} is not an order id")
         unanswered = Unanswered()
         async with self.redis_guard(unanswered, order_id, CANCEL_UNKNOWN_MESSAGE):
             result = await cancel(self.services.store, order_id, unanswered)
@@ -249,11 +249,11 @@ class OrderHandler(APIHandler):
             logger.info("order %s: cancelled by client -> failed", order_id)
         else:
             if stored is None:
-                raise APIError(404, "not_found", f"no order {order_id}", order_id=order_id)
+                raise APIError(404, ErrorCode.NOT_FOUND, f"no order {order_id}", order_id=order_id)
             if stored.reason != CANCEL_REASON:  # a repeated DELETE is answered again
                 raise APIError(
                     409,
-                    "too_late",
+                    ErrorCode.TOO_LATE,
                     f"the order is {stored.status} and its transaction may already be "
                     "sent: only an order whose transaction is not yet sent can be cancelled",
                     order_id=order_id,

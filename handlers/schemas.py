@@ -4,7 +4,7 @@ documents built from them."""
 from __future__ import annotations
 
 from engine.web.services import Services
-from handlers.base import APIError, APIHandler, override
+from handlers.base import APIError, APIHandler, ErrorCode, override
 
 
 class SchemaHandler(APIHandler):
@@ -15,7 +15,7 @@ class SchemaHandler(APIHandler):
         raw = self.services.schemas.raw.get(name)
         if raw is None:
             known = ", ".join(sorted(self.services.schemas.raw))
-            raise APIError(404, "not_found", f"no schema {name!r}; there are: {known}")
+            raise APIError(404, ErrorCode.NOT_FOUND, f"no schema {name!r}; there are: {known}")
         self.set_header("Content-Type", "application/schema+json")
         self.set_header("Cache-Control", "public, max-age=300")
         self.finish(raw)

@@ -17,7 +17,7 @@ from engine.core import strict_json
 from engine.core.connections import REDIS_DOWN_ERRORS
 from engine.web.services import Services
 from engine.web.updates import Subscription
-from handlers.base import APIError, JSONErrors, origin_allowed, override
+from handlers.base import APIError, ErrorCode, JSONErrors, origin_allowed, override
 from handlers.orders import parse_order_id
 from handlers.ws_protocol import StrictWebSocketHandler
 
@@ -33,7 +33,11 @@ CLOSE_UNKNOWN_ORDER = 4404
 CLOSE_TIMEOUT = 4408
 
 
-_HANDSHAKE_ERRORS = {400: "bad_handshake", 403: "origin_not_allowed", 426: "upgrade_required"}
+_HANDSHAKE_ERRORS = {
+    400: ErrorCode.BAD_HANDSHAKE,
+    403: ErrorCode.ORIGIN_NOT_ALLOWED,
+    426: ErrorCode.UPGRADE_REQUIRED,
+}
 
 
 def valid_websocket_key(key: str | None) -> bool:
@@ -74,14 +78,14 @@ class OrderStatusSocket(StrictWebSocketHandler, JSONErrors):
         # Tornado answers a plain GET (no Upgrade) with a text/plain 400; ours is JSON.
         if self.request.headers.get("Upgrade", "").lower() != "websocket":
             raise APIError(
-                400, "websocket_required", "connect with a WebSocket client (Upgrade: websocket)"
+                400, ErrorCode.WEBSOCKET_REQUIRED, "connect with a WebSocket client (Upgrade: websocket)"
             )
         # Tornado takes any key; a client whose key is malformed is not following
         # RFC 6455 and would get an accept value it cannot check.
         if not valid_websocket_key(self.request.headers.get("Sec-WebSocket-Key")):
             raise APIError(
                 400,
-                "bad_handshake",
+                ErrorCode.BAD_HANDSHAKE,
                 "Sec-WebSocket-Key must be sent once, as the base64 of 16 bytes (RFC 6455 4.2.1)",
             )
         await super().get(*args, **kwargs)
@@ -89,7 +93,7 @@ class OrderStatusSocket(StrictWebSocketHandler, JSONErrors):
     async def head(self, *args: Any, **kwargs: Any) -> None:
         """HEAD: as a GET without Upgrade would be answered, with no body."""
         raise APIError(
-            400, "websocket_required", "connect with a WebSocket client (Upgrade: websocket)"
+            400, ErrorCode.WEBSOCKET_REQUIRED, "connect with a WebSocket client (Upgrade: websocket)"
         )
 
     @override
@@ -103,7 +107,7 @@ class OrderStatusSocket(StrictWebSocketHandler, JSONErrors):
         ):
             message = chunk if isinstance(chunk, str) and chunk else self._reason
             self.set_header("Content-Type", "application/json")
-            error = _HANDSHAKE_ERRORS.get(status, "bad_request")
+            error = _HANDSHAKE_ERRORS.get(status, ErrorCode.BAD_REQUEST)
             chunk = strict_json.dumps({"error": error, "message": message})
         return super().finish(chunk)
 
@@ -130,12 +134,12 @@ class OrderStatusSocket(StrictWebSocketHandler, JSONErrors):
         self._cancel_timer()
         order_id = parse_order_id(message) if isinstance(message, str) else None
         if order_id is None:
-            self._fail(CLOSE_BAD_ID, "invalid_order_id", "send the order id (a UUID) as plain text")
+            self._fail(CLOSE_BAD_ID, ErrorCode.INVALID_ORDER_ID, "send the order id (a UUID) as plain text")
             return
         store, hub = self.services.store, self.services.hub
         try:
             if not await store.exists(order_id):
-                self._fail(CLOSE_UNKNOWN_ORDER, "not_found", f"no order {order_id}", order_id)
+                self._fail(CLOSE_UNKNOWN_ORDER, ErrorCode.NOT_FOUND, f"no order {order_id}", order_id)
                 return
             if self.ws_connection is None:
                 return  # the client left while we looked
@@ -143,12 +147,12 @@ class OrderStatusSocket(StrictWebSocketHandler, JSONErrors):
             await self.subscription.sync()
         except REDIS_DOWN_ERRORS as exc:
             logger.warning("status socket for %s: Redis unavailable: %s", order_id, exc)
-            self._fail(CLOSE_UNAVAILABLE, "unavailable", "order updates are unavailable; retry shortly")
+            self._fail(CLOSE_UNAVAILABLE, ErrorCode.UNAVAILABLE, "order updates are unavailable; retry shortly")
         except Exception:
             # A bug or unexpected data: say so (Tornado would drop the connection
             # without a word), and keep the details in the log.
             logger.exception("status socket for %s failed", order_id)
-            self._fail(CLOSE_INTERNAL_ERROR, "internal_error", "order updates failed; retry shortly")
+            self._fail(CLOSE_INTERNAL_ERROR, ErrorCode.INTERNAL_ERROR, "order updates failed; retry shortly")
 
     def _write(self, data: str | bytes) -> bool:
         """Send one text message; False if the client has gone (nothing to do then)."""
@@ -163,7 +167,7 @@ class OrderStatusSocket(StrictWebSocketHandler, JSONErrors):
         if self._write(data) and terminal:
             self.close(CLOSE_FINISHED, "order finished")
 
-    def _fail(self, code: int, error: str, message: str, order_id: str | None = None) -> None:
+    def _fail(self, code: int, error: ErrorCode, message: str, order_id: str | None = None) -> None:
         body: dict[str, Any] = {"error": error, "message": message}
         if order_id:
             body["order_id"] = order_id
@@ -174,7 +178,7 @@ class OrderStatusSocket(StrictWebSocketHandler, JSONErrors):
         self._first_message_timer = None
         if not self._claimed:
             self._claimed = True
-            self._fail(CLOSE_TIMEOUT, "timeout", "no order id received in time")
+            self._fail(CLOSE_TIMEOUT, ErrorCode.TIMEOUT, "no order id received in time")
 
     def _cancel_timer(self) -> None:
         if self._first_message_timer is not None:

@@ -130,3 +130,18 @@ def test_token_decimals_are_defined_once_for_every_token(schemas: Schemas) -> No
     decimals = schemas.documents["common"]["$defs"]["token"]["x-decimals"]
     assert set(decimals) == set(schemas.tokens())
     assert {t.symbol: t.decimals for t in amounts.tokens().values()} == decimals
+
+
+def test_every_error_code_is_in_the_schema_and_the_readme(schemas: Schemas) -> None:
+    """handlers.base.ErrorCode, schemas/error.json's enum and README's error table list
+    the same codes."""
+    import re
+
+    from handlers.base import ErrorCode
+
+    listed = schemas.documents["error"]["properties"]["error"]["enum"]
+    assert listed == [code.value for code in ErrorCode]
+    readme = (PROJECT_ROOT / "README.md").read_text()
+    table = readme.split("| status | `error` | when | what a client should do |", 1)[1].split("\n\n", 1)[0]
+    in_readme = {code for row in table.splitlines()[2:] for code in re.findall(r"`([a-z_]+)`", row.split("|")[2])}
+    assert in_readme == set(listed)
