@@ -34,14 +34,8 @@ from engine.execution.consumer import Consumer
 from engine.execution.driver import MAX_ATTEMPTS, slippage_reason
 from engine.execution.services import build_worker
 from engine.execution.venues.base import Quote, SwapTx, TransientVenueError, TxStatus, Venue
-from engine.execution.venues.simulated import (
-    METEORA,
-    RAYDIUM,
-    ManualClock,
-    SimulatedMarket,
-    VenueProfile,
-    make_simulated_venues,
-)
+from engine.execution.venues.market import METEORA, RAYDIUM, ManualClock, SimulatedMarket, VenueProfile
+from engine.execution.venues.simulated import make_simulated_venues
 from engine.ops.redis_server import RedisServer, free_port
 from engine.web.schemas import Schemas
 from tests.helpers import VALID_ORDER, eventually

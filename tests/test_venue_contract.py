@@ -9,7 +9,8 @@ from redis.asyncio import Redis
 
 from engine.core.config import Config
 from engine.execution.venues.base import Venue
-from engine.execution.venues.simulated import ManualClock, SimulatedMarket, SimulatedVenue, make_simulated_venues
+from engine.execution.venues.market import ManualClock, SimulatedMarket
+from engine.execution.venues.simulated import SimulatedVenue, make_simulated_venues
 from tests.venue_contract import VenueContract
 
 

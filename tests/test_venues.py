@@ -26,7 +26,7 @@ from engine.execution.venues.base import (
     UnsupportedPairError,
     tx_hash_for,
 )
-from engine.execution.venues.simulated import (
+from engine.execution.venues.market import (
     DEFAULT_PROFILES,
     METEORA,
     PAIR_DEPTH_USD,
@@ -35,10 +35,9 @@ from engine.execution.venues.simulated import (
     ManualClock,
     Pool,
     SimulatedMarket,
-    SimulatedVenue,
-    make_simulated_venues,
     pair_key,
 )
+from engine.execution.venues.simulated import SimulatedVenue, make_simulated_venues
 from engine.web.schemas import Schemas
 
 TX_HASH = re.compile(r"^0x[0-9a-f]{64}$")

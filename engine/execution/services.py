@@ -17,7 +17,8 @@ from engine.execution.consumer import Consumer
 from engine.execution.driver import RETRY_BACKOFF_SECS, STATUS_POLL_SECS, OrderDriver
 from engine.execution.router import QUOTE_TIMEOUT_SECS, Router
 from engine.execution.venues.base import Venue
-from engine.execution.venues.simulated import SimulatedMarket, make_simulated_venues
+from engine.execution.venues.market import SimulatedMarket
+from engine.execution.venues.simulated import make_simulated_venues
 
 
 def venues_for(
