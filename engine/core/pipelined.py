@@ -1,4 +1,5 @@
-"""One pipelined Redis connection for the POST path's create script.
+"""One pipelined Redis connection per process for the order store's scripts: the
+web's creates and cancels, the worker's transitions.
 
 redis-py's asyncio client takes a connection from its pool for every command (a
 condition, a lock, a timer, observability hooks and an event dispatch around it),
