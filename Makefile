@@ -6,8 +6,11 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 BENCH_STAMP := $(VENV)/.bench-installed
+# MARKET=evm's local devnet (engine/ops/devnet.py): anvil and the Uniswap V2 contracts'
+# build artifacts, from npm, pinned by devnet/package.json and its lock.
+DEVNET_STAMP := devnet/node_modules/.installed
 
-.PHONY: run test worker lint bench clean
+.PHONY: run test worker lint bench clean devnet-deps
 
 $(STAMP): requirements.txt requirements-dev.txt
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) on PATH (or run: make PYTHON=python3 ...)"; exit 1; }
@@ -15,19 +18,26 @@ $(STAMP): requirements.txt requirements-dev.txt
 	$(BIN)/pip install --quiet -r requirements-dev.txt
 	touch $(STAMP)
 
-run: $(STAMP)
+run: $(STAMP) $(if $(filter evm,$(MARKET)),devnet-deps)
 	$(BIN)/python server.py
 
 worker: $(STAMP)
 	$(BIN)/python worker.py
 
 # The lint runs first, so the structure it checks is kept (ruff.toml, mypy --strict).
-test: lint
+test: lint devnet-deps
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy --strict --ignore-missing-imports server.py worker.py handlers engine
+
+devnet-deps: $(DEVNET_STAMP)
+
+$(DEVNET_STAMP): devnet/package.json devnet/package-lock.json
+	@command -v npm >/dev/null || { echo "MARKET=evm needs npm on PATH (to install anvil and the Uniswap V2 contracts); install Node.js/npm"; exit 1; }
+	npm ci --prefix devnet --no-audit --no-fund
+	touch $(DEVNET_STAMP)
 
 $(BENCH_STAMP): $(STAMP) bench/requirements.txt
 	$(BIN)/pip install --quiet -r bench/requirements.txt
@@ -39,4 +49,4 @@ bench: $(BENCH_STAMP)
 	$(BIN)/python -m bench.run $(or $(BENCH_ARGS),--quick)
 
 clean:
-	rm -rf $(VENV) data .pytest_cache bench/out
+	rm -rf $(VENV) data .pytest_cache bench/out devnet/node_modules

@@ -13,12 +13,14 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 
 from tornado.netutil import bind_sockets
 from tornado.web import Application
 
 from engine.core.config import PROJECT_ROOT, Config, ConfigError
 from engine.ops import prefork, runtime
+from engine.ops.devnet_keys import WALLET_KEY
 from engine.ops.logs import setup_logging
 from engine.ops.redis_server import (
     RedisServer,
@@ -146,9 +148,10 @@ def run_web(config: Config, redis_url: str, sockets: list[socket.socket]) -> int
     return prefork.supervise(config.web_concurrency, child)
 
 
-def start_worker(redis_url: str) -> subprocess.Popen[bytes]:
-    """Embedded mode: run worker.py beside the web process, against the same Redis."""
-    env = {**os.environ, "REDIS_URL": redis_url}
+def start_worker(redis_url: str, extra_env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    """Embedded mode: run worker.py beside the web process, against the same Redis
+    (and ``extra_env``: the devnet's node, chain file and wallet)."""
+    env = {**os.environ, "REDIS_URL": redis_url, **(extra_env or {})}
     # Its own session: a Ctrl-C in the terminal reaches only this process, which then
     # stops the worker (gracefully) before Redis.
     return subprocess.Popen(
@@ -157,6 +160,44 @@ def start_worker(redis_url: str) -> subprocess.Popen[bytes]:
         start_new_session=True,
         preexec_fn=die_with_parent,
     )
+
+
+# The devnet deploys in a few seconds; the first start also waits for anvil.
+DEVNET_START_TIMEOUT_SECS = 120.0
+
+
+class DevnetError(RuntimeError):
+    """The local devnet did not start."""
+
+
+def start_devnet(config: Config) -> tuple[subprocess.Popen[bytes], dict[str, str]]:
+    """MARKET=evm without EVM_RPC_URL: run the local devnet (``python -m
+    engine.ops.devnet``: anvil, the Uniswap V2 contracts deployed, the background
+    trader) and wait for its chain file. Returns the process and what the worker's
+    environment needs to trade on it; raises DevnetError."""
+    chain_file = config.data_dir / "devnet.json"
+    chain_file.unlink(missing_ok=True)
+    command = [
+        sys.executable, "-m", "engine.ops.devnet", "--port", str(config.devnet_port),
+        "--data-dir", str(config.data_dir), "--block-time", str(config.devnet_block_time_secs),
+        "--trader-interval", str(config.devnet_trader_interval_secs),
+    ]
+    if not config.devnet_trader:
+        command.append("--no-trader")
+    proc = subprocess.Popen(command, cwd=PROJECT_ROOT, start_new_session=True, preexec_fn=die_with_parent)
+    deadline = time.monotonic() + DEVNET_START_TIMEOUT_SECS
+    while not chain_file.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            stop_process(proc, 5)
+            raise DevnetError(f"the devnet did not start (see {config.data_dir / 'anvil.log'})")
+        time.sleep(0.1)
+    env = {
+        "EVM_RPC_URL": f"http://127.0.0.1:{config.devnet_port}",
+        "EVM_CHAIN_FILE": str(chain_file),
+        # anvil's published dev key, for a local chain only; an explicit key wins.
+        "EVM_PRIVATE_KEY": os.environ.get("EVM_PRIVATE_KEY") or WALLET_KEY,
+    }
+    return proc, env
 
 
 def stop_worker(proc: subprocess.Popen[bytes], grace_secs: float) -> None:
@@ -180,6 +221,7 @@ def main() -> int:
         return 1
     embedded: RedisServer | None = None
     worker: subprocess.Popen[bytes] | None = None
+    devnet: subprocess.Popen[bytes] | None = None
     redis_url = config.redis_url
     code = 0
     try:
@@ -191,11 +233,22 @@ def main() -> int:
                 print(f"server: cannot start the embedded Redis: {exc}", file=sys.stderr)
                 return 1
             logger.info("embedded mode: Redis at %s, starting a worker", redis_url)
-            worker = start_worker(redis_url)
+            worker_env: dict[str, str] = {}
+            if config.market == "evm" and config.evm_rpc_url is None:
+                try:
+                    devnet, worker_env = start_devnet(config)
+                except DevnetError as exc:
+                    print(f"server: cannot start the devnet: {exc}", file=sys.stderr)
+                    return 1
+                logger.info("devnet at %s, chain file %s", worker_env["EVM_RPC_URL"],
+                            worker_env["EVM_CHAIN_FILE"])
+            worker = start_worker(redis_url, worker_env)
         code = run_web(config, redis_url, sockets)
     finally:
         if worker is not None:
             stop_worker(worker, config.shutdown_grace_secs)
+        if devnet is not None:
+            stop_process(devnet, 10)
         if embedded is not None:
             embedded.stop()
     return code

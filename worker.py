@@ -13,16 +13,23 @@ import asyncio
 import logging
 import signal
 import sys
+import time
+from collections.abc import Mapping
 
 from engine.core.config import Config, ConfigError
 from engine.core.connections import connect, connect_pipelined, worker_pool_size
 from engine.core.store import OrderStore
 from engine.execution.consumer import READ_BLOCK_MS
-from engine.execution.services import build_worker
+from engine.execution.services import build_worker, prepare_venues
+from engine.execution.venues.base import TransientVenueError, Venue
+from engine.execution.venues.evm_chain import EvmSetupError
 from engine.ops import runtime
 from engine.ops.logs import setup_logging
 
 logger = logging.getLogger("worker")
+
+# How long a starting worker waits for its venues (an EVM node) to answer.
+PREPARE_TIMEOUT_SECS = 60.0
 
 
 async def work(config: Config, redis_url: str) -> None:
@@ -37,6 +44,7 @@ async def work(config: Config, redis_url: str) -> None:
     # The store's scripts (the order's transitions) go over one pipelined connection.
     pipe = connect_pipelined(redis_url, config)
     consumer = build_worker(redis, config, store=OrderStore(redis, config, pipe))
+    await _prepare(consumer.driver.venues)
     runner = asyncio.create_task(consumer.run(), name="consumer")
     signals = 0
 
@@ -65,6 +73,21 @@ async def work(config: Config, redis_url: str) -> None:
             await pipe.aclose()
 
 
+async def _prepare(venues: Mapping[str, Venue]) -> None:
+    """Get the venues ready, waiting out a node that does not answer yet (EvmSetupError
+    stops the worker: the configuration is wrong)."""
+    deadline = time.monotonic() + PREPARE_TIMEOUT_SECS
+    while True:
+        try:
+            await prepare_venues(venues)
+            return
+        except TransientVenueError as exc:
+            if time.monotonic() > deadline:
+                raise EvmSetupError(f"the venues did not get ready in {PREPARE_TIMEOUT_SECS:g} s: {exc}") from None
+            logger.warning("venues not ready (%s); trying again", exc)
+            await asyncio.sleep(2.0)
+
+
 def main() -> int:
     try:
         config = Config.from_env()
@@ -80,7 +103,11 @@ def main() -> int:
         )
         return 2
     setup_logging(config, "worker")
-    runtime.run(work(config, config.redis_url))
+    try:
+        runtime.run(work(config, config.redis_url))
+    except EvmSetupError as exc:
+        print(f"worker: cannot trade on the EVM market: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

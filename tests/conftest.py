@@ -24,6 +24,7 @@ from engine.web.schemas import Schemas
 from engine.web.services import Services
 from server import make_app, make_http_server
 from tests.contract import check_response
+from tests.devnet_fixtures import devnet  # noqa: F401 - the session's devnet, for any test
 from tests.faults.cluster import Cluster
 from tests.faults.report import Figures, figures_fixture
 

@@ -3,7 +3,6 @@ from npm, deployed once per session (tests/devnet_fixtures.py). No mocks."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import random
 from pathlib import Path
@@ -24,7 +23,7 @@ from engine.ops.devnet import (
     load_chain_file,
     write_chain_file,
 )
-from engine.ops.devnet_trader import Swap, Trader, connect
+from engine.ops.devnet_trader import Trader, connect
 from engine.ops.redis_server import free_port
 from engine.web.schemas import Schemas
 from tests.devnet_fixtures import DevnetHandle
@@ -95,17 +94,15 @@ def test_the_wallet_holds_every_token_with_the_file_s_decimals(devnet: DevnetHan
         assert contract.functions.balanceOf(devnet.doc["wallet"]).call() > 0
 
 
-def test_one_trader_step_moves_a_pool(devnet: DevnetHandle) -> None:
-    async def trade() -> Swap | None:
-        node = connect(devnet.url)
-        try:
-            trader = Trader(node, devnet.doc, rng=random.Random(7))
-            await trader.approve_all()
-            return await trader.step()
-        finally:
-            await node.provider.disconnect()
-
-    swap = asyncio.run(trade())
+async def test_one_trader_step_moves_a_pool(devnet: DevnetHandle) -> None:
+    # On the test's loop (pytest-tornasync): asyncio.run would unset the thread's loop.
+    node = connect(devnet.url)
+    try:
+        trader = Trader(node, devnet.doc, rng=random.Random(7))
+        await trader.approve_all()
+        swap = await trader.step()
+    finally:
+        await node.provider.disconnect()
     assert swap is not None and swap.succeeded and swap.amount_in > 0
     w3 = Web3(Web3.HTTPProvider(devnet.url))
     block = w3.eth.get_transaction_receipt(swap.tx_hash)["blockNumber"]

@@ -29,11 +29,18 @@ from engine.core import amounts, keys, strict_json
 from engine.core.config import PROJECT_ROOT, Config
 from engine.core.connections import connect, connect_pipelined
 from engine.core.status import TERMINAL
-from engine.core.store import OrderStore
+from engine.core.store import OrderStore, Recorded
 from engine.execution.consumer import Consumer
 from engine.execution.driver import MAX_ATTEMPTS, slippage_reason
 from engine.execution.services import build_worker
-from engine.execution.venues.base import Quote, SwapTx, TransientVenueError, TxStatus, Venue
+from engine.execution.venues.base import (
+    Quote,
+    SwapRequest,
+    SwapTx,
+    TransientVenueError,
+    TxStatus,
+    Venue,
+)
 from engine.execution.venues.market import METEORA, RAYDIUM, ManualClock, SimulatedMarket, VenueProfile
 from engine.execution.venues.simulated import make_simulated_venues
 from engine.ops.redis_server import RedisServer, free_port
@@ -158,10 +165,13 @@ class WrappedVenue:
         await self._gate("after_send")
         return tx_hash
 
-    async def status(self, tx_hash: str) -> TxStatus:
+    async def build(self, swap: SwapRequest) -> SwapTx:
+        return await self.inner.build(swap)
+
+    async def status(self, tx: SwapTx) -> TxStatus:
         self._fail("status")
         await self._gate("status")
-        return await self.inner.status(tx_hash)
+        return await self.inner.status(tx)
 
 
 def wrapped_venues(
@@ -615,13 +625,19 @@ async def test_a_worker_with_a_fixed_name_waits_for_its_predecessor_then_resumes
 
 async def _submitted_order_delivered_twice(redis: Redis, store: OrderStore) -> str:
     order_id = await new_order(store)
-    tx = "0x" + "ef" * 32
     for status, fields in (
         ("routing", {}),
         ("building", {"venue": "raydium", "quoted_price": 220.0, "min_amount_out": 2000.0}),
-        ("submitted", {"tx_hash": tx, "venue": "raydium"}),
     ):
         assert (await store.transition(order_id, status, **fields)).applied
+    order = await store.get(order_id)
+    assert order is not None
+    request = order.parsed_request()
+    # Recorded (as the driver does before sending) but never sent: the venue lost it.
+    tx = SwapTx.build(order_id, "raydium", request.token_in.symbol, request.token_out.symbol,
+                      request.amount_in, request.token_out.to_base_units(Decimal(2000)))
+    assert await store.record_tx(order_id, tx.tx_hash, tx.record()) is Recorded.RECORDED
+    assert (await store.transition(order_id, "submitted", tx_hash=tx.tx_hash, venue="raydium")).applied
     await redis.xgroup_create(keys.ORDERS_STREAM, keys.EXECUTORS_GROUP, id="0", mkstream=True)
     [[_stream, [(entry_id, _fields)]]] = cast(
         Any, await redis.xreadgroup(keys.EXECUTORS_GROUP, "dead-1", {keys.ORDERS_STREAM: ">"})
@@ -934,10 +950,10 @@ async def test_a_cancel_that_lands_while_building_wins_if_nothing_is_recorded_ye
     executor = executor_for(redis, config)
     real_record = executor.store.record_tx
 
-    async def cancelled_first(oid: str, tx_hash: str) -> bool:
+    async def cancelled_first(oid: str, tx_hash: str, *args: Any, **kwargs: Any) -> Recorded:
         assert await status_of(store, oid) == "building"
         assert await cancel(store, oid)
-        return await real_record(oid, tx_hash)
+        return await real_record(oid, tx_hash, *args, **kwargs)
 
     executor.store.record_tx = cancelled_first  # type: ignore[method-assign]
     await burst(executor)

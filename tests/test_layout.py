@@ -47,10 +47,11 @@ def test_core_imports_neither_side() -> None:
     assert {f: m for f, m in crossing.items() if m} == {}
 
 
-def test_only_the_composition_root_names_the_simulated_market() -> None:
+def test_only_the_composition_root_names_a_market() -> None:
     # The consumer, the driver and the router know venues only by their contract.
     execution = imports_under("engine/execution")
     naming = sorted(f for f, mods in execution.items()
-                    if any(m.startswith(("engine.execution.venues.simulated", "engine.execution.venues.market"))
+                    if any(m.startswith(("engine.execution.venues.simulated", "engine.execution.venues.market",
+                                        "engine.execution.venues.evm"))
                            for m in mods) and "/venues/" not in f)
     assert naming == ["engine/execution/services.py"]

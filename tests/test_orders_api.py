@@ -14,6 +14,7 @@ from tornado.httputil import HTTPHeaders, HTTPServerRequest, RequestStartLine
 from tornado.web import Application
 
 from engine.core import keys
+from engine.core.store import Recorded
 from engine.web.schemas import Schemas
 from handlers.orders import ExecuteOrderHandler, ExecuteOrderRouter, StreamedExecuteOrderHandler
 from tests.faults.clients import raw_http
@@ -386,7 +387,7 @@ async def test_cancel_is_409_once_a_transaction_may_be_sent(
     order_id = accepted["order_id"]
     await _advance_to(store, order_id, reached.removesuffix("+tx"))
     if reached == "building+tx":  # the worker recorded the tx it is about to send
-        assert await store.record_tx(order_id, "0x" + "ab" * 32)
+        assert await store.record_tx(order_id, "0x" + "ab" * 32) is Recorded.RECORDED
     reached = reached.removesuffix("+tx")
     response = await http_server_client.fetch(
         f"/api/orders/{order_id}", method="DELETE", raise_error=False

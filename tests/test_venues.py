@@ -19,6 +19,7 @@ from engine.execution.router import Router
 from engine.execution.venues.base import (
     Quote,
     RejectedSwapError,
+    SwapRequest,
     SwapTx,
     TransientVenueError,
     TxState,
@@ -180,15 +181,15 @@ async def test_sending_twice_records_and_executes_once(redis: Redis, config: Con
     quote = await venue.quote("SOL", "USDC", sol(2))
     tx = SwapTx.build("order-1", "raydium", "SOL", "USDC", sol(2), quote.amount_out * 99 // 100)
 
-    assert await venue.status(tx.tx_hash) == TxStatus(TxState.UNKNOWN)
+    assert await venue.status(tx) == TxStatus(TxState.UNKNOWN)
     assert await venue.send(tx) == tx.tx_hash
     assert await venue.send(tx) == tx.tx_hash
-    assert (await venue.status(tx.tx_hash)).state is TxState.PENDING
+    assert (await venue.status(tx)).state is TxState.PENDING
     assert len(await redis.keys(keys.ledger("*"))) == 1
     assert (await _ledger(redis, tx.tx_hash))["duplicate_sends"] == "1"
 
     clock.advance(1.0)
-    confirmed = await venue.status(tx.tx_hash)
+    confirmed = await venue.status(tx)
     assert confirmed.state is TxState.CONFIRMED
     assert confirmed.amount_out is not None and confirmed.amount_out >= tx.min_amount_out
     assert isinstance(confirmed.amount_out, int)
@@ -196,9 +197,9 @@ async def test_sending_twice_records_and_executes_once(redis: Redis, config: Con
     # Another process (its own market object, its own shocks) reads the same outcome.
     other = _venues(redis, slow, clock)["raydium"]
     other.market.shock("SOL", 0.5)
-    assert await other.status(tx.tx_hash) == confirmed
+    assert await other.status(tx) == confirmed
     # A venue does not answer for another venue's transactions.
-    assert (await _venues(redis, slow, clock)["meteora"].status(tx.tx_hash)).state is TxState.UNKNOWN
+    assert (await _venues(redis, slow, clock)["meteora"].status(tx)).state is TxState.UNKNOWN
 
 
 async def test_a_price_move_past_min_amount_out_reverts(redis: Redis, config: Config) -> None:
@@ -210,7 +211,7 @@ async def test_a_price_move_past_min_amount_out_reverts(redis: Redis, config: Co
     await venue.send(tx)
     venue.market.shock("SOL", 0.98)  # after the send, before it executes
     clock.advance(1.0)
-    status = await venue.status(tx.tx_hash)
+    status = await venue.status(tx)
     assert status.state is TxState.REVERTED
     assert status.reason == "slippage"
     assert status.amount_out is not None
@@ -227,7 +228,7 @@ async def test_transient_failures_record_nothing(redis: Redis, config: Config) -
     with pytest.raises(TransientVenueError):
         await venue.send(tx)
     with pytest.raises(TransientVenueError):
-        await venue.status(tx.tx_hash)
+        await venue.status(tx)
     assert await redis.keys(keys.ledger("*")) == []
 
 
@@ -247,10 +248,13 @@ class _StubVenue:
         return Quote(self.name, token_in, token_out, amount_in, self.answer,
                      Decimal("0.0025"), Decimal(0), 0.0)
 
+    async def build(self, swap: SwapRequest) -> SwapTx:
+        raise NotImplementedError
+
     async def send(self, tx: SwapTx) -> str:
         raise NotImplementedError
 
-    async def status(self, tx_hash: str) -> TxStatus:
+    async def status(self, tx: SwapTx) -> TxStatus:
         raise NotImplementedError
 
 

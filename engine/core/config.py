@@ -18,6 +18,10 @@ T = TypeVar("T")
 PROJECT_ROOT = Path(__file__).resolve().parent.parent.parent
 
 
+# Settings whose values are never repeated, not even in a ConfigError.
+_SECRET_VARIABLES = frozenset({"EVM_PRIVATE_KEY", "EVM_KEYSTORE_PASSWORD"})
+
+
 class ConfigError(ValueError):
     """A setting in the environment has a value we cannot use."""
 
@@ -76,6 +80,40 @@ class Config:
     confirm_latency_max_ms: float = 1000.0
     venue_failure_rate: float = 0.02
 
+    # Which market the worker trades on: "simulated" (needs nothing but Python) or
+    # "evm" (Uniswap-V2-compatible routers on an EVM chain, engine.execution.venues.evm).
+    market: str = "simulated"
+    # MARKET=evm. The node's JSON-RPC URL; None starts a local devnet (anvil with the
+    # real Uniswap V2 contracts, engine.ops.devnet) on ``devnet_port``.
+    evm_rpc_url: str | None = None
+    # The chain file (schemas/evm_chain.json): tokens, venues (router addresses), the
+    # wallet. Default: what the devnet writes, ``data_dir / "devnet.json"``.
+    evm_chain_file: Path | None = None
+    # The wallet's key: EVM_PRIVATE_KEY (0x + 64 hex digits), or an encrypted keystore
+    # file (EIP-2335-style V3 JSON) and the variable that holds its password. Never in
+    # repr, logs, errors or /metrics.
+    evm_private_key: str | None = dataclasses.field(default=None, repr=False)
+    evm_keystore: Path | None = None
+    evm_keystore_password: str | None = dataclasses.field(default=None, repr=False)
+    # A receipt this many blocks deep (its own block counts as 1) is final.
+    confirmations: int = 1
+    # Cap on the EIP-1559 maxFeePerGas, in gwei.
+    evm_max_fee_gwei: float = 500.0
+    # A swap's deadline (Router02's ``deadline`` argument), seconds after signing.
+    evm_deadline_secs: int = 600
+    # The local devnet (MARKET=evm without EVM_RPC_URL).
+    devnet_port: int = 8545
+    # Seconds between blocks; 0 = automine (a block per transaction).
+    devnet_block_time_secs: float = 0.0
+    # A background trader swapping now and then on the devnet's pools, so prices move.
+    devnet_trader: bool = True
+    devnet_trader_interval_secs: float = 2.0
+
+    @property
+    def chain_file(self) -> Path:
+        """The EVM chain file to read: EVM_CHAIN_FILE, else the devnet's."""
+        return self.evm_chain_file or self.data_dir / "devnet.json"
+
     @property
     def embedded_redis(self) -> bool:
         return self.redis_url is None
@@ -93,7 +131,8 @@ class Config:
             try:
                 return parse(raw.strip())
             except ValueError as exc:
-                raise ConfigError(f"{name}={raw!r}: {exc}") from None
+                shown = "<secret>" if name in _SECRET_VARIABLES else repr(raw)
+                raise ConfigError(f"{name}={shown}: {exc}") from None
 
         port_var = "SERVER_PORT" if env.get("SERVER_PORT", "").strip() else "PORT"
         cfg = cls(
@@ -133,6 +172,23 @@ class Config:
                 "CONFIRM_LATENCY_MAX_MS", _non_negative(float), d.confirm_latency_max_ms
             ),
             venue_failure_rate=get("VENUE_FAILURE_RATE", _fraction, d.venue_failure_rate),
+            market=get("MARKET", _choice("simulated", "evm"), d.market),
+            evm_rpc_url=get("EVM_RPC_URL", _rpc_url, d.evm_rpc_url),
+            evm_chain_file=get("EVM_CHAIN_FILE", Path, d.evm_chain_file),
+            evm_private_key=get("EVM_PRIVATE_KEY", _private_key, d.evm_private_key),
+            evm_keystore=get("EVM_KEYSTORE", Path, d.evm_keystore),
+            evm_keystore_password=env.get("EVM_KEYSTORE_PASSWORD") or d.evm_keystore_password,
+            confirmations=get("CONFIRMATIONS", _positive(int), d.confirmations),
+            evm_max_fee_gwei=get("EVM_MAX_FEE_GWEI", _positive(float), d.evm_max_fee_gwei),
+            evm_deadline_secs=get("EVM_DEADLINE_SECS", _positive(int), d.evm_deadline_secs),
+            devnet_port=get("DEVNET_PORT", _port, d.devnet_port),
+            devnet_block_time_secs=get(
+                "DEVNET_BLOCK_TIME_SECS", _non_negative(float), d.devnet_block_time_secs
+            ),
+            devnet_trader=get("DEVNET_TRADER", _bool, d.devnet_trader),
+            devnet_trader_interval_secs=get(
+                "DEVNET_TRADER_INTERVAL_SECS", _positive(float), d.devnet_trader_interval_secs
+            ),
         )
         if cfg.confirm_latency_max_ms < cfg.confirm_latency_min_ms:
             raise ConfigError(
@@ -158,6 +214,19 @@ def _redis_url(raw: str) -> str:
     if not raw.startswith(("redis://", "rediss://", "unix://")):
         raise ValueError("must start with redis://, rediss:// or unix://")
     return raw
+
+
+def _rpc_url(raw: str) -> str:
+    if not re.match(r"^(https?|wss?)://[^\s/]+", raw):
+        raise ValueError("expected an http://, https://, ws:// or wss:// URL")
+    return raw
+
+
+def _private_key(raw: str) -> str:
+    # Never echo the value: ConfigError repeats what it is given.
+    if not re.fullmatch(r"(0x)?[0-9a-fA-F]{64}", raw):
+        raise ValueError("expected 0x and 64 hex digits")
+    return raw if raw.startswith("0x") else "0x" + raw
 
 
 def _origins(raw: str) -> tuple[str, ...]:

@@ -44,3 +44,9 @@ def worker(consumer: str) -> str:
 def ledger(tx_hash: str) -> str:
     """Hash: one sent transaction of the simulated venues."""
     return f"{LEDGER_PREFIX}{tx_hash}"
+
+
+def next_nonce(chain_id: int, address: str) -> str:
+    """String: the next nonce no recorded transaction of the account holds (EVM
+    venues; moved only by OrderStore.record_tx's atomic step)."""
+    return f"nonce:{chain_id}:{address.lower()}"

@@ -126,6 +126,8 @@ class Order:
     expected_amount_out: Decimal | None = None
     min_amount_out: Decimal | None = None
     tx_hash: str | None = None
+    # The recorded transaction (a venue's SwapTx.record(): what resending it takes).
+    tx: str | None = None
     execution_price: Decimal | None = None
     amount_out: Decimal | None = None
     reason: str | None = None
@@ -144,7 +146,7 @@ class Order:
             "seq": int(fields.get("seq", 1)),
             "attempts": int(fields.get("attempts") or 0),
         }
-        for name in ("venue", "tx_hash", "reason"):
+        for name in ("venue", "tx_hash", "tx", "reason"):
             if name in fields:
                 values[name] = fields[name]
         for name in _NUMBER_FIELDS:

@@ -9,6 +9,7 @@ hash exists, or moving an order to the status it already has, changes nothing.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import functools
 import hashlib
 import json
@@ -132,12 +133,57 @@ return {1, data}
 )
 
 
-# KEYS: order hash; ARGV: tx_hash. Recorded only while the order is building.
-_RECORD_TX_LUA = """
+# The nonce rule (EIP-155 nonces, one account): a transaction may take nonce N only
+# if N is the account's next free nonce, which then becomes N + 1. Taking exactly the
+# next one leaves no gap; the key only moves forward, inside the step that records
+# the transaction (or, for a transaction that is not an order's, claims the nonce).
+# KEYS[2]: the next-free-nonce key; ARGV[3]: the nonce, or "" for none.
+_NONCE_RULE_LUA = """
+if ARGV[3] ~= '' then
+  local free = redis.call('GET', KEYS[2])
+  if free and tonumber(ARGV[3]) ~= tonumber(free) then return -1 end
+  redis.call('SET', KEYS[2], string.format('%d', tonumber(ARGV[3]) + 1))
+end
+"""
+
+# KEYS: order hash, next-free-nonce key (the order hash again when the transaction
+# has no nonce). ARGV: tx_hash, the transaction's record, its nonce or "".
+# Recorded only while the order is building and has no transaction yet.
+_RECORD_TX_LUA = (
+    """
 if redis.call('HGET', KEYS[1], 'status') ~= 'building' then return 0 end
-redis.call('HSET', KEYS[1], 'tx_hash', ARGV[1])
+if redis.call('HEXISTS', KEYS[1], 'tx_hash') == 1 then return 0 end
+"""
+    + _NONCE_RULE_LUA
+    + """
+redis.call('HSET', KEYS[1], 'tx_hash', ARGV[1], 'tx', ARGV[2])
 return 1
 """
+)
+
+# KEYS: (unused), next-free-nonce key. ARGV: (unused), (unused), the nonce.
+CLAIM_NONCE_LUA = _NONCE_RULE_LUA + "\nreturn 1\n"
+
+# KEYS: next-free-nonce key. ARGV: a nonce the chain already counts (its pending
+# transaction count). The key moves up to it, never down.
+RAISE_NONCE_FLOOR_LUA = """
+local free = redis.call('GET', KEYS[1])
+if (not free) or tonumber(free) < tonumber(ARGV[1]) then
+  redis.call('SET', KEYS[1], ARGV[1])
+  return tonumber(ARGV[1])
+end
+return tonumber(free)
+"""
+
+
+class Recorded(enum.IntEnum):
+    """What OrderStore.record_tx did."""
+
+    RECORDED = 1
+    # The order is no longer building, or another worker recorded its transaction.
+    NOT_BUILDING = 0
+    # The nonce is already held by a recorded transaction: build again with a new one.
+    NONCE_TAKEN = -1
 
 
 class _StoreScript:
@@ -404,11 +450,29 @@ class OrderStore:
     async def exists(self, order_id: str) -> bool:
         return bool(await self.redis.exists(keys.order(order_id)))
 
-    async def record_tx(self, order_id: str, tx_hash: str) -> bool:
-        """Record the transaction about to be sent, if the order is still ``building``
-        (False if not: e.g. cancelled meanwhile, and then nothing may be sent). Once
-        recorded, a cancel is refused: the trade may go out."""
-        return bool(await self._record_tx(keys=[keys.order(order_id)], args=[tx_hash]))
+    async def record_tx(
+        self,
+        order_id: str,
+        tx_hash: str,
+        record: str = "",
+        *,
+        nonce_key: str | None = None,
+        nonce: int | None = None,
+    ) -> Recorded:
+        """Record the transaction about to be sent (its hash, and ``record``: what
+        resending it takes), in one atomic step, if the order is still ``building``
+        and has no transaction yet (else NOT_BUILDING: e.g. cancelled meanwhile, or
+        another worker recorded one; nothing may be sent but that one). With a
+        ``nonce``, the account's next free nonce in ``nonce_key`` moves past it in
+        the same step, or NONCE_TAKEN if a recorded transaction already holds it.
+        Once recorded, a cancel is refused: the trade may go out."""
+        if (nonce is None) != (nonce_key is None):
+            raise ValueError("a nonce needs its account's key, and the key a nonce")
+        outcome = await self._record_tx(
+            keys=[keys.order(order_id), nonce_key or keys.order(order_id)],
+            args=[tx_hash, record, "" if nonce is None else str(nonce)],
+        )
+        return Recorded(int(outcome))
 
     async def count_attempt(self, order_id: str) -> int:
         """Count one more execution attempt of an order; the new count."""

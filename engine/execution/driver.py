@@ -8,11 +8,12 @@ a crash) can never publish a status twice.
 
 Each step is decided by the order's stored status, not by what this process
 remembers, so a driver that picks up an order someone else started continues where
-it stopped. An order's tx_hash is a pure function of what the ``building`` message
-recorded, and is written to the order before the transaction is sent; a driver
-resuming a ``building`` order asks the venue about that tx_hash before sending, and
-the venue records a tx_hash once however often it is sent: an order executes at most
-once. Which entry of the orders stream carries the order, and whether this worker
+it stopped. An order's transaction is built by its venue (signed, with a nonce, on a
+chain) and recorded on the order, in one atomic step with its nonce, before it is
+sent; a driver resuming a ``building`` order asks the venue about that recorded
+transaction and sends those same bytes again if the venue never got them. It never
+builds a second transaction for the order, and a venue executes a transaction once
+however often it is sent: an order executes at most once. Which entry of the orders stream carries the order, and whether this worker
 still owns it, is the consumer's business (engine.execution.consumer).
 """
 
@@ -28,11 +29,22 @@ from typing import Any
 
 from engine.core import amounts
 from engine.core.status import InvalidOrderError, Order, OrderStatus
-from engine.core.store import BUILDING, CONFIRMED, FAILED, PENDING, ROUTING, SUBMITTED, OrderStore
+from engine.core.store import (
+    BUILDING,
+    CONFIRMED,
+    FAILED,
+    PENDING,
+    ROUTING,
+    SUBMITTED,
+    OrderStore,
+    Recorded,
+)
 from engine.execution.router import Router
 from engine.execution.venues.base import (
     SLIPPAGE,
     RejectedSwapError,
+    SlippageExceededError,
+    SwapRequest,
     SwapTx,
     TransientVenueError,
     TxState,
@@ -171,7 +183,11 @@ class OrderDriver:
             except (InvalidOrderError, RejectedSwapError) as exc:
                 order = await self._load(order_id)
                 if not order.terminal:
-                    order = await self._advance(order, FAILED, reason=_rejection_reason(exc))
+                    if isinstance(exc, SlippageExceededError) and order.quoted_price:
+                        reason = _moved_reason(order, exc.amount_out)
+                    else:
+                        reason = _rejection_reason(exc)
+                    order = await self._advance(order, FAILED, reason=reason)
             except TransientVenueError as exc:
                 last_error = exc
                 order = await self._load(order_id)
@@ -218,20 +234,22 @@ class OrderDriver:
             min_amount_out=bought.from_base_units(least),
         )
 
-    def _transaction(self, order: Order) -> tuple[SwapTx, Venue]:
-        """The order's one transaction, rebuilt from what the ``building`` step stored."""
-        request = order.parsed_request()
+    def _venue(self, order: Order) -> Venue:
         venue = self.venues.get(order.venue or "")
         if venue is None:
             # Not a failure of the order: a worker that knows the venue can finish it.
             raise RuntimeError(f"order {order.id} was routed to unknown venue {order.venue!r}")
+        return venue
+
+    def _swap(self, order: Order, venue: Venue) -> SwapRequest:
+        """The order's swap, from what the ``building`` step stored."""
+        request = order.parsed_request()
         try:
             assert order.min_amount_out is not None, "no min_amount_out"
             least = request.token_out.to_base_units(order.min_amount_out)
         except (AssertionError, ArithmeticError, ValueError) as exc:
-            # Not a failure of the order either: its transaction may be out.
             raise RuntimeError(f"order {order.id} has no usable min_amount_out ({exc!r})") from None
-        tx = SwapTx.build(
+        return SwapRequest(
             order_id=order.id,
             venue=venue.name,
             token_in=request.token_in.symbol,
@@ -239,40 +257,78 @@ class OrderDriver:
             amount_in=request.amount_in,
             min_amount_out=least,
         )
+
+    def _recorded(self, order: Order) -> tuple[SwapTx, Venue] | None:
+        """The order's recorded transaction and its venue; None if none is recorded."""
+        if not order.tx_hash:
+            return None
+        venue = self._venue(order)
+        try:
+            tx = SwapTx.from_record(order.tx or "")
+        except ValueError as exc:
+            # Not a failure of the order either: its transaction may be out.
+            raise RuntimeError(f"order {order.id} has an unreadable transaction ({exc})") from None
+        if tx.tx_hash != order.tx_hash:
+            raise RuntimeError(f"order {order.id} records tx {order.tx_hash}, its record {tx.tx_hash}")
         return tx, venue
 
+    async def _build_and_record(self, order: Order) -> SwapTx | None:
+        """Build the order's transaction and record it (with its nonce) before it is
+        sent; None if the order stopped building meanwhile (a client's cancel came
+        first, or another worker recorded its own). Raises SlippageExceededError from
+        the venue's pre-flight."""
+        venue = self._venue(order)
+
+        async def record(tx: SwapTx) -> Recorded:
+            # A worker frozen past the claim time must not record: the one that took
+            # the order over may be recording its own.
+            await _ensure_owner()
+            claim = tx.nonce
+            return await self.store.record_tx(
+                order.id,
+                tx.tx_hash,
+                tx.record(),
+                nonce_key=claim.key if claim else None,
+                nonce=claim.nonce if claim else None,
+            )
+
+        return await venue.build(self._swap(order, venue), record)
+
     async def _send(self, order: Order) -> Order:
-        tx, venue = self._transaction(order)
-        recorded = order.tx_hash
-        if recorded and recorded != tx.tx_hash:
-            raise RuntimeError(f"order {order.id} records tx {recorded}, expected {tx.tx_hash}")
-        if recorded:
+        recorded = self._recorded(order)
+        if recorded is not None:
             # Someone (perhaps a worker that died) got this far: did the tx go out?
-            if (await venue.status(tx.tx_hash)).state is TxState.UNKNOWN:
+            tx, venue = recorded
+            if (await venue.status(tx)).state is TxState.UNKNOWN:
                 await _ensure_owner()
                 await venue.send(tx)
         else:
-            # Recorded before sending, so whoever resumes this order knows the tx_hash;
-            # and only while the order is still building, so a client's cancel that
-            # came first wins and nothing is sent.
-            if not await self.store.record_tx(order.id, tx.tx_hash):
+            # Recorded before sending, so whoever resumes this order sends the same
+            # transaction; and only while the order is still building, so a client's
+            # cancel that came first wins and nothing is sent.
+            built = await self._build_and_record(order)
+            if built is None:
                 current = await self._load(order.id)
-                logger.info("order %s: %s before its transaction was sent; not sending",
-                            order.id, current.status)
+                logger.info("order %s: %s with tx %s; not sending ours",
+                            order.id, current.status, current.tx_hash)
                 return current
-            order = dataclasses.replace(order, tx_hash=tx.tx_hash)
+            tx, venue = built, self._venue(order)
+            order = dataclasses.replace(order, tx_hash=tx.tx_hash, tx=tx.record())
             await _ensure_owner()
             await venue.send(tx)
         return await self._advance(order, SUBMITTED, tx_hash=tx.tx_hash, venue=venue.name)
 
     async def _settle(self, order: Order) -> Order:
         """Wait for the venue's verdict on the order's transaction."""
-        tx, venue = self._transaction(order)
+        recorded = self._recorded(order)
+        if recorded is None:
+            raise RuntimeError(f"order {order.id} is {order.status} with no recorded transaction")
+        tx, venue = recorded
         delay = self.status_poll_secs
         while True:
             status: TxStatus | None
             try:
-                status = await venue.status(tx.tx_hash)
+                status = await venue.status(tx)
             except TransientVenueError as exc:
                 # The tx is out: failing the order now could be a lie. Keep asking.
                 logger.warning("order %s: status of %s unavailable (%s)", order.id, tx.tx_hash, exc)
@@ -309,23 +365,23 @@ class OrderDriver:
     @staticmethod
     def _revert_reason(order: Order, status: TxStatus) -> str:
         if status.reason == SLIPPAGE and status.amount_out is not None and order.quoted_price:
-            request = order.parsed_request()
-            would_pay = amounts.price(
-                request.amount_in, request.token_in, status.amount_out, request.token_out
-            )
-            quoted = order.quoted_price
-            return slippage_reason((quoted - would_pay) / quoted, request.max_slippage)
+            return _moved_reason(order, status.amount_out)
         return f"Transaction reverted: {status.reason or 'no reason given'}"
 
     async def _may_fail(self, order: Order) -> bool:
-        """Whether failing the order now is certain not to hide an executed trade."""
+        """Whether failing the order now is certain not to hide an executed trade,
+        nor to leave a recorded nonce unused (a gap would stall every later
+        transaction of the account: such a transaction goes out and settles)."""
         if order.status == SUBMITTED:
             return False
-        if order.status != BUILDING or not order.tx_hash:
+        recorded = self._recorded(order) if order.status == BUILDING else None
+        if recorded is None:
             return True
-        tx, venue = self._transaction(order)
+        tx, venue = recorded
+        if tx.nonce is not None:
+            return False
         try:
-            return (await venue.status(tx.tx_hash)).state is TxState.UNKNOWN
+            return (await venue.status(tx)).state is TxState.UNKNOWN
         except TransientVenueError:
             return False
 
@@ -357,6 +413,16 @@ class OrderDriver:
         # Another worker took the step (or a further one): carry on from there.
         logger.info("order %s: already %s (wanted %s)", order_id, current.status, status)
         return current
+
+
+def _moved_reason(order: Order, would_pay: int) -> str:
+    """The seed's slippage reason for an order whose swap would now pay
+    ``would_pay`` base units of token_out, against the price quoted at routing."""
+    request = order.parsed_request()
+    price_now = amounts.price(request.amount_in, request.token_in, would_pay, request.token_out)
+    quoted = order.quoted_price
+    assert quoted, "an order past routing has a quoted price"
+    return slippage_reason((quoted - price_now) / quoted, request.max_slippage)
 
 
 def _rejection_reason(error: Exception) -> str:

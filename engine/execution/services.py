@@ -17,6 +17,8 @@ from engine.execution.consumer import Consumer
 from engine.execution.driver import RETRY_BACKOFF_SECS, STATUS_POLL_SECS, OrderDriver
 from engine.execution.router import QUOTE_TIMEOUT_SECS, Router
 from engine.execution.venues.base import Venue
+from engine.execution.venues.evm import EvmVenue, make_evm_venues
+from engine.execution.venues.evm_chain import EvmChain
 from engine.execution.venues.market import SimulatedMarket
 from engine.execution.venues.simulated import make_simulated_venues
 
@@ -24,9 +26,26 @@ from engine.execution.venues.simulated import make_simulated_venues
 def venues_for(
     redis: Redis, config: Config, market: SimulatedMarket | None = None
 ) -> dict[str, Venue]:
-    """The venues a worker trades on, by name: today the simulated market's (with
-    ``market`` given, that market: tests pass one with a manual clock)."""
+    """The venues a worker trades on, by name. MARKET=simulated: the simulated
+    market's (with ``market`` given, that market: tests pass one with a manual
+    clock). MARKET=evm: a Uniswap V2 router per venue of the chain file, on the node
+    (engine.execution.venues.evm); raises EvmSetupError when that cannot be set up."""
+    if config.market == "evm":
+        return dict(make_evm_venues(EvmChain.from_config(config, redis)))
     return dict(make_simulated_venues(redis, config, market))
+
+
+async def prepare_venues(venues: Mapping[str, Venue]) -> None:
+    """Make ``venues`` ready for their first order. EVM venues: check that the node
+    serves the chain file's chain, then approve each router for each token (once,
+    ever); raises EvmSetupError or TransientVenueError. Others need nothing."""
+    checked: set[int] = set()
+    for venue in venues.values():
+        if isinstance(venue, EvmVenue):
+            if id(venue.chain) not in checked:
+                await venue.chain.check()
+                checked.add(id(venue.chain))
+            await venue.prepare()
 
 
 def build_worker(

@@ -39,17 +39,14 @@ from jsonschema import Draft202012Validator
 from engine.core.config import PROJECT_ROOT, Config
 from engine.ops.devnet_deploy import (
     ARTIFACTS,
-    DEPLOYER_KEY,
     NODE_MODULES,
-    OTHER_KEY,
-    TRADER_KEY,
     VENUES,
-    WALLET_KEY,
     DevnetError,
     address_of,
     deploy,
     load_artifact,
 )
+from engine.ops.devnet_keys import DEPLOYER_KEY, OTHER_KEY, TRADER_KEY, WALLET_KEY
 from engine.ops.devnet_trader import run_trader
 from engine.ops.redis_server import die_with_parent, stop_process
 

@@ -33,6 +33,7 @@ from web3.utils.address import get_create2_address, get_create_address
 from engine.core import amounts
 from engine.core.config import PROJECT_ROOT
 from engine.execution.venues.market import REFERENCE_PRICES_USD
+from engine.ops.devnet_keys import DEPLOYER_KEY, OTHER_KEY, TRADER_KEY, WALLET_KEY
 
 logger = logging.getLogger(__name__)
 
@@ -45,13 +46,6 @@ ARTIFACTS: Mapping[str, Path] = {
     "ERC20DetailedMock": NODE_MODULES / "@openzeppelin/contracts/build/contracts/ERC20DetailedMock.json",
 }
 
-# anvil's published dev accounts 0-3 (mnemonic "test test test test test test test
-# test test test test junk", m/44'/60'/0'/0/i), each with 10,000 ETH on the devnet.
-# Everyone knows these keys: never use them on a real chain.
-DEPLOYER_KEY = "0xac0974bec39a17e36ba4a6b4d238ff944bacb478cbed5efcae784d7bf4f2ff80"
-WALLET_KEY = "0x59c6995e998f97a5a0044966f0945389dc9e86dae88c7a8412f4603b6b78690d"  # the service
-TRADER_KEY = "0x5de4111afa1a4b94908f83103eb1f1706367c2e68ca870fc3fb9a804cdab365a"  # background trader
-OTHER_KEY = "0x7c852118294e51e653712a81e05800f419141751be58f605c371e15141b007a6"  # tests' counterparty
 
 
 @dataclasses.dataclass(frozen=True)

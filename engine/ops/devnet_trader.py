@@ -30,10 +30,10 @@ from engine.ops.devnet_deploy import (
     MAX_FEE_WEI,
     MAX_UINT256,
     PRIORITY_FEE_WEI,
-    TRADER_KEY,
     address_of,
     load_artifact,
 )
+from engine.ops.devnet_keys import TRADER_KEY
 
 logger = logging.getLogger(__name__)
 

@@ -19,10 +19,14 @@ from redis.asyncio import Redis
 
 from engine.core import amounts, keys
 from engine.core.config import Config
+from engine.core.store import Recorded
 from engine.execution.venues.base import (
     SLIPPAGE,
     Quote,
+    RecordTx,
     RejectedSwapError,
+    SlippageExceededError,
+    SwapRequest,
     SwapTx,
     TransientVenueError,
     TxState,
@@ -120,6 +124,26 @@ class SimulatedVenue:
             quoted_at=at,
         )
 
+    async def build(self, swap: SwapRequest, record: RecordTx) -> SwapTx | None:
+        """The swap's transaction (its hash a pure function of its content; no nonce),
+        recorded, after a pre-flight on the pool as it is now (no network round
+        trip: the market is local); raise SlippageExceededError if it would revert
+        for slippage."""
+        if swap.venue != self.name:
+            raise RejectedSwapError(f"transaction for {swap.venue} built by {self.name}")
+        pool = self.market.pool(self.profile, swap.token_in, swap.token_out, self.market.now())
+        would_pay = pool.amount_out(swap.amount_in)
+        if would_pay < swap.min_amount_out:
+            raise SlippageExceededError(
+                f"{self.name}: the swap would pay {would_pay} < {swap.min_amount_out} base units",
+                would_pay,
+            )
+        tx = SwapTx.build(
+            swap.order_id, swap.venue, swap.token_in, swap.token_out, swap.amount_in,
+            swap.min_amount_out,
+        )
+        return tx if await record(tx) is Recorded.RECORDED else None
+
     async def send(self, tx: SwapTx) -> str:
         if tx.venue != self.name:
             raise RejectedSwapError(f"transaction for {tx.venue} sent to {self.name}")
@@ -151,7 +175,8 @@ class SimulatedVenue:
             logger.info("%s: %s was already sent; not sending it again", self.name, tx.tx_hash)
         return tx.tx_hash
 
-    async def status(self, tx_hash: str) -> TxStatus:
+    async def status(self, tx: SwapTx) -> TxStatus:
+        tx_hash = tx.tx_hash
         await self._network("status")
         record = await self._record(tx_hash)
         if not record or record.get("venue") != self.name:

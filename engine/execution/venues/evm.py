@@ -1,0 +1,255 @@
+"""EVM venues: Uniswap-V2-compatible routers (Uniswap V2, SushiSwap, PancakeSwap and
+their forks run the same contracts) on an EVM chain, over JSON-RPC (MARKET=evm).
+
+* Quote: Router02's ``getAmountsOut(amountIn, [tokenIn, tokenOut])`` by ``eth_call``
+  (the pool's 0.3% fee and price impact included, exact integers), and the pair's
+  ``getReserves`` for the price impact it reports.
+* Build: ``swapExactTokensForTokens(amountIn, amountOutMin, path, wallet, deadline)``
+  with ``amountOutMin`` = the driver's ``min_amount_out``. First a pre-flight
+  (``eth_estimateGas``, which executes the swap on the latest state): a swap that
+  would already revert with ``UniswapV2Router: INSUFFICIENT_OUTPUT_AMOUNT`` raises
+  SlippageExceededError and spends no gas. Then the transaction is signed with the
+  wallet's next free nonce and recorded on the order before it is returned
+  (engine.execution.venues.evm_chain).
+* Send: ``eth_sendRawTransaction`` of the recorded bytes; the node's "already known"
+  or a "nonce too low" for a transaction it has mined means it was sent before.
+* Status: the receipt, once ``CONFIRMATIONS`` blocks deep (its own block counts as
+  1). ``amount_out`` is the pair's ``Swap`` event in the receipt (``amount0Out`` or
+  ``amount1Out``), not the quote. A reverted swap is SLIPPAGE when, at its block, the
+  pool paid less than ``amountOutMin``; else a plain reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from decimal import Decimal
+from typing import Any
+
+from eth_typing import HexStr
+from web3 import AsyncWeb3
+from web3.contract import AsyncContract
+from web3.exceptions import ContractLogicError, TransactionNotFound, Web3RPCError
+from web3.logs import DISCARD
+from web3.types import TxReceipt
+
+from engine.execution.venues.base import (
+    SLIPPAGE,
+    NonceClaim,
+    Quote,
+    RecordTx,
+    RejectedSwapError,
+    SlippageExceededError,
+    SwapRequest,
+    SwapTx,
+    TransientVenueError,
+    TxState,
+    TxStatus,
+    UnsupportedPairError,
+)
+from engine.execution.venues.evm_chain import (
+    TRANSPORT_ERRORS,
+    ChainToken,
+    EvmChain,
+    load_abi,
+    rpc,
+)
+
+# UniswapV2Library.getAmountOut keeps 3 of every 1000 units sold in the pool.
+POOL_FEE = Decimal("0.003")
+ZERO_ADDRESS = "0x" + "0" * 40
+# The gas limit is eth_estimateGas's answer times this, plus a margin.
+GAS_HEADROOM = Decimal("1.2")
+# Router02's require() messages (UniswapV2Router02.sol).
+_SLIPPAGE_REVERT = "INSUFFICIENT_OUTPUT_AMOUNT"
+_EXPIRED_REVERT = "EXPIRED"
+# How nodes say eth_sendRawTransaction got a transaction they already have (geth,
+# erigon and reth: "already known"; besu: "known transaction"; anvil: "already imported").
+_ALREADY_RECEIVED = ("already known", "known transaction", "already imported", "alreadyknown")
+
+
+class EvmVenue:
+    """One Uniswap V2 router (and its factory) on ``chain``, under ``name``."""
+
+    def __init__(self, name: str, chain: EvmChain, router: str, factory: str) -> None:
+        self._name = name
+        self.chain = chain
+        w3 = chain.w3
+        self.router = w3.eth.contract(address=AsyncWeb3.to_checksum_address(router),
+                                      abi=load_abi("v2-periphery", "IUniswapV2Router02"))
+        self.factory = w3.eth.contract(address=AsyncWeb3.to_checksum_address(factory),
+                                       abi=load_abi("v2-core", "IUniswapV2Factory"))
+        self._pair_abi = load_abi("v2-core", "IUniswapV2Pair")
+        self._pairs: dict[tuple[str, str], AsyncContract] = {}
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    async def prepare(self) -> None:
+        """Approve the router for every token of the chain file (once, ever)."""
+        for token in self.chain.chain.tokens.values():
+            await self.chain.ensure_allowance(token, self.router.address)
+
+    # -- tokens and pools ------------------------------------------------------------
+
+    def _token(self, symbol: str) -> ChainToken:
+        token = self.chain.chain.tokens.get(symbol)
+        if token is None:
+            raise UnsupportedPairError(f"{self.name}: no {symbol} token on chain {self.chain.chain.chain_id}")
+        return token
+
+    async def _pair(self, sold: ChainToken, bought: ChainToken) -> AsyncContract:
+        """The pair contract of two tokens (UniswapV2Factory.getPair), cached."""
+        key = tuple(sorted((sold.address, bought.address)))
+        pair = self._pairs.get(key)  # type: ignore[arg-type]
+        if pair is None:
+            address = await rpc("getPair", self.factory.functions.getPair(sold.address, bought.address).call())
+            if int(address, 16) == 0:
+                raise UnsupportedPairError(f"{self.name} has no {sold.symbol}/{bought.symbol} pool")
+            pair = self.chain.w3.eth.contract(address=address, abi=self._pair_abi)
+            self._pairs[key] = pair  # type: ignore[index]
+        return pair
+
+    async def _amount_out(self, amount_in: int, path: list[str], block: Any = "latest") -> int:
+        try:
+            out = await rpc("getAmountsOut",
+                            self.router.functions.getAmountsOut(amount_in, path).call(block_identifier=block))
+        except ContractLogicError as exc:  # e.g. UniswapV2Library: INSUFFICIENT_LIQUIDITY
+            raise RejectedSwapError(f"{self.name}: {exc.message}") from None
+        return int(out[-1])
+
+    # -- the Venue contract -------------------------------------------------------------
+
+    async def quote(self, token_in: str, token_out: str, amount_in: int) -> Quote:
+        if isinstance(amount_in, bool) or not isinstance(amount_in, int) or amount_in <= 0:
+            raise RejectedSwapError(f"amount_in must be a positive number of base units, not {amount_in!r}")
+        sold, bought = self._token(token_in), self._token(token_out)
+        pair = await self._pair(sold, bought)
+        amount_out, reserves = await asyncio.gather(
+            self._amount_out(amount_in, [sold.address, bought.address]),
+            rpc("getReserves", pair.functions.getReserves().call()),
+        )
+        if amount_out <= 0:
+            raise RejectedSwapError(
+                f"{amount_in} base units of {token_in} would buy less than one base unit of "
+                f"{token_out}: too small to swap"
+            )
+        # Pairs hold their tokens sorted by address (UniswapV2Factory.createPair).
+        sold_first = int(sold.address, 16) < int(bought.address, 16)
+        reserve_in, reserve_out = (reserves[0], reserves[1]) if sold_first else (reserves[1], reserves[0])
+        mid_out = Decimal(amount_in) * reserve_out / reserve_in * (1 - POOL_FEE)
+        impact = max(Decimal(0), 1 - Decimal(amount_out) / mid_out) if mid_out else Decimal(0)
+        return Quote(self.name, token_in, token_out, amount_in, amount_out, POOL_FEE, impact, time.time())
+
+    async def build(self, swap: SwapRequest, record: RecordTx) -> SwapTx | None:
+        sold, bought = self._token(swap.token_in), self._token(swap.token_out)
+        pair = await self._pair(sold, bought)
+        path = [sold.address, bought.address]
+        deadline = int(time.time()) + self.chain.deadline_secs
+        args = [swap.amount_in, swap.min_amount_out, path, self.chain.address, deadline]
+        call = self.router.functions.swapExactTokensForTokens(*args)
+        try:
+            gas = await rpc("eth_estimateGas", call.estimate_gas({"from": self.chain.address}))
+        except ContractLogicError as exc:
+            if _SLIPPAGE_REVERT in str(exc):
+                would_pay = await self._amount_out(swap.amount_in, path)
+                raise SlippageExceededError(
+                    f"{self.name}: the pool now pays {would_pay} < {swap.min_amount_out} base units",
+                    would_pay,
+                ) from None
+            raise RejectedSwapError(f"{self.name}: the swap would revert: {exc.message}") from None
+        max_fee, tip = await self.chain.fees()
+        fields = {
+            "type": 2,
+            "chainId": self.chain.chain.chain_id,
+            "to": self.router.address,
+            "value": 0,
+            "data": self.router.encode_abi("swapExactTokensForTokens", args=args),
+            "gas": int(gas * GAS_HEADROOM) + 10_000,
+            "maxFeePerGas": max_fee,
+            "maxPriorityFeePerGas": tip,
+        }
+        extra = (("deadline", str(deadline)), ("pair", str(pair.address)))
+
+        def tx_of(nonce: int, tx_hash: str, raw: str) -> SwapTx:
+            return SwapTx.for_swap(swap, tx_hash, raw=raw, nonce=NonceClaim(self.chain.nonce_key, nonce),
+                                   extra=extra)
+
+        async def record_signed(nonce: int, tx_hash: str, raw: str) -> Any:
+            return await record(tx_of(nonce, tx_hash, raw))
+
+        signed = await self.chain.sign_and_record(fields, record_signed)
+        return None if signed is None else tx_of(*signed)
+
+    async def send(self, tx: SwapTx) -> str:
+        try:
+            await self.chain.w3.eth.send_raw_transaction(HexStr(tx.raw))
+        except TRANSPORT_ERRORS as exc:
+            raise TransientVenueError(f"{self.name}: eth_sendRawTransaction: {exc!r}") from None
+        except Web3RPCError as exc:
+            text = str(exc).lower()
+            if any(answer in text for answer in _ALREADY_RECEIVED):
+                return tx.tx_hash
+            if "nonce too low" in text:
+                if (await self.status(tx)).state is not TxState.UNKNOWN:
+                    return tx.tx_hash  # mined (or pending) already: sent before
+                self.chain.forget_nonce()
+                nonce = tx.nonce.nonce if tx.nonce else "?"
+                raise RejectedSwapError(
+                    f"{self.name}: the wallet's nonce {nonce} was used by another transaction; "
+                    f"{tx.tx_hash} can never be mined"
+                ) from None
+            raise TransientVenueError(f"{self.name}: eth_sendRawTransaction: {exc}") from None
+        return tx.tx_hash
+
+    async def status(self, tx: SwapTx) -> TxStatus:
+        eth = self.chain.w3.eth
+        try:
+            receipt = await rpc("eth_getTransactionReceipt", eth.get_transaction_receipt(HexStr(tx.tx_hash)))
+        except TransactionNotFound:
+            try:
+                await rpc("eth_getTransactionByHash", eth.get_transaction(HexStr(tx.tx_hash)))
+            except TransactionNotFound:
+                return TxStatus(TxState.UNKNOWN)
+            return TxStatus(TxState.PENDING)
+        head = await rpc("eth_blockNumber", eth.block_number)
+        if head - receipt["blockNumber"] + 1 < self.chain.confirmations:
+            return TxStatus(TxState.PENDING)
+        if receipt["status"] == 1:
+            return TxStatus(TxState.CONFIRMED, amount_out=self._swapped_out(receipt, tx))
+        return await self._revert_status(receipt, tx)
+
+    def _swapped_out(self, receipt: TxReceipt, tx: SwapTx) -> int:
+        """Base units of token_out the pair paid, from its Swap event in ``receipt``
+        (UniswapV2Pair.Swap: amount0Out / amount1Out)."""
+        pair_address = tx.get("pair")
+        pair = self.chain.w3.eth.contract(address=AsyncWeb3.to_checksum_address(pair_address), abi=self._pair_abi)
+        events = [e for e in pair.events.Swap().process_receipt(receipt, errors=DISCARD)
+                  if e["address"].lower() == pair_address.lower()]
+        if len(events) != 1:
+            raise TransientVenueError(f"{self.name}: {tx.tx_hash} has {len(events)} Swap events of {pair_address}")
+        sold, bought = self._token(tx.token_in), self._token(tx.token_out)
+        bought_first = int(bought.address, 16) < int(sold.address, 16)
+        return int(events[0]["args"]["amount0Out" if bought_first else "amount1Out"])
+
+    async def _revert_status(self, receipt: TxReceipt, tx: SwapTx) -> TxStatus:
+        """Why a mined swap reverted: what the pool paid at its block against
+        amountOutMin (slippage), else its deadline, else no reason known."""
+        block = receipt["blockNumber"]
+        path = [self._token(tx.token_in).address, self._token(tx.token_out).address]
+        would_pay = await self._amount_out(tx.amount_in, path, block)
+        if would_pay < tx.min_amount_out:
+            return TxStatus(TxState.REVERTED, amount_out=would_pay, reason=SLIPPAGE)
+        mined = await rpc("eth_getBlockByNumber", self.chain.w3.eth.get_block(block))
+        if int(mined["timestamp"]) > int(tx.get("deadline")):
+            return TxStatus(TxState.REVERTED, reason=f"deadline passed ({_EXPIRED_REVERT})")
+        return TxStatus(TxState.REVERTED, reason=f"reverted on chain in block {block}")
+
+
+def make_evm_venues(chain: EvmChain) -> dict[str, EvmVenue]:
+    """A venue per router of the chain file, by name."""
+    return {
+        name: EvmVenue(name, chain, router, factory)
+        for name, (router, factory) in sorted(chain.chain.venues.items())
+    }

@@ -1,0 +1,321 @@
+"""One EVM chain as the EVM venues (engine.execution.venues.evm) share it: the node,
+the wallet, the token registry, the wallet's nonces and its fees.
+
+* The node is reached over standard JSON-RPC with web3.py's async API; transactions
+  are signed locally with eth-account (EIP-1559 type-2, EIP-155 chain id).
+* The chain file (``schemas/evm_chain.json``; the devnet writes one) names the
+  tokens (symbol -> address, decimals) and the venues (name -> Uniswap V2 router and
+  factory). A token's decimals must equal the API's (engine.core.amounts), since
+  amounts are validated in those units: a mismatch stops the worker at start.
+* Nonces. Several workers may share one wallet. The next free nonce is a Redis key
+  (``keys.next_nonce``) that moves only inside the atomic step that records a
+  transaction on its order (OrderStore.record_tx), and only by one: a nonce is
+  taken by exactly one recorded transaction, which is then sent (or resent by
+  whoever resumes its order), so no two transactions share a nonce and none is
+  skipped. Within a process, building and recording are serialised by a lock, so
+  orders in flight in one worker do not race for a nonce; across workers, the
+  loser of a race builds again with the next one (``NONCE_TAKEN``).
+* The private key stays in the eth-account ``LocalAccount``; it is never logged,
+  put in an error, a metric or a status message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+import aiohttp
+import jsonschema
+from eth_account import Account
+from eth_account.signers.local import LocalAccount
+from eth_typing import HexStr
+from redis.asyncio import Redis
+from web3 import AsyncHTTPProvider, AsyncWeb3
+from web3.exceptions import ProviderConnectionError, TimeExhausted, TransactionNotFound, Web3RPCError
+
+from engine.core import amounts, keys
+from engine.core.config import PROJECT_ROOT, Config
+from engine.core.store import CLAIM_NONCE_LUA, RAISE_NONCE_FLOOR_LUA, Recorded
+from engine.execution.venues.base import TransientVenueError
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# The npm packages' build artifacts (installed by `make devnet-deps`): the ABIs.
+NODE_MODULES = PROJECT_ROOT / "devnet" / "node_modules"
+CHAIN_SCHEMA = PROJECT_ROOT / "schemas" / "evm_chain.json"
+# One JSON-RPC request may take this long before it counts as a transient failure.
+RPC_TIMEOUT_SECS = 10.0
+# Builds of one transaction while other workers keep taking the nonce it was built with.
+NONCE_TRIES = 16
+# ERC-20 allowance given to a router once (type(uint256).max), and the least one
+# that counts as "already approved".
+MAX_UINT256 = 2**256 - 1
+ENOUGH_ALLOWANCE = 2**255
+APPROVAL_RECEIPT_TIMEOUT_SECS = 120.0
+
+# What a JSON-RPC call can fail with that trying again may cure.
+TRANSPORT_ERRORS: tuple[type[BaseException], ...] = (
+    aiohttp.ClientError,
+    TimeoutError,
+    OSError,
+    ProviderConnectionError,
+    TimeExhausted,
+)
+
+
+class EvmSetupError(RuntimeError):
+    """The EVM market cannot start as configured (one clear line for the operator)."""
+
+
+def load_abi(package: str, contract: str) -> list[dict[str, Any]]:
+    """The ABI in ``@uniswap/<package>/build/<contract>.json``; EvmSetupError if the
+    npm packages are not installed."""
+    path = NODE_MODULES / "@uniswap" / package / "build" / f"{contract}.json"
+    try:
+        abi: list[dict[str, Any]] = json.loads(path.read_text())["abi"]
+    except FileNotFoundError:
+        raise EvmSetupError(f"{path} is missing: run `make devnet-deps` (needs npm)") from None
+    return abi
+
+
+@dataclasses.dataclass(frozen=True)
+class ChainToken:
+    symbol: str
+    address: str  # checksummed
+    decimals: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ChainFile:
+    """The chain file (schemas/evm_chain.json), checked."""
+
+    chain_id: int
+    rpc_url: str
+    tokens: Mapping[str, ChainToken]
+    venues: Mapping[str, tuple[str, str]]  # name -> (router, factory), checksummed
+
+    @classmethod
+    def load(cls, path: Path) -> ChainFile:
+        """Read and validate ``path``; EvmSetupError saying what is wrong."""
+        try:
+            doc = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise EvmSetupError(
+                f"no chain file at {path}: set EVM_CHAIN_FILE, or unset EVM_RPC_URL to start the devnet"
+            ) from None
+        except ValueError as exc:
+            raise EvmSetupError(f"chain file {path} is not JSON: {exc}") from None
+        return cls.from_doc(doc, str(path))
+
+    @classmethod
+    def from_doc(cls, doc: Any, path: str = "the chain file") -> ChainFile:
+        """Validate a chain file's document; EvmSetupError saying what is wrong."""
+        try:
+            jsonschema.validate(doc, json.loads(CHAIN_SCHEMA.read_text()))
+        except jsonschema.ValidationError as exc:
+            raise EvmSetupError(f"{path} is invalid: {exc.message}") from None
+        tokens = {}
+        for symbol, entry in doc["tokens"].items():
+            try:
+                api_decimals = amounts.token(symbol).decimals
+            except amounts.AmountError:
+                continue  # a token the API does not trade
+            if entry["decimals"] != api_decimals:
+                raise EvmSetupError(
+                    f"{path}: {symbol} has {entry['decimals']} decimals on chain, "
+                    f"the API uses {api_decimals}"
+                )
+            address = AsyncWeb3.to_checksum_address(entry["address"])
+            tokens[symbol] = ChainToken(symbol, address, entry["decimals"])
+        venues = {
+            name: (AsyncWeb3.to_checksum_address(v["router"]), AsyncWeb3.to_checksum_address(v["factory"]))
+            for name, v in doc["venues"].items()
+        }
+        return cls(doc["chain_id"], doc["rpc_url"], tokens, venues)
+
+
+def load_wallet(config: Config) -> LocalAccount:
+    """The service's account, from EVM_PRIVATE_KEY or EVM_KEYSTORE (a V3 keystore
+    JSON) + EVM_KEYSTORE_PASSWORD; EvmSetupError otherwise (never showing the key)."""
+    if config.evm_private_key:
+        account: LocalAccount = Account.from_key(config.evm_private_key)
+        return account
+    if config.evm_keystore is not None:
+        if config.evm_keystore_password is None:
+            raise EvmSetupError("EVM_KEYSTORE is set but EVM_KEYSTORE_PASSWORD is not")
+        try:
+            key = Account.decrypt(json.loads(config.evm_keystore.read_text()), config.evm_keystore_password)
+        except (OSError, ValueError) as exc:
+            raise EvmSetupError(f"cannot open keystore {config.evm_keystore}: {type(exc).__name__}") from None
+        account = Account.from_key(key)
+        return account
+    raise EvmSetupError("MARKET=evm needs EVM_PRIVATE_KEY, or EVM_KEYSTORE and EVM_KEYSTORE_PASSWORD")
+
+
+def connect_node(rpc_url: str) -> AsyncWeb3[Any]:
+    """An async web3 on ``rpc_url``. web3's own retries are off: a retry is this
+    service's decision (a resent eth_sendRawTransaction is harmless, others are not
+    always), and every call times out after RPC_TIMEOUT_SECS."""
+    provider = AsyncHTTPProvider(
+        rpc_url,
+        request_kwargs={"timeout": aiohttp.ClientTimeout(total=RPC_TIMEOUT_SECS)},
+        exception_retry_configuration=None,
+    )
+    return AsyncWeb3(provider)
+
+
+async def rpc(what: str, call: Awaitable[T]) -> T:
+    """Await a JSON-RPC call; a transport failure or a node error becomes
+    TransientVenueError (contract reverts, TransactionNotFound and the like pass)."""
+    try:
+        return await call
+    except TRANSPORT_ERRORS as exc:
+        raise TransientVenueError(f"{what}: {type(exc).__name__}: {exc}") from None
+    except TransactionNotFound:  # a Web3RPCError in web3 8, but an answer
+        raise
+    except Web3RPCError as exc:
+        raise TransientVenueError(f"{what}: {exc}") from None
+
+
+class EvmChain:
+    """The node, the wallet and its nonces, shared by every EVM venue of a worker."""
+
+    def __init__(
+        self,
+        w3: AsyncWeb3[Any],
+        account: LocalAccount,
+        chain: ChainFile,
+        redis: Redis,
+        *,
+        confirmations: int = 1,
+        max_fee_wei: int = 500 * 10**9,
+        deadline_secs: int = 600,
+    ) -> None:
+        self.w3 = w3
+        self.account = account
+        self.chain = chain
+        self.confirmations = confirmations
+        self.max_fee_wei = max_fee_wei
+        self.deadline_secs = deadline_secs
+        self.nonce_key = keys.next_nonce(chain.chain_id, account.address)
+        self.nonce_lock = asyncio.Lock()
+        self._claim_script = redis.register_script(CLAIM_NONCE_LUA)
+        self._floor_script = redis.register_script(RAISE_NONCE_FLOOR_LUA)
+        self._next: int | None = None  # this process's view of the next free nonce
+        self._erc20_abi = load_abi("v2-core", "IERC20")
+
+    @classmethod
+    def from_config(cls, config: Config, redis: Redis) -> EvmChain:
+        """The chain of ``config``: its chain file, wallet and node (EVM_RPC_URL, else
+        the chain file's rpc_url)."""
+        chain = ChainFile.load(config.chain_file)
+        w3 = connect_node(config.evm_rpc_url or chain.rpc_url)
+        return cls(
+            w3,
+            load_wallet(config),
+            chain,
+            redis,
+            confirmations=config.confirmations,
+            max_fee_wei=int(config.evm_max_fee_gwei * 10**9),
+            deadline_secs=config.evm_deadline_secs,
+        )
+
+    @property
+    def address(self) -> str:
+        """The wallet's address (checksummed)."""
+        return str(self.account.address)
+
+    async def check(self) -> None:
+        """EvmSetupError unless the node serves the chain file's chain."""
+        chain_id = await rpc("eth_chainId", self.w3.eth.chain_id)
+        if chain_id != self.chain.chain_id:
+            raise EvmSetupError(f"the node serves chain {chain_id}, the chain file is for {self.chain.chain_id}")
+
+    async def next_nonce(self) -> int:
+        """The wallet's next free nonce: this process's view, else the Redis key
+        raised to the node's pending transaction count (eth_getTransactionCount
+        "pending": nonces used outside this service are skipped, never reused)."""
+        if self._next is None:
+            pending = await rpc(
+                "eth_getTransactionCount", self.w3.eth.get_transaction_count(self.account.address, "pending")
+            )
+            self._next = int(await self._floor_script(keys=[self.nonce_key], args=[pending]))
+        return self._next
+
+    def forget_nonce(self) -> None:
+        """Read the next free nonce from Redis and the node again next time."""
+        self._next = None
+
+    async def fees(self) -> tuple[int, int]:
+        """EIP-1559 (maxFeePerGas, maxPriorityFeePerGas) in wei: twice the latest base
+        fee plus the node's suggested tip, capped at EVM_MAX_FEE_GWEI."""
+        block = await rpc("eth_getBlockByNumber", self.w3.eth.get_block("latest"))
+        tip = await rpc("eth_maxPriorityFeePerGas", self.w3.eth.max_priority_fee)
+        max_fee = min(2 * int(block.get("baseFeePerGas", 0)) + int(tip), self.max_fee_wei)
+        return max_fee, min(int(tip), max_fee)
+
+    def sign(self, fields: Mapping[str, Any]) -> tuple[str, str]:
+        """Sign a transaction: its (tx_hash, raw) as 0x-hex (the hash is keccak256 of
+        the EIP-2718 encoding, as the chain will name it)."""
+        signed = self.account.sign_transaction(dict(fields))
+        return signed.hash.to_0x_hex(), signed.raw_transaction.to_0x_hex()
+
+    async def sign_and_record(
+        self,
+        fields: Mapping[str, Any],
+        record: Callable[[int, str, str], Awaitable[Recorded]],
+    ) -> tuple[int, str, str] | None:
+        """Sign ``fields`` with the next free nonce and ``record(nonce, tx_hash, raw)``,
+        under the nonce lock; again with the next nonce while another worker took it.
+        The recorded (nonce, tx_hash, raw); None if ``record`` answered NOT_BUILDING."""
+        async with self.nonce_lock:
+            for _ in range(NONCE_TRIES):
+                nonce = await self.next_nonce()
+                tx_hash, raw = self.sign({**fields, "nonce": nonce})
+                outcome = await record(nonce, tx_hash, raw)
+                if outcome is Recorded.RECORDED:
+                    self._next = nonce + 1
+                    return nonce, tx_hash, raw
+                if outcome is Recorded.NOT_BUILDING:
+                    return None
+                self.forget_nonce()
+        raise TransientVenueError(f"no free nonce for {self.address} after {NONCE_TRIES} tries")
+
+    async def ensure_allowance(self, token: ChainToken, spender: str) -> None:
+        """Approve ``spender`` (a router) for all of ``token`` (ERC-20 ``approve``),
+        unless it already may spend at least 2**255 base units: once per token and
+        router, not per order. Waits for the approval's receipt."""
+        erc20 = self.w3.eth.contract(address=AsyncWeb3.to_checksum_address(token.address), abi=self._erc20_abi)
+        allowance = await rpc("allowance", erc20.functions.allowance(self.address, spender).call())
+        if allowance >= ENOUGH_ALLOWANCE:
+            return
+        approve = erc20.functions.approve(spender, MAX_UINT256)
+        gas = await rpc("eth_estimateGas", approve.estimate_gas({"from": self.address}))
+        max_fee, tip = await self.fees()
+        fields = {
+            "type": 2, "chainId": self.chain.chain_id, "to": erc20.address, "value": 0,
+            "data": erc20.encode_abi("approve", args=[spender, MAX_UINT256]),
+            "gas": gas * 12 // 10, "maxFeePerGas": max_fee, "maxPriorityFeePerGas": tip,
+        }
+
+        async def claim(nonce: int, _tx_hash: str, _raw: str) -> Recorded:
+            outcome = await self._claim_script(keys=[self.nonce_key] * 2, args=["", "", nonce])
+            return Recorded(int(outcome))
+
+        signed = await self.sign_and_record(fields, claim)
+        assert signed is not None, "claiming a nonce never answers NOT_BUILDING"
+        nonce, tx_hash, raw = signed
+        await rpc("eth_sendRawTransaction", self.w3.eth.send_raw_transaction(HexStr(raw)))
+        receipt = await rpc(
+            "receipt", self.w3.eth.wait_for_transaction_receipt(HexStr(tx_hash), APPROVAL_RECEIPT_TIMEOUT_SECS)
+        )
+        if receipt["status"] != 1:
+            raise EvmSetupError(f"approving {spender} for {token.symbol} reverted ({tx_hash})")
+        logger.info("approved router %s for %s (tx %s, nonce %s)", spender, token.symbol, tx_hash, nonce)
