@@ -10,7 +10,7 @@ BENCH_STAMP := $(VENV)/.bench-installed
 # build artifacts, from npm, pinned by devnet/package.json and its lock.
 DEVNET_STAMP := devnet/node_modules/.installed
 
-.PHONY: run test worker lint bench clean devnet-deps
+.PHONY: run test worker lint bench bench-evm clean devnet-deps
 
 $(STAMP): requirements.txt requirements-dev.txt
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) on PATH (or run: make PYTHON=python3 ...)"; exit 1; }
@@ -47,6 +47,10 @@ $(BENCH_STAMP): $(STAMP) bench/requirements.txt
 # `make bench BENCH_ARGS=--full` for the full report.
 bench: $(BENCH_STAMP)
 	$(BIN)/python -m bench.run $(or $(BENCH_ARGS),--quick)
+
+# MARKET=evm end to end on the devnet (docs/benchmarks.md, "On a chain"), ~2 min.
+bench-evm: $(BENCH_STAMP) devnet-deps
+	$(BIN)/python -m bench.evm $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) data .pytest_cache bench/out devnet/node_modules

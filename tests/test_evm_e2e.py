@@ -117,6 +117,11 @@ async def test_orders_execute_once_on_chain(devnet: Any, cluster: Cluster, worke
         assert outcomes["confirmed"] >= 20, outcomes  # no trader: slippage is rare
         # Redis's next free nonce is the chain's: every recorded nonce was mined.
         assert int(await redis.get(keys.next_nonce(31337, WALLET)) or 0) == market.w3.eth.get_transaction_count(WALLET)
+        # The key signed all that, and appears in no log line, metric or status.
+        metrics = (await http.fetch(f"{web.base_url}/metrics")).body.decode()
+        histories = [data for oid in order_ids for _, data in cast(Any, await redis.xrange(keys.order_events(oid)))]
+        for text in (cluster.logs(), metrics, json.dumps(histories)):
+            assert WALLET_KEY[2:].lower() not in text.lower()
 
 
 async def test_a_pool_moved_between_quote_and_inclusion_fails_the_order_with_the_seed_s_reason(

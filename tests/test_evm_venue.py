@@ -7,7 +7,10 @@ happens when the test says (``settle``); another account's trade moves a pool
 
 from __future__ import annotations
 
+import json
+import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,11 +18,17 @@ from eth_account import Account
 from redis.asyncio import Redis
 from tornado.ioloop import IOLoop
 
+from engine.core import amounts
+from engine.core.config import Config, ConfigError
+from engine.core.store import OrderStore, Recorded
+from engine.execution.driver import OrderDriver
+from engine.execution.router import Router
 from engine.execution.venues.base import SwapTx, Venue
 from engine.execution.venues.evm import EvmVenue, make_evm_venues
-from engine.execution.venues.evm_chain import ChainFile, EvmChain, connect_node
+from engine.execution.venues.evm_chain import ChainFile, EvmChain, EvmSetupError, connect_node, load_wallet
 from engine.ops.devnet_keys import WALLET_KEY
 from tests.evm_market import DevnetMarket
+from tests.helpers import VALID_ORDER
 from tests.venue_contract import VenueContract
 
 
@@ -74,3 +83,110 @@ class TestUniswapV2(_EvmContract):
 
 class TestSushiswap(_EvmContract):
     NAME = "sushiswap"
+
+
+# -- The driver on the chain (in process) --------------------------------------------------
+
+
+class _MovedBeforeSending:
+    """An EVM venue whose pool another account moves between routing and building:
+    the order's quote is stale when the driver builds its transaction."""
+
+    def __init__(self, venue: EvmVenue, market: DevnetMarket) -> None:
+        self.inner = venue
+        self.market = market
+        self.name = venue.name
+
+    async def quote(self, *args: Any) -> Any:
+        return await self.inner.quote(*args)
+
+    async def build(self, swap: Any, record: Any) -> Any:
+        self.market.move_price(self.name, swap.token_in, swap.token_out, 0.97)  # mined at once
+        return await self.inner.build(swap, record)
+
+    async def send(self, tx: SwapTx) -> str:
+        return await self.inner.send(tx)
+
+    async def status(self, tx: SwapTx) -> Any:
+        return await self.inner.status(tx)
+
+
+async def test_the_pre_flight_fails_an_order_the_price_moved_away_from_before_sending(
+    chain: EvmChain, market: DevnetMarket, redis: Redis, config: Config
+) -> None:
+    venues = make_evm_venues(chain)
+    for venue in venues.values():
+        await venue.prepare()
+        market.approve_other(venue.name, "SOL")
+    moved = {name: _MovedBeforeSending(v, market) for name, v in venues.items()}
+    store = OrderStore(redis, config)
+    driver = OrderDriver(store, moved, Router(moved))  # type: ignore[arg-type]
+    order_id = str(uuid.uuid4())
+    await store.create(order_id, {**VALID_ORDER, "token_in": "SOL", "token_out": "USDC", "amount": 2,
+                                  "max_slippage": 0.01})
+    nonce_before = market.w3.eth.get_transaction_count(chain.address, "pending")
+    await driver.execute(order_id)
+    order = await store.get(order_id)
+    assert order is not None and order.status == "failed" and order.reason
+    assert order.reason.startswith("Price moved ") and order.reason.endswith("(max allowed: 1.0%)")
+    # Refused before signing: no transaction recorded, none sent, no nonce taken.
+    assert order.tx_hash is None and order.tx is None
+    assert market.w3.eth.get_transaction_count(chain.address, "pending") == nonce_before
+    assert int(await redis.get(chain.nonce_key) or nonce_before) == nonce_before
+
+
+async def test_a_resumed_order_sends_its_recorded_bytes_and_never_signs_again(
+    chain: EvmChain, market: DevnetMarket, redis: Redis, config: Config
+) -> None:
+    # A worker recorded the signed swap and died before broadcasting it. The driver
+    # that resumes the order broadcasts those very bytes: one nonce, one trade.
+    venues = make_evm_venues(chain)
+    venue = venues["uniswap_v2"]
+    await venue.prepare()
+    store = OrderStore(redis, config)
+    order_id = str(uuid.uuid4())
+    await store.create(order_id, {**VALID_ORDER, "token_in": "SOL", "token_out": "USDC", "amount": 1,
+                                  "max_slippage": 0.05})
+    quote = await venue.quote("SOL", "USDC", 10**9)
+    for status, fields in (("routing", {}), ("building", {
+            "venue": venue.name, "quoted_price": quote.price,
+            "min_amount_out": amounts.token("USDC").from_base_units(quote.amount_out * 95 // 100)})):
+        assert (await store.transition(order_id, status, **fields)).applied
+    order = await store.get(order_id)
+    assert order is not None
+    driver = OrderDriver(store, venues, Router(venues))
+
+    async def record(tx: SwapTx) -> Recorded:
+        claim = tx.nonce
+        assert claim is not None
+        return await store.record_tx(order_id, tx.tx_hash, tx.record(), nonce_key=claim.key, nonce=claim.nonce)
+
+    recorded = await venue.build(driver._swap(order, venue), record)  # noqa: SLF001 - the step a dead worker took
+    assert recorded is not None and (await venue.status(recorded)).state.value == "unknown"
+    signed_before = market.w3.eth.get_transaction_count(chain.address, "pending")
+    await driver.execute(order_id)
+    done = await store.get(order_id)
+    assert done is not None and done.status == "confirmed" and done.tx_hash == recorded.tx_hash
+    receipt = market.w3.eth.get_transaction_receipt(recorded.tx_hash)  # type: ignore[arg-type]
+    assert receipt["status"] == 1 and market.swap_paid(receipt, "USDC") == amounts.token("USDC").to_base_units(
+        done.amount_out)
+    # Exactly one transaction more from the wallet: the recorded one.
+    assert market.w3.eth.get_transaction_count(chain.address, "pending") == signed_before + 1
+    assert int(await redis.get(chain.nonce_key) or 0) == signed_before + 1
+
+
+def test_the_wallet_key_is_never_shown(tmp_path: Path) -> None:
+    bad = "zz" + WALLET_KEY[4:]
+    with pytest.raises(ConfigError) as refused:
+        Config.from_env({"EVM_PRIVATE_KEY": bad})
+    assert bad not in str(refused.value) and WALLET_KEY[2:] not in str(refused.value)
+    config = Config.from_env({"EVM_PRIVATE_KEY": WALLET_KEY})
+    assert WALLET_KEY[2:] not in repr(config)
+    # A keystore (the V3 JSON format eth-account writes) opens to the same account.
+    keystore = tmp_path / "wallet.json"
+    keystore.write_text(json.dumps(Account.encrypt(WALLET_KEY, "pw", iterations=2)))
+    opened = load_wallet(Config.from_env({"EVM_KEYSTORE": str(keystore), "EVM_KEYSTORE_PASSWORD": "pw"}))
+    assert opened.address == Account.from_key(WALLET_KEY).address
+    with pytest.raises(EvmSetupError) as wrong:
+        load_wallet(Config.from_env({"EVM_KEYSTORE": str(keystore), "EVM_KEYSTORE_PASSWORD": "no"}))
+    assert "pw" not in str(wrong.value).replace(str(keystore), "")

@@ -76,10 +76,11 @@ class EvmVenue:
         self.chain = chain
         w3 = chain.w3
         self.router = w3.eth.contract(address=AsyncWeb3.to_checksum_address(router),
-                                      abi=load_abi("v2-periphery", "IUniswapV2Router02"))
+                                      abi=load_abi("v2-periphery", "IUniswapV2Router02",
+                                                   ("getAmountsOut", "swapExactTokensForTokens")))
         self.factory = w3.eth.contract(address=AsyncWeb3.to_checksum_address(factory),
-                                       abi=load_abi("v2-core", "IUniswapV2Factory"))
-        self._pair_abi = load_abi("v2-core", "IUniswapV2Pair")
+                                       abi=load_abi("v2-core", "IUniswapV2Factory", ("getPair",)))
+        self._pair_abi = load_abi("v2-core", "IUniswapV2Pair", ("getReserves", "Swap"))
         self._pairs: dict[tuple[str, str], AsyncContract] = {}
 
     @property
