@@ -190,3 +190,12 @@ def test_the_wallet_key_is_never_shown(tmp_path: Path) -> None:
     with pytest.raises(EvmSetupError) as wrong:
         load_wallet(Config.from_env({"EVM_KEYSTORE": str(keystore), "EVM_KEYSTORE_PASSWORD": "no"}))
     assert "pw" not in str(wrong.value).replace(str(keystore), "")
+
+
+def test_importing_web3_leaves_the_recursion_limit_alone() -> None:
+    # py_ecc raises it to 100,000 when imported (engine/core/recursion.py undoes it).
+    import sys
+
+    import engine.execution.venues.evm  # noqa: F401
+    import engine.ops.devnet  # noqa: F401
+    assert sys.getrecursionlimit() == 1000

@@ -35,6 +35,7 @@ from engine.execution.driver import MAX_ATTEMPTS, slippage_reason
 from engine.execution.services import build_worker
 from engine.execution.venues.base import (
     Quote,
+    RecordTx,
     SwapRequest,
     SwapTx,
     TransientVenueError,
@@ -165,8 +166,8 @@ class WrappedVenue:
         await self._gate("after_send")
         return tx_hash
 
-    async def build(self, swap: SwapRequest) -> SwapTx:
-        return await self.inner.build(swap)
+    async def build(self, swap: SwapRequest, record: RecordTx) -> SwapTx | None:
+        return await self.inner.build(swap, record)
 
     async def status(self, tx: SwapTx) -> TxStatus:
         self._fail("status")

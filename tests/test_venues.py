@@ -7,7 +7,7 @@ import dataclasses
 import itertools
 import re
 from decimal import Decimal
-from typing import cast
+from typing import Any, cast
 
 import pytest
 from redis.asyncio import Redis
@@ -248,7 +248,7 @@ class _StubVenue:
         return Quote(self.name, token_in, token_out, amount_in, self.answer,
                      Decimal("0.0025"), Decimal(0), 0.0)
 
-    async def build(self, swap: SwapRequest) -> SwapTx:
+    async def build(self, swap: SwapRequest, record: Any) -> SwapTx | None:
         raise NotImplementedError
 
     async def send(self, tx: SwapTx) -> str:

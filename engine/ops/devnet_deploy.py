@@ -30,7 +30,10 @@ from web3 import Web3
 from web3.types import Nonce, RPCEndpoint, TxParams, TxReceipt, Wei
 from web3.utils.address import get_create2_address, get_create_address
 
-from engine.core import amounts
+from engine.core import (
+    amounts,
+    recursion,  # noqa: F401  - after web3: see the module
+)
 from engine.core.config import PROJECT_ROOT
 from engine.execution.venues.market import REFERENCE_PRICES_USD
 from engine.ops.devnet_keys import DEPLOYER_KEY, OTHER_KEY, TRADER_KEY, WALLET_KEY

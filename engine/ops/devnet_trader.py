@@ -26,6 +26,7 @@ from web3.contract import AsyncContract
 from web3.exceptions import Web3Exception
 from web3.types import Nonce, TxParams, Wei
 
+from engine.core import recursion  # noqa: F401  - after web3: see the module
 from engine.ops.devnet_deploy import (
     MAX_FEE_WEI,
     MAX_UINT256,

@@ -39,7 +39,11 @@ from redis.asyncio import Redis
 from web3 import AsyncHTTPProvider, AsyncWeb3
 from web3.exceptions import ProviderConnectionError, TimeExhausted, TransactionNotFound, Web3RPCError
 
-from engine.core import amounts, keys
+from engine.core import (
+    amounts,
+    keys,
+    recursion,  # noqa: F401  - after web3: see the module
+)
 from engine.core.config import PROJECT_ROOT, Config
 from engine.core.store import CLAIM_NONCE_LUA, RAISE_NONCE_FLOOR_LUA, Recorded
 from engine.execution.venues.base import TransientVenueError
