@@ -18,7 +18,7 @@ from eth_account import Account
 from redis.asyncio import Redis
 from tornado.ioloop import IOLoop
 
-from engine.core import amounts
+from engine.core import amounts, keys
 from engine.core.config import Config, ConfigError
 from engine.core.store import OrderStore, Recorded
 from engine.execution.driver import OrderDriver
@@ -199,3 +199,39 @@ def test_importing_web3_leaves_the_recursion_limit_alone() -> None:
     import engine.execution.venues.evm  # noqa: F401
     import engine.ops.devnet  # noqa: F401
     assert sys.getrecursionlimit() == 1000
+
+
+class _Died(Exception):
+    pass
+
+
+async def test_an_approval_recorded_by_a_worker_that_died_is_broadcast_by_the_next(
+    devnet: Any, chain: EvmChain, market: DevnetMarket, redis: Redis
+) -> None:
+    # The approval took nonce N and was recorded; the worker died before sending it.
+    # Left so, N would stall every later transaction of the wallet. The next worker
+    # sends the recorded bytes first and signs no second approval.
+    spender = Account.create().address  # a router nobody approved yet
+    token = chain.chain.tokens["RAY"]
+    record_key = keys.approval(chain.chain.chain_id, chain.address, token.address, spender)
+
+    async def dies(raw: str, what: str) -> None:
+        raise _Died(what)
+
+    chain._broadcast_and_wait = dies  # type: ignore[method-assign]
+    with pytest.raises(_Died):
+        await chain.ensure_allowance(token, spender)
+    assert await redis.get(record_key)
+    mined = market.w3.eth.get_transaction_count(chain.address, "latest")
+    assert int(await redis.get(chain.nonce_key) or 0) == mined + 1  # taken, not sent: a gap
+
+    successor = EvmChain(connect_node(devnet.url), Account.from_key(WALLET_KEY), chain.chain, redis)
+    try:
+        await successor.ensure_allowance(token, spender)
+    finally:
+        await successor.w3.provider.disconnect()
+    erc20 = market.token("RAY")
+    assert erc20.functions.allowance(chain.address, spender).call() == 2**256 - 1
+    assert market.w3.eth.get_transaction_count(chain.address, "latest") == mined + 1  # one approval
+    assert market.w3.eth.get_transaction_count(chain.address, "pending") == mined + 1  # no gap
+    assert await redis.get(record_key) is None

@@ -50,3 +50,9 @@ def next_nonce(chain_id: int, address: str) -> str:
     """String: the next nonce no recorded transaction of the account holds (EVM
     venues; moved only by OrderStore.record_tx's atomic step)."""
     return f"nonce:{chain_id}:{address.lower()}"
+
+
+def approval(chain_id: int, owner: str, token: str, spender: str) -> str:
+    """String: a signed ERC-20 approval (0x-hex), recorded with its nonce before it is
+    broadcast and deleted once its receipt is seen (EVM venues)."""
+    return f"approval:{chain_id}:{owner.lower()}:{token.lower()}:{spender.lower()}"

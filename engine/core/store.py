@@ -161,8 +161,18 @@ return 1
 """
 )
 
-# KEYS: (unused), next-free-nonce key. ARGV: (unused), (unused), the nonce.
-CLAIM_NONCE_LUA = _NONCE_RULE_LUA + "\nreturn 1\n"
+# A transaction that is not an order's (an ERC-20 approval) takes its nonce by the same
+# rule, recorded in the same step under a key of its own, so a worker that dies
+# before broadcasting it leaves the signed bytes for the next one to send.
+# KEYS: the record's key, next-free-nonce key. ARGV: (unused), the record or "" for
+# none, the nonce.
+CLAIM_NONCE_LUA = (
+    _NONCE_RULE_LUA
+    + """
+if ARGV[2] ~= '' then redis.call('SET', KEYS[1], ARGV[2]) end
+return 1
+"""
+)
 
 # KEYS: next-free-nonce key. ARGV: a nonce the chain already counts (its pending
 # transaction count). The key moves up to it, never down.

@@ -48,6 +48,7 @@ from engine.execution.venues.base import (
     UnsupportedPairError,
 )
 from engine.execution.venues.evm_chain import (
+    ALREADY_RECEIVED,
     TRANSPORT_ERRORS,
     ChainToken,
     EvmChain,
@@ -63,9 +64,6 @@ GAS_HEADROOM = Decimal("1.2")
 # Router02's require() messages (UniswapV2Router02.sol).
 _SLIPPAGE_REVERT = "INSUFFICIENT_OUTPUT_AMOUNT"
 _EXPIRED_REVERT = "EXPIRED"
-# How nodes say eth_sendRawTransaction got a transaction they already have (geth,
-# erigon and reth: "already known"; besu: "known transaction"; anvil: "already imported").
-_ALREADY_RECEIVED = ("already known", "known transaction", "already imported", "alreadyknown")
 
 
 class EvmVenue:
@@ -190,7 +188,7 @@ class EvmVenue:
             raise TransientVenueError(f"{self.name}: eth_sendRawTransaction: {exc!r}") from None
         except Web3RPCError as exc:
             text = str(exc).lower()
-            if any(answer in text for answer in _ALREADY_RECEIVED):
+            if any(answer in text for answer in ALREADY_RECEIVED):
                 return tx.tx_hash
             if "nonce too low" in text:
                 if (await self.status(tx)).state is not TxState.UNKNOWN:

@@ -77,6 +77,11 @@ TRANSPORT_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
+# How nodes say eth_sendRawTransaction got a transaction they already have (geth,
+# erigon and reth: "already known"; besu: "known transaction"; anvil: "already imported").
+ALREADY_RECEIVED = ("already known", "known transaction", "already imported", "alreadyknown")
+
+
 class EvmSetupError(RuntimeError):
     """The EVM market cannot start as configured (one clear line for the operator)."""
 
@@ -228,6 +233,7 @@ class EvmChain:
         self.deadline_secs = deadline_secs
         self.nonce_key = keys.next_nonce(chain.chain_id, account.address)
         self.nonce_lock = asyncio.Lock()
+        self.redis = redis
         self._claim_script = redis.register_script(CLAIM_NONCE_LUA)
         self._floor_script = redis.register_script(RAISE_NONCE_FLOOR_LUA)
         self._next: int | None = None  # this process's view of the next free nonce
@@ -321,7 +327,17 @@ class EvmChain:
     async def ensure_allowance(self, token: ChainToken, spender: str) -> None:
         """Approve ``spender`` (a router) for all of ``token`` (ERC-20 ``approve``),
         unless it already may spend at least 2**255 base units: once per token and
-        router, not per order. Waits for the approval's receipt."""
+        router, not per order. Waits for the approval's receipt.
+
+        The approval takes its nonce by the same rule as a swap, recorded with its
+        signed bytes (``keys.approval``) in the same step; an approval recorded by a
+        worker that died before its receipt is broadcast again first, so its nonce
+        is never left unused."""
+        record_key = keys.approval(self.chain.chain_id, self.address, token.address, spender)
+        recorded = await self.redis.get(record_key)
+        if recorded:
+            await self._broadcast_and_wait(str(recorded), f"approval of {spender} for {token.symbol}")
+            await self.redis.delete(record_key)
         erc20 = self.w3.eth.contract(address=AsyncWeb3.to_checksum_address(token.address), abi=self._erc20_abi)
         allowance = await rpc("allowance", erc20.functions.allowance(self.address, spender).call())
         if allowance >= ENOUGH_ALLOWANCE:
@@ -335,17 +351,30 @@ class EvmChain:
             "gas": gas * 12 // 10, "maxFeePerGas": max_fee, "maxPriorityFeePerGas": tip,
         }
 
-        async def claim(nonce: int, _tx_hash: str, _raw: str) -> Recorded:
-            outcome = await self._claim_script(keys=[self.nonce_key] * 2, args=["", "", nonce])
+        async def claim(nonce: int, _tx_hash: str, raw: str) -> Recorded:
+            outcome = await self._claim_script(keys=[record_key, self.nonce_key], args=["", raw, nonce])
             return Recorded(int(outcome))
 
         signed = await self.sign_and_record(fields, claim)
         assert signed is not None, "claiming a nonce never answers NOT_BUILDING"
         nonce, tx_hash, raw = signed
-        await rpc("eth_sendRawTransaction", self.w3.eth.send_raw_transaction(HexStr(raw)))
+        await self._broadcast_and_wait(raw, f"approval of {spender} for {token.symbol}")
+        await self.redis.delete(record_key)
+        logger.info("approved router %s for %s (tx %s, nonce %s)", spender, token.symbol, tx_hash, nonce)
+
+    async def _broadcast_and_wait(self, raw: str, what: str) -> None:
+        """Send a signed transaction (again: a node that has it already, or has mined
+        it, is fine) and wait for its receipt; EvmSetupError if it reverted."""
+        tx_hash = AsyncWeb3.keccak(hexstr=HexStr(raw)).to_0x_hex()
+        try:
+            await self.w3.eth.send_raw_transaction(HexStr(raw))
+        except TRANSPORT_ERRORS as exc:
+            raise TransientVenueError(f"{what}: eth_sendRawTransaction: {exc!r}") from None
+        except Web3RPCError as exc:
+            if not any(answer in str(exc).lower() for answer in ALREADY_RECEIVED + ("nonce too low",)):
+                raise TransientVenueError(f"{what}: eth_sendRawTransaction: {exc}") from None
         receipt = await rpc(
             "receipt", self.w3.eth.wait_for_transaction_receipt(HexStr(tx_hash), APPROVAL_RECEIPT_TIMEOUT_SECS)
         )
         if receipt["status"] != 1:
-            raise EvmSetupError(f"approving {spender} for {token.symbol} reverted ({tx_hash})")
-        logger.info("approved router %s for %s (tx %s, nonce %s)", spender, token.symbol, tx_hash, nonce)
+            raise EvmSetupError(f"{what} reverted ({tx_hash})")
