@@ -54,10 +54,10 @@ class DevnetMarket:
         r0, r1, _ = pair.functions.getReserves().call()
         return (r0, r1) if int(a, 16) < int(b, 16) else (r1, r0)
 
-    def _send(self, call: Any, tip_gwei: int = 50) -> str:
+    def _send(self, call: Any, tip_gwei: int = 50, max_fee_wei: int = 500 * 10**9) -> str:
         tx = call.build_transaction({
             "from": self.other.address, "nonce": self.w3.eth.get_transaction_count(self.other.address, "pending"),
-            "gas": 300_000, "maxFeePerGas": 500 * 10**9, "maxPriorityFeePerGas": tip_gwei * 10**9,
+            "gas": 300_000, "maxFeePerGas": max_fee_wei, "maxPriorityFeePerGas": tip_gwei * 10**9,
         })
         signed = self.other.sign_transaction(tx)
         return str(self.w3.eth.send_raw_transaction(signed.raw_transaction).to_0x_hex())
@@ -68,13 +68,14 @@ class DevnetMarket:
             self.w3.eth.wait_for_transaction_receipt(
                 self._send(self.token(symbol).functions.approve(router, MAX_UINT256)))
 
-    def sell(self, venue: str, sold: str, bought: str, amount_in: int) -> str:
+    def sell(self, venue: str, sold: str, bought: str, amount_in: int, tip_gwei: int = 50,
+             max_fee_wei: int = 500 * 10**9) -> str:
         """OTHER sells ``amount_in`` base units of ``sold`` (no slippage limit), with a
         higher tip than the service's, so it goes first in the next block."""
         router = self.w3.eth.contract(address=self.doc["venues"][venue]["router"], abi=self.router_abi)
         path = [self.token(sold).address, self.token(bought).address]
         return self._send(router.functions.swapExactTokensForTokens(
-            amount_in, 0, path, self.other.address, 2**255))
+            amount_in, 0, path, self.other.address, 2**255), tip_gwei, max_fee_wei)
 
     def move_price(self, venue: str, sold: str, bought: str, factor: float) -> None:
         """Make ``sold`` worth ``factor`` times what it is in ``bought`` on the venue's

@@ -116,7 +116,9 @@ async def test_orders_execute_once_on_chain(devnet: Any, cluster: Cluster, worke
         outcomes = check_against_chain(market, await load_orders(redis, order_ids), before)
         assert outcomes["confirmed"] >= 20, outcomes  # no trader: slippage is rare
         # Redis's next free nonce is the chain's: every recorded nonce was mined.
-        assert int(await redis.get(keys.next_nonce(31337, WALLET)) or 0) == market.w3.eth.get_transaction_count(WALLET)
+        genesis = market.w3.eth.get_block(0)["hash"].to_0x_hex()
+        nonce_key = keys.next_nonce(f"31337:{genesis[2:18]}", WALLET)
+        assert int(await redis.get(nonce_key) or 0) == market.w3.eth.get_transaction_count(WALLET)
         # The key signed all that, and appears in no log line, metric or status.
         metrics = (await http.fetch(f"{web.base_url}/metrics")).body.decode()
         histories = [data for oid in order_ids for _, data in cast(Any, await redis.xrange(keys.order_events(oid)))]

@@ -17,13 +17,14 @@ import pytest
 from eth_account import Account
 from redis.asyncio import Redis
 from tornado.ioloop import IOLoop
+from web3 import Web3
 
 from engine.core import amounts, keys
 from engine.core.config import Config, ConfigError
 from engine.core.store import OrderStore, Recorded
 from engine.execution.driver import OrderDriver
 from engine.execution.router import Router
-from engine.execution.venues.base import SwapTx, Venue
+from engine.execution.venues.base import SLIPPAGE, RejectedSwapError, SwapTx, TxState, Venue
 from engine.execution.venues.evm import EvmVenue, make_evm_venues
 from engine.execution.venues.evm_chain import ChainFile, EvmChain, EvmSetupError, connect_node, load_wallet
 from engine.ops.devnet_keys import WALLET_KEY
@@ -43,6 +44,7 @@ def market(devnet: Any) -> Iterator[DevnetMarket]:
 @pytest.fixture
 def chain(devnet: Any, redis: Redis, io_loop: IOLoop) -> Iterator[EvmChain]:
     chain = EvmChain(connect_node(devnet.url), Account.from_key(WALLET_KEY), ChainFile.from_doc(devnet.doc), redis)
+    io_loop.run_sync(chain.check)
     yield chain
     io_loop.run_sync(chain.w3.provider.disconnect)
 
@@ -79,6 +81,52 @@ class _EvmContract(VenueContract):
 
 class TestUniswapV2(_EvmContract):
     NAME = "uniswap_v2"
+
+    async def test_a_slippage_revert_inside_a_sandwich_is_a_slippage_revert(self, venue: Venue) -> None:
+        # Front-run, the swap, back-run, all in one block: at the end of the block the
+        # pool is about where it was, yet the swap reverted for slippage at its place.
+        market = self.market
+        market.automine(True)
+        market.approve_other(self.NAME, self.TOKEN_OUT)
+        market.automine(False)
+        quote = await venue.quote(self.TOKEN_IN, self.TOKEN_OUT, self.SMALL)
+        tx = await self.tx_for(venue, self.SMALL, quote.amount_out * 99 // 100)
+        reserve_in, _ = market.reserves(self.NAME, self.TOKEN_IN, self.TOKEN_OUT)
+        front_in = reserve_in // 50
+        front_out = await venue.quote(self.TOKEN_IN, self.TOKEN_OUT, front_in)
+        market.sell(self.NAME, self.TOKEN_IN, self.TOKEN_OUT, front_in)  # tip 50 gwei: first
+        await venue.send(tx)  # the node's tip (1 gwei): second
+        # Third: no tip, and a fee cap just above the base fee (anvil orders by fees).
+        base_fee = int(market.w3.eth.get_block("latest")["baseFeePerGas"])
+        market.sell(self.NAME, self.TOKEN_OUT, self.TOKEN_IN, front_out.amount_out, tip_gwei=0,
+                    max_fee_wei=base_fee * 2)
+        market.mine()
+        receipt = market.w3.eth.get_transaction_receipt(tx.tx_hash)  # type: ignore[arg-type]
+        assert receipt["transactionIndex"] == 1 and receipt["status"] == 0
+        block = market.w3.eth.get_block(receipt["blockNumber"])
+        assert len(block["transactions"]) == 3
+        reverted = await venue.status(tx)
+        assert reverted.state is TxState.REVERTED and reverted.reason == SLIPPAGE
+        assert reverted.amount_out is not None and reverted.amount_out < tx.min_amount_out
+
+
+    async def test_a_nonce_another_transaction_used_rejects_the_swap_once_deep(self, venue: Venue) -> None:
+        # Someone signed another transaction with the wallet's key and the nonce the
+        # recorded swap holds: the swap can never be mined. Said so (the order fails)
+        # once that nonce is mined, never while a node may just be behind.
+        assert isinstance(venue, EvmVenue)
+        quote = await venue.quote(self.TOKEN_IN, self.TOKEN_OUT, self.SMALL)
+        tx = await self.tx_for(venue, self.SMALL, quote.amount_out * 99 // 100)
+        assert tx.nonce is not None
+        wallet = venue.chain.account
+        other = wallet.sign_transaction({
+            "type": 2, "chainId": 31337, "to": wallet.address, "value": 0, "gas": 21_000,
+            "maxFeePerGas": 10 * 10**9, "maxPriorityFeePerGas": 10**9, "nonce": tx.nonce.nonce})
+        self.market.w3.eth.send_raw_transaction(other.raw_transaction)
+        self.market.mine()
+        with pytest.raises(RejectedSwapError, match=f"nonce {tx.nonce.nonce} was used by another"):
+            await venue.send(tx)
+        assert (await venue.status(tx)).state is TxState.UNKNOWN
 
 
 class TestSushiswap(_EvmContract):
@@ -208,30 +256,58 @@ class _Died(Exception):
 async def test_an_approval_recorded_by_a_worker_that_died_is_broadcast_by_the_next(
     devnet: Any, chain: EvmChain, market: DevnetMarket, redis: Redis
 ) -> None:
-    # The approval took nonce N and was recorded; the worker died before sending it.
-    # Left so, N would stall every later transaction of the wallet. The next worker
-    # sends the recorded bytes first and signs no second approval.
-    spender = Account.create().address  # a router nobody approved yet
+    # Two workers start at once on a wallet: each records an approval (nonces N and
+    # N + 1) and dies before sending it. Left so, N would stall every later
+    # transaction of the wallet. The next worker sends both recorded approvals, in
+    # nonce order, and signs none of its own.
     token = chain.chain.tokens["RAY"]
-    record_key = keys.approval(chain.chain.chain_id, chain.address, token.address, spender)
+    spenders = [Account.create().address for _ in range(2)]  # routers nobody approved yet
+    mined = market.w3.eth.get_transaction_count(chain.address, "latest")
 
     async def dies(raw: str, what: str) -> None:
         raise _Died(what)
 
-    chain._broadcast_and_wait = dies  # type: ignore[method-assign]
-    with pytest.raises(_Died):
-        await chain.ensure_allowance(token, spender)
-    assert await redis.get(record_key)
-    mined = market.w3.eth.get_transaction_count(chain.address, "latest")
-    assert int(await redis.get(chain.nonce_key) or 0) == mined + 1  # taken, not sent: a gap
+    first = chain
+    second = EvmChain(connect_node(devnet.url), Account.from_key(WALLET_KEY), chain.chain, redis)
+    await second.check()
+    for worker, spender in zip((first, second), spenders, strict=True):
+        worker._broadcast_and_wait = dies  # type: ignore[method-assign]
+        with pytest.raises(_Died):
+            await worker.ensure_allowance(token, spender)
+    await second.w3.provider.disconnect()
+    assert sorted(await redis.hgetall(chain.approvals_key)) == [str(mined), str(mined + 1)]
+    assert int(await redis.get(chain.nonce_key) or 0) == mined + 2  # taken, not sent: a gap
 
     successor = EvmChain(connect_node(devnet.url), Account.from_key(WALLET_KEY), chain.chain, redis)
     try:
-        await successor.ensure_allowance(token, spender)
+        await successor.check()
+        await successor.send_recorded_approvals()  # what a starting worker does first
+        for spender in spenders:
+            await successor.ensure_allowance(token, spender)
     finally:
         await successor.w3.provider.disconnect()
     erc20 = market.token("RAY")
-    assert erc20.functions.allowance(chain.address, spender).call() == 2**256 - 1
-    assert market.w3.eth.get_transaction_count(chain.address, "latest") == mined + 1  # one approval
-    assert market.w3.eth.get_transaction_count(chain.address, "pending") == mined + 1  # no gap
-    assert await redis.get(record_key) is None
+    for spender in spenders:
+        assert erc20.functions.allowance(chain.address, spender).call() == 2**256 - 1
+    assert market.w3.eth.get_transaction_count(chain.address, "latest") == mined + 2  # two approvals
+    assert market.w3.eth.get_transaction_count(chain.address, "pending") == mined + 2  # no gap
+    assert await redis.hgetall(chain.approvals_key) == {}
+
+
+async def test_a_chain_is_named_by_its_genesis_and_redis_must_be_durable(
+    chain: EvmChain, redis: Redis, devnet: Any
+) -> None:
+    # A devnet started afresh has the same chain id and wallet but a new genesis: it
+    # does not inherit the last one's nonces (a stale one would queue every
+    # transaction behind a nonce that never comes).
+    genesis = Web3(Web3.HTTPProvider(devnet.url)).eth.get_block(0)["hash"].to_0x_hex()
+    assert chain.nonce_key == keys.next_nonce(f"31337:{genesis[2:18]}", chain.address)
+    # The test Redis runs appendfsync everysec: a worker would refuse it.
+    assert (await redis.config_get("appendfsync"))["appendfsync"] == "everysec"
+    with pytest.raises(EvmSetupError, match="appendfsync always"):
+        await chain.check_durability()
+    await redis.config_set("appendfsync", "always")
+    try:
+        await chain.check_durability()
+    finally:
+        await redis.config_set("appendfsync", "everysec")

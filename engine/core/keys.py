@@ -46,13 +46,14 @@ def ledger(tx_hash: str) -> str:
     return f"{LEDGER_PREFIX}{tx_hash}"
 
 
-def next_nonce(chain_id: int, address: str) -> str:
-    """String: the next nonce no recorded transaction of the account holds (EVM
-    venues; moved only by OrderStore.record_tx's atomic step)."""
-    return f"nonce:{chain_id}:{address.lower()}"
+def next_nonce(chain: str, address: str) -> str:
+    """String: the next nonce no recorded transaction of the account holds on
+    ``chain`` (``<chain id>:<genesis hash prefix>``); moved only by the atomic steps
+    that record a transaction with its nonce (EVM venues)."""
+    return f"nonce:{chain}:{address.lower()}"
 
 
-def approval(chain_id: int, owner: str, token: str, spender: str) -> str:
-    """String: a signed ERC-20 approval (0x-hex), recorded with its nonce before it is
-    broadcast and deleted once its receipt is seen (EVM venues)."""
-    return f"approval:{chain_id}:{owner.lower()}:{token.lower()}:{spender.lower()}"
+def approvals(chain: str, owner: str) -> str:
+    """Hash: nonce -> a signed ERC-20 approval (0x-hex), recorded with its nonce
+    before it is broadcast, deleted once its receipt is seen (EVM venues)."""
+    return f"approvals:{chain}:{owner.lower()}"

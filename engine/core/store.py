@@ -162,14 +162,14 @@ return 1
 )
 
 # A transaction that is not an order's (an ERC-20 approval) takes its nonce by the same
-# rule, recorded in the same step under a key of its own, so a worker that dies
+# rule, recorded in the same step in a hash under that nonce, so a worker that dies
 # before broadcasting it leaves the signed bytes for the next one to send.
-# KEYS: the record's key, next-free-nonce key. ARGV: (unused), the record or "" for
+# KEYS: the records' hash, next-free-nonce key. ARGV: (unused), the record or "" for
 # none, the nonce.
 CLAIM_NONCE_LUA = (
     _NONCE_RULE_LUA
     + """
-if ARGV[2] ~= '' then redis.call('SET', KEYS[1], ARGV[2]) end
+if ARGV[2] ~= '' then redis.call('HSET', KEYS[1], ARGV[3], ARGV[2]) end
 return 1
 """
 )

@@ -263,6 +263,14 @@ class OrderDriver:
         if not order.tx_hash:
             return None
         venue = self._venue(order)
+        if order.tx is None:
+            # Recorded before transactions were (by a worker older than issue 14): a
+            # simulated venue's transaction is a pure function of the order.
+            swap = self._swap(order, venue)
+            legacy = SwapTx.build(swap.order_id, swap.venue, swap.token_in, swap.token_out,
+                                  swap.amount_in, swap.min_amount_out)
+            if legacy.tx_hash == order.tx_hash:
+                return legacy, venue
         try:
             tx = SwapTx.from_record(order.tx or "")
         except ValueError as exc:

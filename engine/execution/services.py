@@ -36,15 +36,17 @@ def venues_for(
 
 
 async def prepare_venues(venues: Mapping[str, Venue]) -> None:
-    """Make ``venues`` ready for their first order. EVM venues: check that the node
-    serves the chain file's chain, then approve each router for each token (once,
-    ever); raises EvmSetupError or TransientVenueError. Others need nothing."""
-    checked: set[int] = set()
+    """Make ``venues`` ready for their first order. EVM venues: their chain's
+    ``EvmChain.start`` (the node serves the chain file's chain; Redis is durable
+    enough; approvals a dead worker recorded are sent), then approve each router for
+    each token (once, ever); raises EvmSetupError or TransientVenueError. Others
+    need nothing."""
+    started: set[int] = set()
     for venue in venues.values():
         if isinstance(venue, EvmVenue):
-            if id(venue.chain) not in checked:
-                await venue.chain.check()
-                checked.add(id(venue.chain))
+            if id(venue.chain) not in started:
+                await venue.chain.start()
+                started.add(id(venue.chain))
             await venue.prepare()
 
 

@@ -24,14 +24,15 @@ from __future__ import annotations
 import asyncio
 import time
 from decimal import Decimal
-from typing import Any
+from typing import Any, cast
 
-from eth_typing import HexStr
+from eth_typing import ABIFunction, HexStr
+from eth_utils.abi import function_abi_to_4byte_selector
 from web3 import AsyncWeb3
 from web3.contract import AsyncContract
 from web3.exceptions import ContractLogicError, TransactionNotFound, Web3RPCError
 from web3.logs import DISCARD
-from web3.types import TxReceipt
+from web3.types import RPCEndpoint, TxReceipt
 
 from engine.execution.venues.base import (
     SLIPPAGE,
@@ -79,6 +80,8 @@ class EvmVenue:
         self.factory = w3.eth.contract(address=AsyncWeb3.to_checksum_address(factory),
                                        abi=load_abi("v2-core", "IUniswapV2Factory", ("getPair",)))
         self._pair_abi = load_abi("v2-core", "IUniswapV2Pair", ("getReserves", "Swap"))
+        get_reserves = next(entry for entry in self._pair_abi if entry["name"] == "getReserves")
+        self._get_reserves = "0x" + function_abi_to_4byte_selector(cast(ABIFunction, get_reserves)).hex()
         self._pairs: dict[tuple[str, str], AsyncContract] = {}
 
     @property
@@ -169,7 +172,10 @@ class EvmVenue:
             "maxFeePerGas": max_fee,
             "maxPriorityFeePerGas": tip,
         }
-        extra = (("deadline", str(deadline)), ("pair", str(pair.address)))
+        # What reading the outcome takes, kept with the transaction: the chain file
+        # may change while it is out.
+        extra = (("deadline", str(deadline)), ("pair", str(pair.address)),
+                 ("token_in", sold.address), ("token_out", bought.address))
 
         def tx_of(nonce: int, tx_hash: str, raw: str) -> SwapTx:
             return SwapTx.for_swap(swap, tx_hash, raw=raw, nonce=NonceClaim(self.chain.nonce_key, nonce),
@@ -191,16 +197,30 @@ class EvmVenue:
             if any(answer in text for answer in ALREADY_RECEIVED):
                 return tx.tx_hash
             if "nonce too low" in text:
-                if (await self.status(tx)).state is not TxState.UNKNOWN:
-                    return tx.tx_hash  # mined (or pending) already: sent before
-                self.chain.forget_nonce()
-                nonce = tx.nonce.nonce if tx.nonce else "?"
-                raise RejectedSwapError(
-                    f"{self.name}: the wallet's nonce {nonce} was used by another transaction; "
-                    f"{tx.tx_hash} can never be mined"
-                ) from None
+                return await self._nonce_used(tx)
             raise TransientVenueError(f"{self.name}: eth_sendRawTransaction: {exc}") from None
         return tx.tx_hash
+
+    async def _nonce_used(self, tx: SwapTx) -> str:
+        """The node says ``tx``'s nonce is used: by ``tx`` itself (sent before: its
+        hash), or, once that nonce is ``CONFIRMATIONS`` blocks deep with no receipt
+        for ``tx``, by another transaction of the wallet (RejectedSwapError: ``tx`` can
+        never be mined). Until then, TransientVenueError: a node behind its peers
+        may not have ``tx``'s receipt yet."""
+        if (await self.status(tx)).state is not TxState.UNKNOWN:
+            return tx.tx_hash
+        eth = self.chain.w3.eth
+        head = await rpc("eth_blockNumber", eth.block_number)
+        deep = max(0, head - self.chain.confirmations + 1)
+        used = await rpc("eth_getTransactionCount", eth.get_transaction_count(self.chain.account.address, deep))
+        nonce = tx.nonce.nonce if tx.nonce else None
+        if nonce is None or nonce >= used or (await self.status(tx)).state is not TxState.UNKNOWN:
+            raise TransientVenueError(f"{self.name}: nonce {nonce} used, but not yet deep, by {tx.tx_hash} or another")
+        self.chain.forget_nonce()
+        raise RejectedSwapError(
+            f"{self.name}: the wallet's nonce {nonce} was used by another transaction; "
+            f"{tx.tx_hash} can never be mined"
+        )
 
     async def status(self, tx: SwapTx) -> TxStatus:
         eth = self.chain.w3.eth
@@ -228,22 +248,53 @@ class EvmVenue:
                   if e["address"].lower() == pair_address.lower()]
         if len(events) != 1:
             raise TransientVenueError(f"{self.name}: {tx.tx_hash} has {len(events)} Swap events of {pair_address}")
-        sold, bought = self._token(tx.token_in), self._token(tx.token_out)
-        bought_first = int(bought.address, 16) < int(sold.address, 16)
+        sold, bought = tx.get("token_in"), tx.get("token_out")
+        bought_first = int(bought, 16) < int(sold, 16)
         return int(events[0]["args"]["amount0Out" if bought_first else "amount1Out"])
 
     async def _revert_status(self, receipt: TxReceipt, tx: SwapTx) -> TxStatus:
-        """Why a mined swap reverted: what the pool paid at its block against
-        amountOutMin (slippage), else its deadline, else no reason known."""
+        """Why a mined swap reverted. From the node's trace of it where the node has
+        one (``debug_traceTransaction`` with geth's ``callTracer``: the revert string,
+        and the pair's reserves as the router read them, at the swap's own place in
+        its block); else from the pool at the end of its block against amountOutMin,
+        then its deadline."""
+        trace = await self._trace(tx)
+        if trace is not None:
+            reason = str(trace.get("revertReason") or trace.get("error") or "no reason given")
+            if _SLIPPAGE_REVERT in reason:
+                return TxStatus(TxState.REVERTED, amount_out=self._paid_in_trace(trace, tx), reason=SLIPPAGE)
+            return TxStatus(TxState.REVERTED, reason=f"reverted on chain ({reason})")
         block = receipt["blockNumber"]
-        path = [self._token(tx.token_in).address, self._token(tx.token_out).address]
-        would_pay = await self._amount_out(tx.amount_in, path, block)
+        would_pay = await self._amount_out(tx.amount_in, [tx.get("token_in"), tx.get("token_out")], block)
         if would_pay < tx.min_amount_out:
             return TxStatus(TxState.REVERTED, amount_out=would_pay, reason=SLIPPAGE)
         mined = await rpc("eth_getBlockByNumber", self.chain.w3.eth.get_block(block))
         if int(mined["timestamp"]) > int(tx.get("deadline")):
             return TxStatus(TxState.REVERTED, reason=f"deadline passed ({_EXPIRED_REVERT})")
         return TxStatus(TxState.REVERTED, reason=f"reverted on chain in block {block}")
+
+    async def _trace(self, tx: SwapTx) -> dict[str, Any] | None:
+        """The node's call trace of ``tx``; None where the node has no such method."""
+        answer = await rpc("debug_traceTransaction", self.chain.w3.provider.make_request(
+            RPCEndpoint("debug_traceTransaction"), [tx.tx_hash, {"tracer": "callTracer"}]))
+        result = answer.get("result") if isinstance(answer, dict) else None
+        return result if isinstance(result, dict) else None
+
+    def _paid_in_trace(self, trace: dict[str, Any], tx: SwapTx) -> int | None:
+        """What the swap would have paid at its place in the block: the pair's
+        reserves the router read (its getReserves STATICCALL in ``trace``) through
+        UniswapV2Library.getAmountOut (Uniswap V2's 0.3% fee); None if not found."""
+        pair = tx.get("pair").lower()
+        for call in trace.get("calls") or ():
+            output = str(call.get("output") or "")
+            if str(call.get("to", "")).lower() == pair and str(call.get("input", "")).startswith(self._get_reserves) \
+                    and len(output) >= 2 + 128:
+                reserve0, reserve1 = int(output[2:66], 16), int(output[66:130], 16)
+                sold_first = int(tx.get("token_in"), 16) < int(tx.get("token_out"), 16)
+                reserve_in, reserve_out = (reserve0, reserve1) if sold_first else (reserve1, reserve0)
+                with_fee = tx.amount_in * 997
+                return with_fee * reserve_out // (reserve_in * 1000 + with_fee)
+        return None
 
 
 def make_evm_venues(chain: EvmChain) -> dict[str, EvmVenue]:

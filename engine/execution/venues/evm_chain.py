@@ -28,7 +28,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Collection, Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import aiohttp
 import jsonschema
@@ -36,8 +36,16 @@ from eth_account import Account
 from eth_account.signers.local import LocalAccount
 from eth_typing import HexStr
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 from web3 import AsyncHTTPProvider, AsyncWeb3
-from web3.exceptions import ProviderConnectionError, TimeExhausted, TransactionNotFound, Web3RPCError
+from web3.exceptions import (
+    ContractLogicError,
+    ProviderConnectionError,
+    TimeExhausted,
+    TransactionNotFound,
+    Web3Exception,
+    Web3RPCError,
+)
 
 from engine.core import (
     amounts,
@@ -164,7 +172,10 @@ def load_wallet(config: Config) -> LocalAccount:
     """The service's account, from EVM_PRIVATE_KEY or EVM_KEYSTORE (a V3 keystore
     JSON) + EVM_KEYSTORE_PASSWORD; EvmSetupError otherwise (never showing the key)."""
     if config.evm_private_key:
-        account: LocalAccount = Account.from_key(config.evm_private_key)
+        try:
+            account: LocalAccount = Account.from_key(config.evm_private_key)
+        except ValueError:  # e.g. zero, or past the curve's order (never shown)
+            raise EvmSetupError("EVM_PRIVATE_KEY is not a valid secp256k1 private key") from None
         return account
     if config.evm_keystore is not None:
         if config.evm_keystore_password is None:
@@ -205,10 +216,13 @@ async def rpc(what: str, call: Awaitable[T]) -> T:
         return await call
     except TRANSPORT_ERRORS as exc:
         raise TransientVenueError(f"{what}: {type(exc).__name__}: {exc}") from None
-    except TransactionNotFound:  # a Web3RPCError in web3 8, but an answer
+    except (TransactionNotFound, ContractLogicError):  # answers, not failures
         raise
-    except Web3RPCError as exc:
-        raise TransientVenueError(f"{what}: {exc}") from None
+    except Web3Exception as exc:
+        # Web3RPCError (the node refused or failed), BadFunctionCallOutput (no code
+        # at the address: e.g. a node behind), BlockNotFound after a reorg, a reply
+        # that is not JSON-RPC: the caller retries, and an operator reads the log.
+        raise TransientVenueError(f"{what}: {type(exc).__name__}: {exc}") from None
 
 
 class EvmChain:
@@ -231,7 +245,7 @@ class EvmChain:
         self.confirmations = confirmations
         self.max_fee_wei = max_fee_wei
         self.deadline_secs = deadline_secs
-        self.nonce_key = keys.next_nonce(chain.chain_id, account.address)
+        self.genesis: str | None = None  # the chain's block 0 hash, once check()ed
         self.nonce_lock = asyncio.Lock()
         self.redis = redis
         self._claim_script = redis.register_script(CLAIM_NONCE_LUA)
@@ -262,10 +276,55 @@ class EvmChain:
         return str(self.account.address)
 
     async def check(self) -> None:
-        """EvmSetupError unless the node serves the chain file's chain."""
+        """EvmSetupError unless the node serves the chain file's chain; then learn
+        the chain's genesis block hash, which names it in Redis (``nonce_key``): a
+        local devnet started afresh has the same chain id but a new genesis, and
+        must not inherit the nonces (or the approvals) of the last one."""
         chain_id = await rpc("eth_chainId", self.w3.eth.chain_id)
         if chain_id != self.chain.chain_id:
             raise EvmSetupError(f"the node serves chain {chain_id}, the chain file is for {self.chain.chain_id}")
+        genesis = await rpc("eth_getBlockByNumber", self.w3.eth.get_block(0))
+        self.genesis = genesis["hash"].to_0x_hex()
+
+    async def start(self) -> None:
+        """Ready the chain for a worker: ``check``, ``check_durability``, then
+        ``send_recorded_approvals``. EvmSetupError, or TransientVenueError."""
+        await self.check()
+        await self.check_durability()
+        await self.send_recorded_approvals()
+
+    async def check_durability(self) -> None:
+        """EvmSetupError unless Redis writes every command to its AOF before it
+        answers (``appendonly yes``, ``appendfsync always``). A transaction is
+        recorded before it is broadcast so that it is never signed twice; a Redis
+        that loses its last second of writes after a crash would lose the record of
+        a transaction already out, and the order's next driver would sign and send
+        a second swap. A Redis that refuses CONFIG (some managed ones) is trusted,
+        with a warning."""
+        try:
+            settings = cast(dict[str, str], await self.redis.config_get("append*"))
+        except ResponseError:
+            logger.warning("cannot read Redis's CONFIG: make sure it runs with appendonly yes and "
+                           "appendfsync always, or a crash could make an order execute twice")
+            return
+        if settings.get("appendonly") != "yes" or settings.get("appendfsync") != "always":
+            raise EvmSetupError(
+                "MARKET=evm needs Redis with appendonly yes and appendfsync always (it has appendonly "
+                f"{settings.get('appendonly')}, appendfsync {settings.get('appendfsync')}): a recorded "
+                "transaction lost with Redis's last second of writes would be signed again"
+            )
+
+    @property
+    def chain_ref(self) -> str:
+        """The chain in Redis keys: ``<chain id>:<first 16 hex digits of its genesis hash>``."""
+        if self.genesis is None:
+            raise RuntimeError("EvmChain.check() must run first")
+        return f"{self.chain.chain_id}:{self.genesis[2:18]}"
+
+    @property
+    def nonce_key(self) -> str:
+        """The Redis key of the wallet's next free nonce on this chain."""
+        return keys.next_nonce(self.chain_ref, self.address)
 
     async def next_nonce(self) -> int:
         """The wallet's next free nonce: this process's view, else the Redis key
@@ -324,20 +383,31 @@ class EvmChain:
                 self.forget_nonce()
         raise TransientVenueError(f"no free nonce for {self.address} after {NONCE_TRIES} tries")
 
+    async def send_recorded_approvals(self) -> None:
+        """Broadcast every approval a worker recorded (with its nonce) and may not
+        have sent before it died, and wait for each: their nonces must not stay
+        unused. Each record is deleted once its receipt is seen, reverted or not."""
+        pending = cast(dict[str, str], await self.redis.hgetall(self.approvals_key))
+        for nonce, raw in sorted(pending.items(), key=lambda item: int(item[0])):
+            try:
+                await self._broadcast_and_wait(raw, f"recorded approval (nonce {nonce})")
+            except EvmSetupError as exc:
+                logger.warning("%s", exc)
+            await self.redis.hdel(self.approvals_key, nonce)
+
+    @property
+    def approvals_key(self) -> str:
+        return keys.approvals(self.chain_ref, self.address)
+
     async def ensure_allowance(self, token: ChainToken, spender: str) -> None:
         """Approve ``spender`` (a router) for all of ``token`` (ERC-20 ``approve``),
         unless it already may spend at least 2**255 base units: once per token and
         router, not per order. Waits for the approval's receipt.
 
         The approval takes its nonce by the same rule as a swap, recorded with its
-        signed bytes (``keys.approval``) in the same step; an approval recorded by a
-        worker that died before its receipt is broadcast again first, so its nonce
-        is never left unused."""
-        record_key = keys.approval(self.chain.chain_id, self.address, token.address, spender)
-        recorded = await self.redis.get(record_key)
-        if recorded:
-            await self._broadcast_and_wait(str(recorded), f"approval of {spender} for {token.symbol}")
-            await self.redis.delete(record_key)
+        signed bytes under that nonce (``keys.approvals``) in the same step; a worker
+        that starts sends every recorded approval first (``send_recorded_approvals``),
+        so a nonce taken by a worker that died is never left unused."""
         erc20 = self.w3.eth.contract(address=AsyncWeb3.to_checksum_address(token.address), abi=self._erc20_abi)
         allowance = await rpc("allowance", erc20.functions.allowance(self.address, spender).call())
         if allowance >= ENOUGH_ALLOWANCE:
@@ -352,14 +422,20 @@ class EvmChain:
         }
 
         async def claim(nonce: int, _tx_hash: str, raw: str) -> Recorded:
-            outcome = await self._claim_script(keys=[record_key, self.nonce_key], args=["", raw, nonce])
+            outcome = await self._claim_script(keys=[self.approvals_key, self.nonce_key], args=["", raw, nonce])
             return Recorded(int(outcome))
 
         signed = await self.sign_and_record(fields, claim)
         assert signed is not None, "claiming a nonce never answers NOT_BUILDING"
         nonce, tx_hash, raw = signed
-        await self._broadcast_and_wait(raw, f"approval of {spender} for {token.symbol}")
-        await self.redis.delete(record_key)
+        try:
+            await self._broadcast_and_wait(raw, f"approval of {spender} for {token.symbol}")
+        except EvmSetupError:
+            # Mined and reverted: its nonce is used, there is nothing to send again.
+            await self.redis.hdel(self.approvals_key, str(nonce))
+            raise
+        # (On any other error the record stays, for the next start to send.)
+        await self.redis.hdel(self.approvals_key, str(nonce))
         logger.info("approved router %s for %s (tx %s, nonce %s)", spender, token.symbol, tx_hash, nonce)
 
     async def _broadcast_and_wait(self, raw: str, what: str) -> None:
