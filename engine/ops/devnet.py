@@ -71,7 +71,10 @@ class ChainFileError(ValueError):
 
 
 def _port_free(port: int) -> bool:
+    """Whether nothing listens on 127.0.0.1:``port``. SO_REUSEADDR, as anvil binds:
+    connections of a devnet just stopped, still in TIME_WAIT, do not count."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind(("127.0.0.1", port))
         except OSError:
