@@ -21,10 +21,10 @@ from web3 import Web3
 
 from engine.core import amounts, keys
 from engine.core.config import Config, ConfigError
-from engine.core.store import OrderStore, Recorded
+from engine.core.store import CLAIM_NONCE_LUA, OrderStore, Recorded
 from engine.execution.driver import OrderDriver
 from engine.execution.router import Router
-from engine.execution.venues.base import SLIPPAGE, RejectedSwapError, SwapTx, TxState, Venue
+from engine.execution.venues.base import SLIPPAGE, RejectedSwapError, SwapRequest, SwapTx, TxState, Venue
 from engine.execution.venues.evm import EvmVenue, make_evm_venues
 from engine.execution.venues.evm_chain import ChainFile, EvmChain, EvmSetupError, connect_node, load_wallet
 from engine.ops.devnet_keys import WALLET_KEY
@@ -207,7 +207,8 @@ async def test_a_resumed_order_sends_its_recorded_bytes_and_never_signs_again(
     async def record(tx: SwapTx) -> Recorded:
         claim = tx.nonce
         assert claim is not None
-        return await store.record_tx(order_id, tx.tx_hash, tx.record(), nonce_key=claim.key, nonce=claim.nonce)
+        return await store.record_tx(order_id, tx.tx_hash, tx.record(), nonce_key=claim.key, nonce=claim.nonce,
+                                     ledger_key=claim.ledger, raw=tx.raw)
 
     recorded = await venue.build(driver._swap(order, venue), record)  # noqa: SLF001 - the step a dead worker took
     assert recorded is not None and (await venue.status(recorded)).state.value == "unknown"
@@ -275,13 +276,13 @@ async def test_an_approval_recorded_by_a_worker_that_died_is_broadcast_by_the_ne
         with pytest.raises(_Died):
             await worker.ensure_allowance(token, spender)
     await second.w3.provider.disconnect()
-    assert sorted(await redis.hgetall(chain.approvals_key)) == [str(mined), str(mined + 1)]
+    assert [nonce for _, nonce in await redis.zrange(chain.ledger_key, 0, -1, withscores=True)] == [mined, mined + 1]
     assert int(await redis.get(chain.nonce_key) or 0) == mined + 2  # taken, not sent: a gap
 
     successor = EvmChain(connect_node(devnet.url), Account.from_key(WALLET_KEY), chain.chain, redis)
     try:
         await successor.check()
-        await successor.send_recorded_approvals()  # what a starting worker does first
+        assert await successor.reconcile() == []  # what a starting worker does first: sends, fills none
         for spender in spenders:
             await successor.ensure_allowance(token, spender)
     finally:
@@ -291,7 +292,48 @@ async def test_an_approval_recorded_by_a_worker_that_died_is_broadcast_by_the_ne
         assert erc20.functions.allowance(chain.address, spender).call() == 2**256 - 1
     assert market.w3.eth.get_transaction_count(chain.address, "latest") == mined + 2  # two approvals
     assert market.w3.eth.get_transaction_count(chain.address, "pending") == mined + 2  # no gap
-    assert await redis.hgetall(chain.approvals_key) == {}
+
+
+async def test_a_nonce_whose_transaction_is_lost_is_filled_at_start(
+    devnet: Any, chain: EvmChain, market: DevnetMarket, redis: Redis, config: Config
+) -> None:
+    # Two swaps recorded (nonces N, N + 1) and never broadcast; the first one's signed
+    # bytes are then lost (its ledger entry and order gone). The next worker fills N
+    # with a zero-value transfer to itself and sends N + 1's recorded bytes: nothing
+    # of the wallet is stuck behind N.
+    venue = make_evm_venues(chain)["uniswap_v2"]
+    await venue.prepare()
+    quote = await venue.quote("SOL", "USDC", 10**9)
+    swap = SwapRequest("gap-test", venue.name, "SOL", "USDC", 10**9, quote.amount_out * 95 // 100)
+    claim_script = redis.register_script(CLAIM_NONCE_LUA)
+
+    async def record(tx: SwapTx) -> Recorded:
+        assert tx.nonce is not None
+        return Recorded(int(await claim_script(keys=[tx.nonce.key, tx.nonce.key, tx.nonce.ledger],
+                                               args=["", "", tx.nonce.nonce, tx.raw])))
+
+    lost, kept = [await venue.build(swap, record) for _ in range(2)]
+    assert lost is not None and kept is not None and lost.nonce and kept.nonce
+    assert kept.nonce.nonce == lost.nonce.nonce + 1
+    await redis.zrem(chain.ledger_key, lost.raw)
+    mined = market.w3.eth.get_transaction_count(chain.address, "latest")
+    assert mined == lost.nonce.nonce
+
+    successor = EvmChain(connect_node(devnet.url), Account.from_key(WALLET_KEY), chain.chain, redis)
+    try:
+        await successor.check()
+        assert await successor.reconcile() == [lost.nonce.nonce]
+    finally:
+        await successor.w3.provider.disconnect()
+    market.w3.eth.wait_for_transaction_receipt(kept.tx_hash)  # type: ignore[arg-type]
+    assert market.w3.eth.get_transaction_count(chain.address, "latest") == mined + 2
+    assert market.w3.eth.get_transaction_count(chain.address, "pending") == mined + 2
+    kept_receipt = market.w3.eth.get_transaction_receipt(kept.tx_hash)  # type: ignore[arg-type]
+    assert kept_receipt["status"] == 1
+    # Automine: the filler was mined in the block just before, alone.
+    filler = market.w3.eth.get_transaction_by_block(kept_receipt["blockNumber"] - 1, 0)
+    assert (filler["nonce"], filler["to"], filler["value"]) == (lost.nonce.nonce, chain.address, 0)
+    assert (await venue.status(lost)).state is TxState.UNKNOWN  # never mined: its nonce went to the filler
 
 
 async def test_a_chain_is_named_by_its_genesis_and_redis_must_be_durable(

@@ -61,7 +61,8 @@ class VenueContract:
 
         async def record(tx: SwapTx) -> Recorded:
             if tx.nonce is not None:
-                outcome = Recorded(int(await claim(keys=[tx.nonce.key] * 2, args=["", "", tx.nonce.nonce])))
+                outcome = Recorded(int(await claim(keys=[tx.nonce.key, tx.nonce.key, tx.nonce.ledger],
+                                                   args=["", "", tx.nonce.nonce, tx.raw])))
                 if outcome is not Recorded.RECORDED:
                     return outcome
             self.recorded.append(SwapTx.from_record(tx.record()))

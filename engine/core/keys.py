@@ -53,7 +53,8 @@ def next_nonce(chain: str, address: str) -> str:
     return f"nonce:{chain}:{address.lower()}"
 
 
-def approvals(chain: str, owner: str) -> str:
-    """Hash: nonce -> a signed ERC-20 approval (0x-hex), recorded with its nonce
-    before it is broadcast, deleted once its receipt is seen (EVM venues)."""
-    return f"approvals:{chain}:{owner.lower()}"
+def wallet_txs(chain: str, address: str) -> str:
+    """Sorted set: every signed transaction of the account that took a nonce on
+    ``chain``, scored by that nonce, recorded in the step that took it; trimmed below
+    the account's mined nonce (EVM venues: EvmChain.reconcile)."""
+    return f"wallet_txs:{chain}:{address.lower()}"

@@ -137,17 +137,23 @@ return {1, data}
 # if N is the account's next free nonce, which then becomes N + 1. Taking exactly the
 # next one leaves no gap; the key only moves forward, inside the step that records
 # the transaction (or, for a transaction that is not an order's, claims the nonce).
-# KEYS[2]: the next-free-nonce key; ARGV[3]: the nonce, or "" for none.
+# The signed transaction goes, in the same step, into the account's ledger (a sorted
+# set scored by nonce), so a worker that starts can send every taken nonce's
+# transaction that the node does not have (EvmChain.reconcile).
+# KEYS[2]: the next-free-nonce key, KEYS[3]: the ledger; ARGV[3]: the nonce, or ""
+# for none; ARGV[4]: the signed transaction (0x-hex).
 _NONCE_RULE_LUA = """
 if ARGV[3] ~= '' then
   local free = redis.call('GET', KEYS[2])
   if free and tonumber(ARGV[3]) ~= tonumber(free) then return -1 end
   redis.call('SET', KEYS[2], string.format('%d', tonumber(ARGV[3]) + 1))
+  redis.call('ZADD', KEYS[3], ARGV[3], ARGV[4])
 end
 """
 
-# KEYS: order hash, next-free-nonce key (the order hash again when the transaction
-# has no nonce). ARGV: tx_hash, the transaction's record, its nonce or "".
+# KEYS: order hash, next-free-nonce key, the account's ledger (the order hash again
+# for both when the transaction has no nonce). ARGV: tx_hash, the transaction's
+# record, its nonce or "", the signed transaction.
 # Recorded only while the order is building and has no transaction yet.
 _RECORD_TX_LUA = (
     """
@@ -161,18 +167,11 @@ return 1
 """
 )
 
-# A transaction that is not an order's (an ERC-20 approval) takes its nonce by the same
-# rule, recorded in the same step in a hash under that nonce, so a worker that dies
-# before broadcasting it leaves the signed bytes for the next one to send.
-# KEYS: the records' hash, next-free-nonce key. ARGV: (unused), the record or "" for
-# none, the nonce.
-CLAIM_NONCE_LUA = (
-    _NONCE_RULE_LUA
-    + """
-if ARGV[2] ~= '' then redis.call('HSET', KEYS[1], ARGV[3], ARGV[2]) end
-return 1
-"""
-)
+# A transaction that is not an order's (an ERC-20 approval, a gap filler) takes its
+# nonce by the same rule, into the same ledger.
+# KEYS: (unused), next-free-nonce key, the ledger. ARGV: (unused), (unused), the
+# nonce, the signed transaction.
+CLAIM_NONCE_LUA = _NONCE_RULE_LUA + "\nreturn 1\n"
 
 # KEYS: next-free-nonce key. ARGV: a nonce the chain already counts (its pending
 # transaction count). The key moves up to it, never down.
@@ -468,19 +467,23 @@ class OrderStore:
         *,
         nonce_key: str | None = None,
         nonce: int | None = None,
+        ledger_key: str | None = None,
+        raw: str = "",
     ) -> Recorded:
         """Record the transaction about to be sent (its hash, and ``record``: what
         resending it takes), in one atomic step, if the order is still ``building``
         and has no transaction yet (else NOT_BUILDING: e.g. cancelled meanwhile, or
         another worker recorded one; nothing may be sent but that one). With a
         ``nonce``, the account's next free nonce in ``nonce_key`` moves past it in
-        the same step, or NONCE_TAKEN if a recorded transaction already holds it.
+        the same step, and ``raw`` (the signed transaction) goes into the account's
+        ledger (``ledger_key``); or NONCE_TAKEN if it is not the next free one.
         Once recorded, a cancel is refused: the trade may go out."""
-        if (nonce is None) != (nonce_key is None):
-            raise ValueError("a nonce needs its account's key, and the key a nonce")
+        if not ((nonce is None) == (nonce_key is None) == (ledger_key is None)):
+            raise ValueError("a nonce needs its account's key and ledger, and they a nonce")
+        order_key = keys.order(order_id)
         outcome = await self._record_tx(
-            keys=[keys.order(order_id), nonce_key or keys.order(order_id)],
-            args=[tx_hash, record, "" if nonce is None else str(nonce)],
+            keys=[order_key, nonce_key or order_key, ledger_key or order_key],
+            args=[tx_hash, record, "" if nonce is None else str(nonce), raw],
         )
         return Recorded(int(outcome))
 

@@ -298,6 +298,8 @@ class OrderDriver:
                 tx.record(),
                 nonce_key=claim.key if claim else None,
                 nonce=claim.nonce if claim else None,
+                ledger_key=claim.ledger if claim else None,
+                raw=tx.raw,
             )
 
         return await venue.build(self._swap(order, venue), record)

@@ -38,7 +38,7 @@ def venues_for(
 async def prepare_venues(venues: Mapping[str, Venue]) -> None:
     """Make ``venues`` ready for their first order. EVM venues: their chain's
     ``EvmChain.start`` (the node serves the chain file's chain; Redis is durable
-    enough; approvals a dead worker recorded are sent), then approve each router for
+    enough; the wallet's nonce gaps closed), then approve each router for
     each token (once, ever); raises EvmSetupError or TransientVenueError. Others
     need nothing."""
     started: set[int] = set()

@@ -95,6 +95,7 @@ class NonceClaim:
 
     key: str
     nonce: int
+    ledger: str  # the account's ledger of signed transactions by nonce (keys.wallet_txs)
 
 
 @dataclasses.dataclass(frozen=True)

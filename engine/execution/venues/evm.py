@@ -178,7 +178,7 @@ class EvmVenue:
                  ("token_in", sold.address), ("token_out", bought.address))
 
         def tx_of(nonce: int, tx_hash: str, raw: str) -> SwapTx:
-            return SwapTx.for_swap(swap, tx_hash, raw=raw, nonce=NonceClaim(self.chain.nonce_key, nonce),
+            return SwapTx.for_swap(swap, tx_hash, raw=raw, nonce=NonceClaim(self.chain.nonce_key, nonce, self.chain.ledger_key),
                                    extra=extra)
 
         async def record_signed(nonce: int, tx_hash: str, raw: str) -> Any:

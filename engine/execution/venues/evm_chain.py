@@ -72,6 +72,8 @@ NONCE_TRIES = 16
 MAX_UINT256 = 2**256 - 1
 ENOUGH_ALLOWANCE = 2**255
 APPROVAL_RECEIPT_TIMEOUT_SECS = 120.0
+# The ledger of signed transactions is trimmed below the mined nonce every this many.
+LEDGER_TRIM_EVERY = 100
 # Fees are asked of the node at most this often.
 FEES_MAX_AGE_SECS = 2.0
 
@@ -288,10 +290,10 @@ class EvmChain:
 
     async def start(self) -> None:
         """Ready the chain for a worker: ``check``, ``check_durability``, then
-        ``send_recorded_approvals``. EvmSetupError, or TransientVenueError."""
+        ``reconcile``. EvmSetupError, or TransientVenueError."""
         await self.check()
         await self.check_durability()
-        await self.send_recorded_approvals()
+        await self.reconcile()
 
     async def check_durability(self) -> None:
         """EvmSetupError unless Redis writes every command to its AOF before it
@@ -325,6 +327,11 @@ class EvmChain:
     def nonce_key(self) -> str:
         """The Redis key of the wallet's next free nonce on this chain."""
         return keys.next_nonce(self.chain_ref, self.address)
+
+    @property
+    def ledger_key(self) -> str:
+        """The Redis key of the wallet's signed transactions by nonce on this chain."""
+        return keys.wallet_txs(self.chain_ref, self.address)
 
     async def next_nonce(self) -> int:
         """The wallet's next free nonce: this process's view, else the Redis key
@@ -377,37 +384,61 @@ class EvmChain:
                 outcome = await record(nonce, tx_hash, raw)
                 if outcome is Recorded.RECORDED:
                     self._next = nonce + 1
+                    if nonce % LEDGER_TRIM_EVERY == 0:
+                        await self._trim_ledger()
                     return nonce, tx_hash, raw
                 if outcome is Recorded.NOT_BUILDING:
                     return None
                 self.forget_nonce()
         raise TransientVenueError(f"no free nonce for {self.address} after {NONCE_TRIES} tries")
 
-    async def send_recorded_approvals(self) -> None:
-        """Broadcast every approval a worker recorded (with its nonce) and may not
-        have sent before it died, and wait for each: their nonces must not stay
-        unused. Each record is deleted once its receipt is seen, reverted or not."""
-        pending = cast(dict[str, str], await self.redis.hgetall(self.approvals_key))
-        for nonce, raw in sorted(pending.items(), key=lambda item: int(item[0])):
-            try:
-                await self._broadcast_and_wait(raw, f"recorded approval (nonce {nonce})")
-            except EvmSetupError as exc:
-                logger.warning("%s", exc)
-            await self.redis.hdel(self.approvals_key, nonce)
+    async def _trim_ledger(self) -> None:
+        """Forget the ledger's transactions below the wallet's mined nonce."""
+        mined = await rpc("eth_getTransactionCount", self.w3.eth.get_transaction_count(self.account.address, "latest"))
+        await self.redis.zremrangebyscore(self.ledger_key, "-inf", f"({mined}")
 
-    @property
-    def approvals_key(self) -> str:
-        return keys.approvals(self.chain_ref, self.address)
+    async def reconcile(self) -> list[int]:
+        """Close the wallet's nonce gaps, before anything new is signed: every nonce
+        Redis has given out (below its next free one) that the node does not count
+        (``eth_getTransactionCount`` "pending") is a transaction recorded and then
+        not broadcast, or lost from the node. Its signed bytes from the ledger are
+        sent again; a nonce with none there (its record lost) gets a zero-value
+        transfer to the wallet itself, so that later transactions are not stuck
+        behind it. Trims the ledger below the mined nonce. The nonces filled with a
+        transfer, in order."""
+        eth = self.w3.eth
+        await self._trim_ledger()
+        pending = await rpc("eth_getTransactionCount", eth.get_transaction_count(self.account.address, "pending"))
+        free = int(await self._floor_script(keys=[self.nonce_key], args=[pending]))
+        filled: list[int] = []
+        for nonce in range(pending, free):
+            recorded = cast(list[str], await self.redis.zrangebyscore(self.ledger_key, nonce, nonce))
+            if recorded:
+                for raw in recorded:  # one, unless a replacement was recorded too
+                    await self._broadcast(raw, f"recorded transaction (nonce {nonce})")
+                logger.warning("nonce %s: sent the recorded transaction again (a worker stopped before it)", nonce)
+                continue
+            max_fee, tip = await self.fees()
+            _tx_hash, raw = self.sign({
+                "type": 2, "chainId": self.chain.chain_id, "to": self.address, "value": 0, "gas": 21_000,
+                "maxFeePerGas": max_fee, "maxPriorityFeePerGas": tip, "nonce": nonce,
+            })
+            await self.redis.zadd(self.ledger_key, {raw: nonce})
+            await self._broadcast(raw, f"gap filler (nonce {nonce})")
+            logger.warning("nonce %s: taken but its transaction is lost; filled with a zero-value transfer", nonce)
+            filled.append(nonce)
+        self.forget_nonce()
+        return filled
 
     async def ensure_allowance(self, token: ChainToken, spender: str) -> None:
         """Approve ``spender`` (a router) for all of ``token`` (ERC-20 ``approve``),
         unless it already may spend at least 2**255 base units: once per token and
         router, not per order. Waits for the approval's receipt.
 
-        The approval takes its nonce by the same rule as a swap, recorded with its
-        signed bytes under that nonce (``keys.approvals``) in the same step; a worker
-        that starts sends every recorded approval first (``send_recorded_approvals``),
-        so a nonce taken by a worker that died is never left unused."""
+        The approval takes its nonce by the same rule as a swap, its signed bytes
+        recorded in the wallet's ledger in the same step; a worker that starts sends
+        what a worker that died did not (``reconcile``), so its nonce is not left
+        unused."""
         erc20 = self.w3.eth.contract(address=AsyncWeb3.to_checksum_address(token.address), abi=self._erc20_abi)
         allowance = await rpc("allowance", erc20.functions.allowance(self.address, spender).call())
         if allowance >= ENOUGH_ALLOWANCE:
@@ -422,25 +453,19 @@ class EvmChain:
         }
 
         async def claim(nonce: int, _tx_hash: str, raw: str) -> Recorded:
-            outcome = await self._claim_script(keys=[self.approvals_key, self.nonce_key], args=["", raw, nonce])
+            outcome = await self._claim_script(keys=[self.nonce_key, self.nonce_key, self.ledger_key],
+                                               args=["", "", nonce, raw])
             return Recorded(int(outcome))
 
         signed = await self.sign_and_record(fields, claim)
         assert signed is not None, "claiming a nonce never answers NOT_BUILDING"
         nonce, tx_hash, raw = signed
-        try:
-            await self._broadcast_and_wait(raw, f"approval of {spender} for {token.symbol}")
-        except EvmSetupError:
-            # Mined and reverted: its nonce is used, there is nothing to send again.
-            await self.redis.hdel(self.approvals_key, str(nonce))
-            raise
-        # (On any other error the record stays, for the next start to send.)
-        await self.redis.hdel(self.approvals_key, str(nonce))
+        await self._broadcast_and_wait(raw, f"approval of {spender} for {token.symbol}")
         logger.info("approved router %s for %s (tx %s, nonce %s)", spender, token.symbol, tx_hash, nonce)
 
-    async def _broadcast_and_wait(self, raw: str, what: str) -> None:
+    async def _broadcast(self, raw: str, what: str) -> str:
         """Send a signed transaction (again: a node that has it already, or has mined
-        it, is fine) and wait for its receipt; EvmSetupError if it reverted."""
+        it, is fine); its hash."""
         tx_hash = AsyncWeb3.keccak(hexstr=HexStr(raw)).to_0x_hex()
         try:
             await self.w3.eth.send_raw_transaction(HexStr(raw))
@@ -449,6 +474,11 @@ class EvmChain:
         except Web3RPCError as exc:
             if not any(answer in str(exc).lower() for answer in ALREADY_RECEIVED + ("nonce too low",)):
                 raise TransientVenueError(f"{what}: eth_sendRawTransaction: {exc}") from None
+        return tx_hash
+
+    async def _broadcast_and_wait(self, raw: str, what: str) -> None:
+        """``_broadcast``, then wait for the receipt; EvmSetupError if it reverted."""
+        tx_hash = await self._broadcast(raw, what)
         receipt = await rpc(
             "receipt", self.w3.eth.wait_for_transaction_receipt(HexStr(tx_hash), APPROVAL_RECEIPT_TIMEOUT_SECS)
         )
