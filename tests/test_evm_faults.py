@@ -9,7 +9,9 @@ its pending nonce equals its mined nonce (no gap). ``SOAK=1`` runs more orders.
 
 from __future__ import annotations
 
+import asyncio
 import collections
+import signal
 from collections.abc import Iterator
 from typing import Any
 
@@ -93,3 +95,93 @@ async def test_a_worker_fault_on_a_chain_loses_nothing_and_executes_nothing_twic
         outcomes = check_against_chain(market, await load_orders(redis, order_ids), before)
         print(f"{fault}: {ORDERS} orders, at the fault {at_fault}, outcomes {dict((str(k), v) for k, v in outcomes.items())}")
         assert outcomes["confirmed"] + outcomes["failed"] == ORDERS
+
+
+async def test_a_reorg_before_the_swap_is_deep_enough_resends_it_and_it_executes_once(
+    devnet: Any, cluster: Cluster
+) -> None:
+    # The swap is mined (1 block deep, CONFIRMATIONS=2), then that block is rolled
+    # back: the order is not confirmed early, the worker sends the same bytes again,
+    # and the swap executes once, in the block that counts.
+    market = DevnetMarket(devnet.url, devnet.doc)
+    env = {**evm_env(devnet, cluster.root), "CONFIRMATIONS": "2"}
+    async with connections(cluster) as (redis, http):
+        web = await start_web(cluster, http)
+        await cluster.wait_worker_ready(cluster.start_worker(**env), redis)
+        before = {symbol: market.balance(symbol, WALLET) for symbol in SIZES}
+        market.automine(False)
+        try:
+            [order_id] = await submit(http, web.base_url, orders(1, seed=99))
+
+            async def status() -> str:
+                return str((await statuses_now(redis, [order_id]))[order_id])
+
+            await eventually(lambda: _is(status, "submitted"), timeout=30, message="the swap is out")
+            [order] = await load_orders(redis, [order_id])
+            first_block = market.w3.eth.block_number + 1
+            market.mine()
+            receipt = market.w3.eth.get_transaction_receipt(order.tx_hash)  # type: ignore[arg-type]
+            assert receipt["blockNumber"] == first_block
+            await _stays(status, "submitted", 1.5)  # 1 block deep of 2: not confirmed
+            market.rpc("anvil_rollback", 1)  # the block is gone, and the swap with it
+            assert market.w3.eth.block_number == first_block - 1
+            # The worker finds no receipt, sends the recorded bytes again.
+            await eventually(lambda: _in_mempool(market, order.tx_hash or ""), timeout=30,
+                             message="the swap sent again")
+            market.mine()
+            market.mine()
+        finally:
+            market.automine(True)
+        await wait_finished(redis, [order_id], cluster)
+        [done] = await load_orders(redis, [order_id])
+        assert done.status == "confirmed" and done.tx_hash == order.tx_hash
+        check_against_chain(market, [done], before)  # its amounts, once
+        assert "sending it again" in cluster.logs()  # by the worker: the node dropped it
+
+
+@pytest.mark.parametrize("stall_secs", [3, 12])
+async def test_a_stalled_node_delays_orders_and_loses_or_doubles_none(
+    devnet: Any, cluster: Cluster, stall_secs: int
+) -> None:
+    # The node freezes (SIGSTOP) with orders in flight, for less and for more than
+    # one JSON-RPC timeout (10 s), then comes back: transient errors are retried,
+    # nothing is sent twice, every order finishes.
+    market = DevnetMarket(devnet.url, devnet.doc)
+    env = evm_env(devnet, cluster.root)
+    count = scaled(20, 100)
+    async with connections(cluster) as (redis, http):
+        web = await start_web(cluster, http)
+        await cluster.wait_worker_ready(cluster.start_worker(**env), redis)
+        before = {symbol: market.balance(symbol, WALLET) for symbol in SIZES}
+        order_ids = await submit(http, web.base_url, orders(count, seed=stall_secs))
+        await eventually(lambda: progressed(redis, order_ids, 0.2), timeout=60, interval=0.02,
+                         message="orders under way")
+        anvil = devnet.anvil.process
+        anvil.send_signal(signal.SIGSTOP)
+        try:
+            await asyncio.sleep(stall_secs)
+        finally:
+            anvil.send_signal(signal.SIGCONT)
+        await wait_finished(redis, order_ids, cluster)
+        outcomes = check_against_chain(market, await load_orders(redis, order_ids), before)
+        print(f"stall {stall_secs} s: {count} orders, outcomes {dict((str(k), v) for k, v in outcomes.items())}")
+        assert outcomes["confirmed"] + outcomes["failed"] == count
+
+
+async def _is(status: Any, wanted: str) -> bool:
+    return bool(await status() == wanted)
+
+
+async def _stays(status: Any, wanted: str, secs: float) -> None:
+    deadline = asyncio.get_running_loop().time() + secs
+    while asyncio.get_running_loop().time() < deadline:
+        assert await status() == wanted
+        await asyncio.sleep(0.1)
+
+
+def _in_mempool(market: DevnetMarket, tx_hash: str) -> bool:
+    try:
+        found = market.w3.eth.get_transaction(tx_hash)  # type: ignore[arg-type]
+    except Exception:  # TransactionNotFound
+        return False
+    return found["blockNumber"] is None
