@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import time
+from typing import Any
 
+from engine.core import keys
 from engine.core.connections import REDIS_DOWN_ERRORS
 from engine.web.metrics import CONTENT_TYPE
 from handlers.base import APIHandler
@@ -20,12 +24,24 @@ class HealthHandler(APIHandler):
 
 
 class ReadyHandler(APIHandler):
-    """GET /readyz: Redis answers, so orders can be accepted."""
+    """GET /readyz: Redis answers, so orders can be accepted (503 otherwise). With
+    MARKET=evm, also the chain's health as the workers last saw it: ``"chain":
+    {"status": "ok", "block": n, "age_secs": s}`` when a worker read the node's head
+    in the last 10 s, else ``{"status": "unknown"}`` (no worker, or the node does
+    not answer). Orders are accepted either way: they wait in the queue."""
 
     async def get(self) -> None:
         async with self.redis_guard():
             await self.services.redis.ping()
-        self.write_json({"status": "ready"})
+            chain = await self.services.redis.get(keys.CHAIN_HEALTH) if self.services.config.market == "evm" else None
+        answer: dict[str, Any] = {"status": "ready"}
+        if self.services.config.market == "evm":
+            answer["chain"] = {"status": "unknown"}
+            if chain:
+                seen = json.loads(chain)
+                answer["chain"] = {"status": "ok", "block": int(seen["block"]),
+                                   "age_secs": round(max(0.0, time.time() - float(seen["at"])), 1)}
+        self.write_json(answer)
 
 
 class MetricsHandler(APIHandler):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import json
 import signal
 from collections.abc import Iterator
 from typing import Any
@@ -150,22 +151,39 @@ async def test_a_stalled_node_delays_orders_and_loses_or_doubles_none(
     env = evm_env(devnet, cluster.root)
     count = scaled(20, 100)
     async with connections(cluster) as (redis, http):
-        web = await start_web(cluster, http)
+        web = await start_web(cluster, http, MARKET="evm")  # (the web needs no key, no node)
         await cluster.wait_worker_ready(cluster.start_worker(**env), redis)
         before = {symbol: market.balance(symbol, WALLET) for symbol in SIZES}
         order_ids = await submit(http, web.base_url, orders(count, seed=stall_secs))
         await eventually(lambda: progressed(redis, order_ids, 0.2), timeout=60, interval=0.02,
                          message="orders under way")
+        assert (await readyz(http, web.base_url))["chain"]["status"] == "ok"
         anvil = devnet.anvil.process
         anvil.send_signal(signal.SIGSTOP)
         try:
-            await asyncio.sleep(stall_secs)
+            await asyncio.sleep(stall_secs - 1)
+            during = await readyz(http, web.base_url)
+            await asyncio.sleep(1)
         finally:
             anvil.send_signal(signal.SIGCONT)
+        if stall_secs > 11:  # past the health record's 10 s: nobody has seen the node lately
+            assert during == {"status": "ready", "chain": {"status": "unknown"}}
         await wait_finished(redis, order_ids, cluster)
+
+        async def seen_again() -> bool:
+            return bool((await readyz(http, web.base_url))["chain"]["status"] == "ok")
+
+        await eventually(seen_again, timeout=15, interval=0.2, message=f"/readyz sees the node again\n{cluster.logs()[-3000:]}")
         outcomes = check_against_chain(market, await load_orders(redis, order_ids), before)
         print(f"stall {stall_secs} s: {count} orders, outcomes {dict((str(k), v) for k, v in outcomes.items())}")
         assert outcomes["confirmed"] + outcomes["failed"] == count
+
+
+async def readyz(http: Any, base_url: str) -> dict[str, Any]:
+    response = await http.fetch(f"{base_url}/readyz", raise_error=False)
+    assert response.code == 200, response.body
+    answer: dict[str, Any] = json.loads(response.body)
+    return answer
 
 
 async def _is(status: Any, wanted: str) -> bool:

@@ -58,3 +58,9 @@ def wallet_txs(chain: str, address: str) -> str:
     ``chain``, scored by that nonce, recorded in the step that took it; trimmed below
     the account's mined nonce (EVM venues: EvmChain.reconcile)."""
     return f"wallet_txs:{chain}:{address.lower()}"
+
+
+# String: JSON {"block", "at"} of the chain's latest block as a worker last read it
+# (EVM venues), with a TTL: gone when no worker has reached the node lately. /readyz
+# reports it.
+CHAIN_HEALTH = "chain:health"

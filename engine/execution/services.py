@@ -7,6 +7,7 @@ which venues a worker trades on is decided here, from the configuration.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
 
 from redis.asyncio import Redis
@@ -47,7 +48,13 @@ async def prepare_venues(venues: Mapping[str, Venue]) -> None:
             if id(venue.chain) not in started:
                 await venue.chain.start()
                 started.add(id(venue.chain))
+                _watchers.add(asyncio.create_task(venue.chain.watch_health(), name="chain-health"))
             await venue.prepare()
+
+
+# The chains' health watchers (EvmChain.watch_health), kept from garbage collection;
+# they end with the worker's loop.
+_watchers: set[asyncio.Task[None]] = set()
 
 
 def build_worker(

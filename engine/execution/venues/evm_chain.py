@@ -72,6 +72,10 @@ NONCE_TRIES = 16
 MAX_UINT256 = 2**256 - 1
 ENOUGH_ALLOWANCE = 2**255
 APPROVAL_RECEIPT_TIMEOUT_SECS = 120.0
+# How often a worker reads the chain's head for /readyz, and how long that answer
+# stands in Redis (keys.CHAIN_HEALTH) before it counts as stale.
+CHAIN_HEALTH_EVERY_SECS = 2.0
+CHAIN_HEALTH_TTL_SECS = 10
 # The ledger of signed transactions is trimmed below the mined nonce every this many.
 LEDGER_TRIM_EVERY = 100
 # Fees are asked of the node at most this often.
@@ -391,6 +395,21 @@ class EvmChain:
                     return None
                 self.forget_nonce()
         raise TransientVenueError(f"no free nonce for {self.address} after {NONCE_TRIES} tries")
+
+    async def watch_health(self) -> None:
+        """Until cancelled: every CHAIN_HEALTH_EVERY_SECS, read the chain's head and
+        write it to ``keys.CHAIN_HEALTH`` (expiring after CHAIN_HEALTH_TTL_SECS), so
+        that the web's /readyz can say whether the node answers and moves."""
+        while True:
+            try:
+                block = await rpc("eth_blockNumber", self.w3.eth.block_number)
+                state = json.dumps({"block": int(block), "at": time.time(), "chain_id": self.chain.chain_id})
+                await self.redis.set(keys.CHAIN_HEALTH, state, ex=CHAIN_HEALTH_TTL_SECS)
+            except TransientVenueError as exc:
+                logger.warning("the node does not answer: %s", exc)
+            except Exception as exc:  # Redis down: the consumer says so; keep watching
+                logger.debug("chain health not written: %r", exc)
+            await asyncio.sleep(CHAIN_HEALTH_EVERY_SECS)
 
     async def _trim_ledger(self) -> None:
         """Forget the ledger's transactions below the wallet's mined nonce."""
