@@ -303,5 +303,7 @@ def order_view(order: Order, history: list[tuple[int, str]]) -> dict[str, Any]:
         value = getattr(order, name)
         if value is not None:
             view[name] = value
+    if order.tx_hashes:
+        view["tx_hashes"] = list(order.tx_hashes)
     view["history"] = [strict_json.raw(data) for _seq, data in history]
     return view

@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 from redis.asyncio import Redis
+from web3.exceptions import TransactionNotFound
 
 from tests.evm_market import DevnetMarket
 from tests.faults import scaled
@@ -203,3 +204,58 @@ def _in_mempool(market: DevnetMarket, tx_hash: str) -> bool:
     except Exception:  # TransactionNotFound
         return False
     return found["blockNumber"] is None
+
+
+@pytest.mark.parametrize("how", ["base_fee_jump", "unmined"])
+async def test_a_stuck_swap_is_replaced_and_lands_once(devnet: Any, cluster: Cluster, how: str) -> None:
+    # base_fee_jump: the base fee jumps past the swap's fee cap right after it is
+    # sent: it cannot be mined (anvil drops it; geth would keep it waiting). unmined:
+    # no block comes for longer than TX_STUCK_SECS. Either way the worker replaces it
+    # (same nonce, higher fees); the replacement lands, the order is confirmed with
+    # it, and GET shows both hashes. Executed once (balances), no nonce gap.
+    market = DevnetMarket(devnet.url, devnet.doc)
+    env = {**evm_env(devnet, cluster.root), "TX_STUCK_SECS": "2"}
+    async with connections(cluster) as (redis, http):
+        web = await start_web(cluster, http)
+        await cluster.wait_worker_ready(cluster.start_worker(**env), redis)
+        before = {symbol: market.balance(symbol, WALLET) for symbol in SIZES}
+        market.automine(False)
+        try:
+            [order_id] = await submit(http, web.base_url, orders(1, seed=7))
+
+            async def status() -> str:
+                return str((await statuses_now(redis, [order_id]))[order_id])
+
+            await eventually(lambda: _is(status, "submitted"), timeout=30, message="the swap is out")
+            [sent] = await load_orders(redis, [order_id])
+            stuck = market.w3.eth.get_transaction(sent.tx_hash)  # type: ignore[arg-type]
+            high = 4 * int(stuck["maxFeePerGas"]) if how == "base_fee_jump" else int(stuck["maxFeePerGas"])
+            if how == "base_fee_jump":
+                market.rpc("anvil_setNextBlockBaseFeePerGas", hex(high))
+                market.mine()  # a block at the high base fee, without the swap (anvil drops it)
+            with pytest.raises(TransactionNotFound):
+                market.w3.eth.get_transaction_receipt(sent.tx_hash)  # type: ignore[arg-type]
+
+            async def replaced() -> bool:
+                [order] = await load_orders(redis, [order_id])
+                return order.tx_hashes is not None and len(order.tx_hashes) == 2
+
+            await eventually(replaced, timeout=30, interval=0.2, message=f"the swap replaced\n{cluster.logs()[-2000:]}")
+            market.mine()
+            market.mine()
+        finally:
+            market.rpc("anvil_setNextBlockBaseFeePerGas", hex(10**9))
+            market.automine(True)
+        await wait_finished(redis, [order_id], cluster)
+        [done] = await load_orders(redis, [order_id])
+        assert done.status == "confirmed" and done.tx_hashes is not None
+        first, second = done.tx_hashes
+        assert first == sent.tx_hash and done.tx_hash == second
+        landed = market.w3.eth.get_transaction(second)  # type: ignore[arg-type]
+        assert landed["nonce"] == stuck["nonce"] and int(landed["maxFeePerGas"]) > high
+        with pytest.raises(TransactionNotFound):  # the stuck one never executed
+            market.w3.eth.get_transaction_receipt(first)  # type: ignore[arg-type]
+        view = json.loads((await http.fetch(f"{web.base_url}/api/orders/{order_id}")).body)
+        assert view["tx_hashes"] == [first, second] and view["tx_hash"] == second
+        assert view["history"][-1]["tx_hash"] == second
+        check_against_chain(market, [done], before)  # once, and no nonce gap

@@ -169,6 +169,9 @@ class WrappedVenue:
     async def build(self, swap: SwapRequest, record: RecordTx) -> SwapTx | None:
         return await self.inner.build(swap, record)
 
+    async def speed_up(self, tx: SwapTx, record: RecordTx) -> SwapTx | None:
+        return await self.inner.speed_up(tx, record)
+
     async def status(self, tx: SwapTx) -> TxStatus:
         self._fail("status")
         await self._gate("status")

@@ -251,6 +251,9 @@ class _StubVenue:
     async def build(self, swap: SwapRequest, record: Any) -> SwapTx | None:
         raise NotImplementedError
 
+    async def speed_up(self, tx: SwapTx, record: Any) -> SwapTx | None:
+        raise NotImplementedError
+
     async def send(self, tx: SwapTx) -> str:
         raise NotImplementedError
 

@@ -74,8 +74,8 @@ class VenueContract:
         """A built transaction, recorded and read back as the driver does (what a
         resumed order sends is what its record holds)."""
         tx = await venue.build(self.swap_for(venue, amount_in, min_amount_out), self.record)
-        assert tx is not None and self.recorded[-1] == tx
-        return self.recorded[-1]
+        assert tx is not None and tx in self.recorded  # (as read back from its record)
+        return self.recorded[self.recorded.index(tx)]
 
     async def test_building_records_before_it_returns_and_not_after_a_refusal(
         self, venue: Venue

@@ -101,6 +101,9 @@ class Config:
     evm_max_fee_gwei: float = 500.0
     # A swap's deadline (Router02's ``deadline`` argument), seconds after signing.
     evm_deadline_secs: int = 600
+    # A sent transaction still unmined after this long is replaced: the same swap and
+    # nonce, higher fees (engine.execution.driver).
+    tx_stuck_secs: float = 60.0
     # The local devnet (MARKET=evm without EVM_RPC_URL).
     devnet_port: int = 8545
     # Seconds between blocks; 0 = automine (a block per transaction).
@@ -181,6 +184,7 @@ class Config:
             confirmations=get("CONFIRMATIONS", _positive(int), d.confirmations),
             evm_max_fee_gwei=get("EVM_MAX_FEE_GWEI", _positive(float), d.evm_max_fee_gwei),
             evm_deadline_secs=get("EVM_DEADLINE_SECS", _positive(int), d.evm_deadline_secs),
+            tx_stuck_secs=get("TX_STUCK_SECS", _positive(float), d.tx_stuck_secs),
             devnet_port=get("DEVNET_PORT", _port, d.devnet_port),
             devnet_block_time_secs=get(
                 "DEVNET_BLOCK_TIME_SECS", _non_negative(float), d.devnet_block_time_secs

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import functools
+import json
 from collections.abc import Mapping
 from decimal import Decimal
 from typing import Any
@@ -128,6 +129,10 @@ class Order:
     tx_hash: str | None = None
     # The recorded transaction (a venue's SwapTx.record(): what resending it takes).
     tx: str | None = None
+    # Transactions it replaced (same nonce, lower fees; any may still be mined): a JSON
+    # list of their records. And every tx_hash the order broadcast, in order.
+    tx_prior: str | None = None
+    tx_hashes: tuple[str, ...] | None = None
     execution_price: Decimal | None = None
     amount_out: Decimal | None = None
     reason: str | None = None
@@ -146,9 +151,11 @@ class Order:
             "seq": int(fields.get("seq", 1)),
             "attempts": int(fields.get("attempts") or 0),
         }
-        for name in ("venue", "tx_hash", "tx", "reason"):
+        for name in ("venue", "tx_hash", "tx", "tx_prior", "reason"):
             if name in fields:
                 values[name] = fields[name]
+        if "tx_hashes" in fields:
+            values["tx_hashes"] = tuple(json.loads(fields["tx_hashes"]))
         for name in _NUMBER_FIELDS:
             if name in fields:
                 values[name] = Decimal(fields[name])

@@ -162,10 +162,29 @@ if redis.call('HEXISTS', KEYS[1], 'tx_hash') == 1 then return 0 end
 """
     + _NONCE_RULE_LUA
     + """
-redis.call('HSET', KEYS[1], 'tx_hash', ARGV[1], 'tx', ARGV[2])
+redis.call('HSET', KEYS[1], 'tx_hash', ARGV[1], 'tx', ARGV[2], 'tx_hashes', cjson.encode({ARGV[1]}))
 return 1
 """
 )
+
+# KEYS: order hash, the account's ledger. ARGV: the replaced tx_hash, the new tx_hash,
+# the new transaction's record, its nonce (the replaced one's), its signed bytes.
+# A replacement (same nonce, higher fees) of the order's current transaction, while
+# it is still out: the replaced one's record is kept in ``tx_prior`` (either may be
+# mined), every hash in ``tx_hashes``.
+_RECORD_REPLACEMENT_LUA = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if status ~= 'building' and status ~= 'submitted' then return 0 end
+if redis.call('HGET', KEYS[1], 'tx_hash') ~= ARGV[1] then return 0 end
+local prior = cjson.decode(redis.call('HGET', KEYS[1], 'tx_prior') or '[]')
+table.insert(prior, redis.call('HGET', KEYS[1], 'tx'))
+local hashes = cjson.decode(redis.call('HGET', KEYS[1], 'tx_hashes') or '[]')
+table.insert(hashes, ARGV[2])
+redis.call('HSET', KEYS[1], 'tx_hash', ARGV[2], 'tx', ARGV[3], 'tx_prior', cjson.encode(prior),
+           'tx_hashes', cjson.encode(hashes))
+redis.call('ZADD', KEYS[2], ARGV[4], ARGV[5])
+return 1
+"""
 
 # A transaction that is not an order's (an ERC-20 approval, a gap filler) takes its
 # nonce by the same rule, into the same ledger.
@@ -338,6 +357,7 @@ class OrderStore:
         self._create = _StoreScript(redis, pipe, _CREATE_LUA)
         self._transition = _StoreScript(redis, pipe, _TRANSITION_LUA)
         self._record_tx = _StoreScript(redis, pipe, _RECORD_TX_LUA)
+        self._record_replacement = _StoreScript(redis, pipe, _RECORD_REPLACEMENT_LUA)
 
     async def sync_clock(self) -> bool:
         """Measure Redis's clock (RedisClock.sync) over the connection the create
@@ -484,6 +504,19 @@ class OrderStore:
         outcome = await self._record_tx(
             keys=[order_key, nonce_key or order_key, ledger_key or order_key],
             args=[tx_hash, record, "" if nonce is None else str(nonce), raw],
+        )
+        return Recorded(int(outcome))
+
+    async def record_replacement(
+        self, order_id: str, replaced: str, tx_hash: str, record: str, *, ledger_key: str, nonce: int, raw: str
+    ) -> Recorded:
+        """Record ``tx_hash`` (same nonce as ``replaced``, higher fees) as the order's
+        transaction, in one atomic step, if ``replaced`` is still its transaction and
+        the order is still out (else NOT_BUILDING); the replaced one's record stays
+        in the order's ``tx_prior``, for either may be mined, and the signed bytes go
+        into the account's ledger under the nonce."""
+        outcome = await self._record_replacement(
+            keys=[keys.order(order_id), ledger_key], args=[replaced, tx_hash, record, str(nonce), raw]
         )
         return Recorded(int(outcome))
 

@@ -22,7 +22,9 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import dataclasses
+import json
 import logging
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
@@ -49,6 +51,7 @@ from engine.execution.venues.base import (
     TransientVenueError,
     TxState,
     TxStatus,
+    UnderpricedError,
     UnsupportedPairError,
     Venue,
 )
@@ -64,6 +67,8 @@ RETRY_BACKOFF_MAX_SECS = 30.0
 # long each time, up to the cap (simulated confirmations take 0.4-1 s).
 STATUS_POLL_SECS = 0.05
 STATUS_POLL_MAX_SECS = 0.5
+# A transaction out and unexecuted this long is replaced (TX_STUCK_SECS).
+STUCK_AFTER_SECS = 60.0
 # An order whose transaction is out and whose entry is past max_deliveries gets this
 # long to learn its outcome from the venue before it is left to an operator.
 GIVE_UP_SETTLE_SECS = 30.0
@@ -114,12 +119,14 @@ class OrderDriver:
         *,
         retry_backoff_secs: float = RETRY_BACKOFF_SECS,
         status_poll_secs: float = STATUS_POLL_SECS,
+        stuck_after_secs: float = STUCK_AFTER_SECS,
     ) -> None:
         self.store = store
         self.venues = dict(venues)
         self.router = router
         self.retry_backoff_secs = retry_backoff_secs
         self.status_poll_secs = status_poll_secs
+        self.stuck_after_secs = stuck_after_secs
 
     async def give_up(self, order_id: str, reason: str) -> bool:
         """For an order whose entry keeps coming back: fail it with ``reason`` if that
@@ -325,52 +332,110 @@ class OrderDriver:
             tx, venue = built, self._venue(order)
             order = dataclasses.replace(order, tx_hash=tx.tx_hash, tx=tx.record())
             await _ensure_owner()
-            await venue.send(tx)
+            try:
+                await venue.send(tx)
+            except UnderpricedError as exc:
+                # Recorded and refused for its fees (they rose since it was signed):
+                # it counts as out, and settling replaces it with a faster one.
+                logger.warning("order %s: %s", order.id, exc)
         return await self._advance(order, SUBMITTED, tx_hash=tx.tx_hash, venue=venue.name)
 
     async def _settle(self, order: Order) -> Order:
-        """Wait for the venue's verdict on the order's transaction."""
+        """Wait for the venue's verdict on the order's transaction, or on any one it
+        replaced (same nonce: at most one of them executes); send it again if the
+        venue lost it; replace it (``Venue.speed_up``) if it stays unexecuted for
+        ``stuck_after_secs``."""
         recorded = self._recorded(order)
         if recorded is None:
             raise RuntimeError(f"order {order.id} is {order.status} with no recorded transaction")
         tx, venue = recorded
+        candidates = [tx, *self._replaced(order)]
         delay = self.status_poll_secs
+        out_since = time.monotonic()
         while True:
-            status: TxStatus | None
-            try:
-                status = await venue.status(tx)
-            except TransientVenueError as exc:
-                # The tx is out: failing the order now could be a lie. Keep asking.
-                logger.warning("order %s: status of %s unavailable (%s)", order.id, tx.tx_hash, exc)
-                status = None
-            if status is not None:
-                if status.state is TxState.CONFIRMED:
-                    assert status.amount_out is not None
-                    sold, bought = amounts.token(tx.token_in), amounts.token(tx.token_out)
-                    return await self._advance(
-                        order,
-                        CONFIRMED,
-                        tx_hash=tx.tx_hash,
-                        execution_price=amounts.price(tx.amount_in, sold, status.amount_out, bought),
-                        amount_out=bought.from_base_units(status.amount_out),
-                        venue=venue.name,
-                    )
-                if status.state is TxState.REVERTED:
-                    return await self._advance(
-                        order,
-                        FAILED,
-                        reason=self._revert_reason(order, status),
-                        tx_hash=tx.tx_hash,
-                        venue=venue.name,
-                    )
-                if status.state is TxState.UNKNOWN:
-                    # The venue lost it (or never got it): sending is idempotent.
-                    logger.warning("order %s: venue %s does not know %s; sending it again",
-                                   order.id, venue.name, tx.tx_hash)
+            landed, statuses = await self._verdict(order, venue, candidates)
+            if landed is not None:
+                return await self._finish(order, venue, *landed)
+            stuck = time.monotonic() - out_since > self.stuck_after_secs
+            if all(s is not None and s.state is TxState.UNKNOWN for s in statuses):
+                # The venue lost it (or never got it): sending is idempotent.
+                logger.warning("order %s: venue %s does not know %s; sending it again",
+                               order.id, venue.name, candidates[0].tx_hash)
+                await _ensure_owner()
+                try:
+                    await venue.send(candidates[0])
+                except UnderpricedError as exc:  # its fees are too low now: replace it
+                    logger.warning("order %s: %s", order.id, exc)
+                    stuck = True
+            if stuck:
+                out_since = time.monotonic()
+                faster = await self._speed_up(order, venue, candidates[0])
+                if faster is not None:
+                    candidates.insert(0, faster)
                     await _ensure_owner()
-                    await venue.send(tx)
+                    await venue.send(faster)
             await asyncio.sleep(delay)
             delay = min(delay * 2, STATUS_POLL_MAX_SECS)
+
+    async def _verdict(
+        self, order: Order, venue: Venue, candidates: list[SwapTx]
+    ) -> tuple[tuple[SwapTx, TxStatus] | None, list[TxStatus | None]]:
+        """Each candidate's status (None: the venue did not answer); the one that
+        executed or reverted, if any."""
+        statuses: list[TxStatus | None] = []
+        for candidate in candidates:
+            try:
+                status = await venue.status(candidate)
+            except TransientVenueError as exc:
+                # The tx is out: failing the order now could be a lie. Keep asking.
+                logger.warning("order %s: status of %s unavailable (%s)", order.id, candidate.tx_hash, exc)
+                status = None
+            if status is not None and status.state in (TxState.CONFIRMED, TxState.REVERTED):
+                return (candidate, status), statuses
+            statuses.append(status)
+        return None, statuses
+
+    async def _finish(self, order: Order, venue: Venue, tx: SwapTx, status: TxStatus) -> Order:
+        if status.state is TxState.CONFIRMED:
+            assert status.amount_out is not None
+            sold, bought = amounts.token(tx.token_in), amounts.token(tx.token_out)
+            return await self._advance(
+                order,
+                CONFIRMED,
+                tx_hash=tx.tx_hash,
+                execution_price=amounts.price(tx.amount_in, sold, status.amount_out, bought),
+                amount_out=bought.from_base_units(status.amount_out),
+                venue=venue.name,
+            )
+        return await self._advance(
+            order, FAILED, reason=self._revert_reason(order, status), tx_hash=tx.tx_hash, venue=venue.name
+        )
+
+    async def _speed_up(self, order: Order, venue: Venue, stuck: SwapTx) -> SwapTx | None:
+        """The venue's replacement of ``stuck``, recorded on the order (None: none)."""
+
+        async def record(faster: SwapTx) -> Recorded:
+            await _ensure_owner()
+            claim = faster.nonce
+            if claim is None:
+                return Recorded.NOT_BUILDING  # only a transaction with a nonce is replaced
+            return await self.store.record_replacement(
+                order.id, stuck.tx_hash, faster.tx_hash, faster.record(),
+                ledger_key=claim.ledger, nonce=claim.nonce, raw=faster.raw,
+            )
+
+        faster = await venue.speed_up(stuck, record)
+        if faster is not None:
+            logger.warning("order %s: %s unexecuted after %.0f s; replaced by %s (same nonce, higher fees)",
+                           order.id, stuck.tx_hash, self.stuck_after_secs, faster.tx_hash)
+        return faster
+
+    def _replaced(self, order: Order) -> list[SwapTx]:
+        """The transactions the order's current one replaced, newest first."""
+        try:
+            return [SwapTx.from_record(text) for text in reversed(json.loads(order.tx_prior or "[]"))]
+        except (ValueError, TypeError) as exc:
+            raise RuntimeError(f"order {order.id} has unreadable replaced transactions ({exc})") from None
 
     @staticmethod
     def _revert_reason(order: Order, status: TxStatus) -> str:

@@ -79,6 +79,7 @@ def build_worker(
     quote_timeout = max(QUOTE_TIMEOUT_SECS, 3 * config.quote_latency_ms / 1000)
     router = Router(chosen, timeout_secs=quote_timeout)
     driver = OrderDriver(
-        store, chosen, router, retry_backoff_secs=retry_backoff_secs, status_poll_secs=status_poll_secs
+        store, chosen, router, retry_backoff_secs=retry_backoff_secs, status_poll_secs=status_poll_secs,
+        stuck_after_secs=config.tx_stuck_secs,
     )
     return Consumer(redis, config, driver, consumer=consumer)

@@ -29,6 +29,11 @@ class TransientVenueError(VenueError):
     """The venue did not answer (outage, timeout, rate limit): trying again may work."""
 
 
+class UnderpricedError(TransientVenueError):
+    """The venue will not take the transaction at its fees now (below the chain's
+    base fee, or too little to replace what it holds): a faster one may be taken."""
+
+
 class RejectedSwapError(VenueError):
     """The venue will never accept this swap as asked: retrying cannot help."""
 
@@ -116,8 +121,12 @@ class SwapTx:
     # EIP-2718 encoding); empty for a venue whose transactions are the fields above.
     raw: str = ""
     nonce: NonceClaim | None = None
-    # Anything else the venue needs to read the outcome (JSON-able strings).
+    # Anything else the venue needs to read the outcome (JSON-able strings), kept
+    # sorted by name, so that a transaction equals itself read back from its record.
     extra: tuple[tuple[str, str], ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "extra", tuple(sorted(self.extra)))
 
     @classmethod
     def build(
@@ -245,6 +254,13 @@ class Venue(Protocol):
 
     async def send(self, tx: SwapTx) -> str:
         """Broadcast ``tx``; sending one already received is a no-op. Returns its tx_hash."""
+        ...
+
+    async def speed_up(self, tx: SwapTx, record: RecordTx) -> SwapTx | None:
+        """A replacement for ``tx``, sent and still not executed after a while: the
+        same swap with the same nonce and higher fees, recorded with ``record`` before
+        it is returned (not yet sent); None if the venue has nothing faster to offer
+        (no fees to raise, or at their cap) or ``record`` refused it."""
         ...
 
     async def status(self, tx: SwapTx) -> TxStatus:

@@ -22,6 +22,7 @@ their forks run the same contracts) on an EVM chain, over JSON-RPC (MARKET=evm).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from decimal import Decimal
 from typing import Any, cast
@@ -34,6 +35,7 @@ from web3.exceptions import ContractLogicError, TransactionNotFound, Web3RPCErro
 from web3.logs import DISCARD
 from web3.types import RPCEndpoint, TxReceipt
 
+from engine.core.store import Recorded
 from engine.execution.venues.base import (
     SLIPPAGE,
     NonceClaim,
@@ -46,6 +48,7 @@ from engine.execution.venues.base import (
     TransientVenueError,
     TxState,
     TxStatus,
+    UnderpricedError,
     UnsupportedPairError,
 )
 from engine.execution.venues.evm_chain import (
@@ -62,6 +65,10 @@ POOL_FEE = Decimal("0.003")
 ZERO_ADDRESS = "0x" + "0" * 40
 # The gas limit is eth_estimateGas's answer times this, plus a margin.
 GAS_HEADROOM = Decimal("1.2")
+# How nodes refuse a transaction for its fees (geth: "transaction underpriced",
+# "replacement transaction underpriced", "max fee per gas less than block base fee";
+# anvil says the last one too).
+_UNDERPRICED = ("underpriced", "less than block base fee", "fee cap less than", "fee too low")
 # Router02's require() messages (UniswapV2Router02.sol).
 _SLIPPAGE_REVERT = "INSUFFICIENT_OUTPUT_AMOUNT"
 _EXPIRED_REVERT = "EXPIRED"
@@ -175,7 +182,8 @@ class EvmVenue:
         # What reading the outcome takes, kept with the transaction: the chain file
         # may change while it is out.
         extra = (("deadline", str(deadline)), ("pair", str(pair.address)),
-                 ("token_in", sold.address), ("token_out", bought.address))
+                 ("token_in", sold.address), ("token_out", bought.address), ("gas", str(fields["gas"])),
+                 ("max_fee", str(max_fee)), ("tip", str(tip)))
 
         def tx_of(nonce: int, tx_hash: str, raw: str) -> SwapTx:
             return SwapTx.for_swap(swap, tx_hash, raw=raw, nonce=NonceClaim(self.chain.nonce_key, nonce, self.chain.ledger_key),
@@ -186,6 +194,30 @@ class EvmVenue:
 
         signed = await self.chain.sign_and_record(fields, record_signed)
         return None if signed is None else tx_of(*signed)
+
+    async def speed_up(self, tx: SwapTx, record: RecordTx) -> SwapTx | None:
+        """The same swap signed again with the same nonce and higher EIP-1559 fees:
+        the node's current ones, and at least 12.5% above ``tx``'s (what geth asks
+        of a replacement), capped at EVM_MAX_FEE_GWEI; None at the cap, or when
+        ``record`` refuses it."""
+        if tx.nonce is None:
+            return None
+        old_max, old_tip = int(tx.get("max_fee")), int(tx.get("tip"))
+        max_fee, tip = await self.chain.fees(fresh=True)
+        max_fee = min(max(max_fee, old_max * 9 // 8 + 1), self.chain.max_fee_wei)
+        tip = min(max(tip, old_tip * 9 // 8 + 1), max_fee)
+        if max_fee <= old_max:
+            return None
+        args = [tx.amount_in, tx.min_amount_out, [tx.get("token_in"), tx.get("token_out")],
+                self.chain.address, int(tx.get("deadline"))]
+        tx_hash, raw = self.chain.sign({
+            "type": 2, "chainId": self.chain.chain.chain_id, "to": self.router.address, "value": 0,
+            "data": self.router.encode_abi("swapExactTokensForTokens", args=args), "gas": int(tx.get("gas")),
+            "maxFeePerGas": max_fee, "maxPriorityFeePerGas": tip, "nonce": tx.nonce.nonce,
+        })
+        extra = dict(tx.extra) | {"max_fee": str(max_fee), "tip": str(tip)}
+        faster = dataclasses.replace(tx, tx_hash=tx_hash, raw=raw, extra=tuple(sorted(extra.items())))
+        return faster if await record(faster) is Recorded.RECORDED else None
 
     async def send(self, tx: SwapTx) -> str:
         try:
@@ -198,6 +230,8 @@ class EvmVenue:
                 return tx.tx_hash
             if "nonce too low" in text:
                 return await self._nonce_used(tx)
+            if any(answer in text for answer in _UNDERPRICED):
+                raise UnderpricedError(f"{self.name}: {tx.tx_hash} refused at its fees: {exc}") from None
             raise TransientVenueError(f"{self.name}: eth_sendRawTransaction: {exc}") from None
         return tx.tx_hash
 

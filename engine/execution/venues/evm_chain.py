@@ -352,13 +352,13 @@ class EvmChain:
         """Read the next free nonce from Redis and the node again next time."""
         self._next = None
 
-    async def fees(self) -> tuple[int, int]:
+    async def fees(self, *, fresh: bool = False) -> tuple[int, int]:
         """EIP-1559 (maxFeePerGas, maxPriorityFeePerGas) in wei: twice the latest base
         fee plus the node's suggested tip, capped at EVM_MAX_FEE_GWEI. Asked of the
         node at most every FEES_MAX_AGE_SECS (twice the base fee covers its rise of
-        at most 12.5% a block, EIP-1559, for several blocks)."""
+        at most 12.5% a block, EIP-1559, for several blocks); ``fresh``: ask now."""
         now = time.monotonic()
-        if self._fees is None or now - self._fees[0] > FEES_MAX_AGE_SECS:
+        if fresh or self._fees is None or now - self._fees[0] > FEES_MAX_AGE_SECS:
             block, tip = await asyncio.gather(
                 rpc("eth_getBlockByNumber", self.w3.eth.get_block("latest")),
                 rpc("eth_maxPriorityFeePerGas", self.w3.eth.max_priority_fee),

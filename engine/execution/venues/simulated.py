@@ -144,6 +144,10 @@ class SimulatedVenue:
         )
         return tx if await record(tx) is Recorded.RECORDED else None
 
+    async def speed_up(self, tx: SwapTx, record: RecordTx) -> SwapTx | None:
+        """None: a simulated transaction's time to land does not depend on fees."""
+        return None
+
     async def send(self, tx: SwapTx) -> str:
         if tx.venue != self.name:
             raise RejectedSwapError(f"transaction for {tx.venue} sent to {self.name}")
