@@ -14,12 +14,16 @@ import collections
 import json
 import signal
 from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from redis.asyncio import Redis
 from web3.exceptions import TransactionNotFound
 
+from engine.ops.devnet import Anvil, deploy
+from engine.ops.redis_server import free_port
 from tests.evm_market import DevnetMarket
 from tests.faults import scaled
 from tests.faults.audit import histories, statuses_now, valid_path
@@ -259,3 +263,42 @@ async def test_a_stuck_swap_is_replaced_and_lands_once(devnet: Any, cluster: Clu
         assert view["tx_hashes"] == [first, second] and view["tx_hash"] == second
         assert view["history"][-1]["tx_hash"] == second
         check_against_chain(market, [done], before)  # once, and no nonce gap
+
+
+async def test_a_node_restarted_from_its_state_dump_mid_flight_loses_or_doubles_nothing(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    # anvil stops (dumping its chain to --state) with orders in flight, and starts
+    # again from the dump on the same port. Transactions it held unmined are gone
+    # with it: the worker finds them unknown and sends the recorded bytes again.
+    state = tmp_path / "anvil-state.json"
+    anvil = Anvil(free_port(), data_dir=tmp_path / "anvil", state_path=state)
+    anvil.start()
+    try:
+        doc = deploy(anvil.url)
+        node = SimpleNamespace(url=anvil.url, doc=doc)
+        market = DevnetMarket(anvil.url, doc)
+        env = {**evm_env(node, cluster.root), "CONFIRMATIONS": "2"}
+        count = scaled(20, 100)
+        async with connections(cluster) as (redis, http):
+            web = await start_web(cluster, http)
+            await cluster.wait_worker_ready(cluster.start_worker(**env), redis)
+            before = {symbol: market.balance(symbol, WALLET) for symbol in SIZES}
+            market.rpc("evm_setIntervalMining", 1)
+            order_ids = await submit(http, web.base_url, orders(count, seed=5))
+            await eventually(lambda: progressed(redis, order_ids, 0.3), timeout=60, interval=0.05,
+                             message="orders under way")
+            at_restart = await breakdown(redis, order_ids)
+            anvil.stop()  # SIGTERM: anvil writes its chain to the state file
+            assert state.exists()
+            await asyncio.sleep(1)
+            anvil.start()
+            market.rpc("evm_setIntervalMining", 1)
+            await wait_finished(redis, order_ids, cluster)
+            outcomes = check_against_chain(market, await load_orders(redis, order_ids), before)
+            resent = cluster.logs().count("sending it again")
+            print(f"node restart: {count} orders, at the restart {at_restart}, resent {resent}, "
+                  f"outcomes {dict((str(k), v) for k, v in outcomes.items())}")
+            assert outcomes["confirmed"] + outcomes["failed"] == count
+    finally:
+        anvil.stop()

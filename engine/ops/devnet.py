@@ -86,10 +86,14 @@ class Anvil:
     """One anvil child process on 127.0.0.1:``port``; automine unless ``block_time_secs``
     > 0. Its output goes to ``data_dir / "anvil.log"`` (else a temporary file)."""
 
-    def __init__(self, port: int, *, block_time_secs: float = 0, data_dir: Path | None = None) -> None:
+    def __init__(self, port: int, *, block_time_secs: float = 0, data_dir: Path | None = None,
+                 state_path: Path | None = None) -> None:
         self.port = port
         self.block_time_secs = block_time_secs
         self.data_dir = data_dir
+        # anvil --state: the chain is loaded from this file if it exists, and written
+        # to it on exit (a restarted node keeps its chain).
+        self.state_path = state_path
         self.process: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
 
@@ -102,6 +106,8 @@ class Anvil:
                "--chain-id", str(CHAIN_ID), "--silent"]
         if self.block_time_secs > 0:
             cmd += ["--block-time", str(self.block_time_secs)]
+        if self.state_path is not None:
+            cmd += ["--state", str(self.state_path)]
         return cmd
 
     def start(self) -> str:
