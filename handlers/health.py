@@ -26,7 +26,8 @@ class HealthHandler(APIHandler):
 class ReadyHandler(APIHandler):
     """GET /readyz: Redis answers, so orders can be accepted (503 otherwise). With
     MARKET=evm, also the chain's health as the workers last saw it: ``"chain":
-    {"status": "ok", "block": n, "age_secs": s}`` when a worker read the node's head
+    {"status": "ok", "block": n, "age_secs": s, "block_age_secs": b}`` (``b``: how
+    old that head block is, by its timestamp) when a worker read the node's head
     in the last 10 s, else ``{"status": "unknown"}`` (no worker, or the node does
     not answer). Orders are accepted either way: they wait in the queue."""
 
@@ -41,6 +42,8 @@ class ReadyHandler(APIHandler):
                 seen = json.loads(chain)
                 answer["chain"] = {"status": "ok", "block": int(seen["block"]),
                                    "age_secs": round(max(0.0, time.time() - float(seen["at"])), 1)}
+                if "block_time" in seen:  # how old the head block is: a chain that stopped making blocks
+                    answer["chain"]["block_age_secs"] = round(max(0.0, time.time() - float(seen["block_time"])), 1)
         self.write_json(answer)
 
 

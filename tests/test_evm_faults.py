@@ -302,3 +302,33 @@ async def test_a_node_restarted_from_its_state_dump_mid_flight_loses_or_doubles_
             assert outcomes["confirmed"] + outcomes["failed"] == count
     finally:
         anvil.stop()
+
+
+async def test_a_swap_mined_but_not_yet_deep_is_waited_for_not_replaced(devnet: Any, cluster: Cluster) -> None:
+    # Mined one block deep of three, and no block for longer than TX_STUCK_SECS: the
+    # swap is executing, not stuck. No replacement (it could only fail, and cost).
+    market = DevnetMarket(devnet.url, devnet.doc)
+    env = {**evm_env(devnet, cluster.root), "TX_STUCK_SECS": "1", "CONFIRMATIONS": "3"}
+    async with connections(cluster) as (redis, http):
+        web = await start_web(cluster, http)
+        await cluster.wait_worker_ready(cluster.start_worker(**env), redis)
+        market.automine(False)
+        try:
+            [order_id] = await submit(http, web.base_url, orders(1, seed=11))
+
+            async def status() -> str:
+                return str((await statuses_now(redis, [order_id]))[order_id])
+
+            await eventually(lambda: _is(status, "submitted"), timeout=30, message="the swap is out")
+            market.mine()
+            await _stays(status, "submitted", 3.0)  # 3 × TX_STUCK_SECS, 1 block deep of 3
+            [waiting] = await load_orders(redis, [order_id])
+            assert waiting.tx_hashes is not None and len(waiting.tx_hashes) == 1
+            market.mine()
+            market.mine()
+        finally:
+            market.automine(True)
+        await wait_finished(redis, [order_id], cluster)
+        [done] = await load_orders(redis, [order_id])
+        assert done.status == "confirmed" and done.tx_hashes == (done.tx_hash,)
+        assert "replaced by" not in cluster.logs()

@@ -178,7 +178,7 @@ if status ~= 'building' and status ~= 'submitted' then return 0 end
 if redis.call('HGET', KEYS[1], 'tx_hash') ~= ARGV[1] then return 0 end
 local prior = cjson.decode(redis.call('HGET', KEYS[1], 'tx_prior') or '[]')
 table.insert(prior, redis.call('HGET', KEYS[1], 'tx'))
-local hashes = cjson.decode(redis.call('HGET', KEYS[1], 'tx_hashes') or '[]')
+local hashes = cjson.decode(redis.call('HGET', KEYS[1], 'tx_hashes') or cjson.encode({ARGV[1]}))
 table.insert(hashes, ARGV[2])
 redis.call('HSET', KEYS[1], 'tx_hash', ARGV[2], 'tx', ARGV[3], 'tx_prior', cjson.encode(prior),
            'tx_hashes', cjson.encode(hashes))

@@ -24,6 +24,7 @@ import contextvars
 import dataclasses
 import json
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from decimal import ROUND_HALF_UP, Decimal
@@ -67,8 +68,12 @@ RETRY_BACKOFF_MAX_SECS = 30.0
 # long each time, up to the cap (simulated confirmations take 0.4-1 s).
 STATUS_POLL_SECS = 0.05
 STATUS_POLL_MAX_SECS = 0.5
-# A transaction out and unexecuted this long is replaced (TX_STUCK_SECS).
+# A transaction out and unexecuted this long is replaced (TX_STUCK_SECS); one the
+# venue refuses for its fees, after this long; an order's transaction is replaced at
+# most this many times (each bump costs: a stalled chain must not run fees up).
 STUCK_AFTER_SECS = 60.0
+UNDERPRICED_RETRY_SECS = 5.0
+MAX_REPLACEMENTS = 5
 # An order whose transaction is out and whose entry is past max_deliveries gets this
 # long to learn its outcome from the venue before it is left to an operator.
 GIVE_UP_SETTLE_SECS = 30.0
@@ -318,7 +323,10 @@ class OrderDriver:
             tx, venue = recorded
             if (await venue.status(tx)).state is TxState.UNKNOWN:
                 await _ensure_owner()
-                await venue.send(tx)
+                try:
+                    await venue.send(tx)
+                except UnderpricedError as exc:  # out as far as we know; settling replaces it
+                    logger.warning("order %s: %s", order.id, exc)
         else:
             # Recorded before sending, so whoever resumes this order sends the same
             # transaction; and only while the order is still building, so a client's
@@ -344,38 +352,61 @@ class OrderDriver:
         """Wait for the venue's verdict on the order's transaction, or on any one it
         replaced (same nonce: at most one of them executes); send it again if the
         venue lost it; replace it (``Venue.speed_up``) if it stays unexecuted for
-        ``stuck_after_secs``."""
-        recorded = self._recorded(order)
-        if recorded is None:
-            raise RuntimeError(f"order {order.id} is {order.status} with no recorded transaction")
-        tx, venue = recorded
-        candidates = [tx, *self._replaced(order)]
+        ``stuck_after_secs``, or sooner if the venue refuses it for its fees, at most
+        MAX_REPLACEMENTS times."""
+        candidates = self._candidates(order)
+        venue = self._venue(order)
         delay = self.status_poll_secs
-        out_since = time.monotonic()
+        replace_at = time.monotonic() + self.stuck_after_secs
+        tried_at = -math.inf
         while True:
             landed, statuses = await self._verdict(order, venue, candidates)
             if landed is not None:
                 return await self._finish(order, venue, *landed)
-            stuck = time.monotonic() - out_since > self.stuck_after_secs
             if all(s is not None and s.state is TxState.UNKNOWN for s in statuses):
                 # The venue lost it (or never got it): sending is idempotent.
                 logger.warning("order %s: venue %s does not know %s; sending it again",
                                order.id, venue.name, candidates[0].tx_hash)
-                await _ensure_owner()
                 try:
-                    await venue.send(candidates[0])
-                except UnderpricedError as exc:  # its fees are too low now: replace it
+                    await self._send_out(order, venue, candidates)
+                except UnderpricedError as exc:  # its fees are too low now: replace it soon
                     logger.warning("order %s: %s", order.id, exc)
-                    stuck = True
-            if stuck:
-                out_since = time.monotonic()
-                faster = await self._speed_up(order, venue, candidates[0])
-                if faster is not None:
-                    candidates.insert(0, faster)
-                    await _ensure_owner()
-                    await venue.send(faster)
+                    replace_at = min(replace_at, tried_at + UNDERPRICED_RETRY_SECS)
+            waiting = any(s is not None and s.included for s in statuses)  # executed, not deep yet
+            now = time.monotonic()
+            if now >= replace_at and not waiting and len(candidates) <= MAX_REPLACEMENTS:
+                tried_at, replace_at = now, now + self.stuck_after_secs
+                await self._speed_up(order, venue, candidates[0])
+                # As recorded: ours, or one by a worker that took the order over.
+                order = await self._load(order.id)
+                if order.terminal:
+                    return order
+                candidates = self._candidates(order)
+                try:
+                    await self._send_out(order, venue, candidates)
+                except UnderpricedError as exc:
+                    logger.warning("order %s: %s", order.id, exc)
             await asyncio.sleep(delay)
             delay = min(delay * 2, STATUS_POLL_MAX_SECS)
+
+    def _candidates(self, order: Order) -> list[SwapTx]:
+        """The order's transaction, then those it replaced, newest first."""
+        recorded = self._recorded(order)
+        if recorded is None:
+            raise RuntimeError(f"order {order.id} is {order.status} with no recorded transaction")
+        return [recorded[0], *self._replaced(order)]
+
+    async def _send_out(self, order: Order, venue: Venue, candidates: list[SwapTx]) -> None:
+        """Send the newest candidate. If the venue says its nonce went to another
+        transaction, one of the older candidates may be that one: only when none of
+        them executed does the RejectedSwapError stand (and fail the order)."""
+        await _ensure_owner()
+        try:
+            await venue.send(candidates[0])
+        except RejectedSwapError:
+            landed, _ = await self._verdict(order, venue, candidates)
+            if landed is None:
+                raise
 
     async def _verdict(
         self, order: Order, venue: Venue, candidates: list[SwapTx]
@@ -424,7 +455,11 @@ class OrderDriver:
                 ledger_key=claim.ledger, nonce=claim.nonce, raw=faster.raw,
             )
 
-        faster = await venue.speed_up(stuck, record)
+        try:
+            faster = await venue.speed_up(stuck, record)
+        except TransientVenueError as exc:
+            logger.warning("order %s: could not replace %s: %s", order.id, stuck.tx_hash, exc)
+            return None
         if faster is not None:
             logger.warning("order %s: %s unexecuted after %.0f s; replaced by %s (same nonce, higher fees)",
                            order.id, stuck.tx_hash, self.stuck_after_secs, faster.tx_hash)

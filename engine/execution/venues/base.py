@@ -215,6 +215,9 @@ class TxStatus:
     amount_out: int | None = None
     # REVERTED: a short machine-readable cause, e.g. SLIPPAGE.
     reason: str | None = None
+    # PENDING: executed, but not yet final (a receipt fewer than CONFIRMATIONS blocks
+    # deep): waiting, not stuck.
+    included: bool = False
 
 
 SLIPPAGE = "slippage"

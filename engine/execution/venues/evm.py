@@ -204,10 +204,10 @@ class EvmVenue:
             return None
         old_max, old_tip = int(tx.get("max_fee")), int(tx.get("tip"))
         max_fee, tip = await self.chain.fees(fresh=True)
-        max_fee = min(max(max_fee, old_max * 9 // 8 + 1), self.chain.max_fee_wei)
-        tip = min(max(tip, old_tip * 9 // 8 + 1), max_fee)
-        if max_fee <= old_max:
-            return None
+        max_fee, tip = max(max_fee, old_max * 9 // 8 + 1), max(tip, old_tip * 9 // 8 + 1)
+        if max_fee > self.chain.max_fee_wei:
+            return None  # a node would refuse a smaller bump: nothing faster within the cap
+        tip = min(tip, max_fee)
         args = [tx.amount_in, tx.min_amount_out, [tx.get("token_in"), tx.get("token_out")],
                 self.chain.address, int(tx.get("deadline"))]
         tx_hash, raw = self.chain.sign({
@@ -268,7 +268,7 @@ class EvmVenue:
             return TxStatus(TxState.PENDING)
         head = await rpc("eth_blockNumber", eth.block_number)
         if head - receipt["blockNumber"] + 1 < self.chain.confirmations:
-            return TxStatus(TxState.PENDING)
+            return TxStatus(TxState.PENDING, included=True)
         if receipt["status"] == 1:
             return TxStatus(TxState.CONFIRMED, amount_out=self._swapped_out(receipt, tx))
         return await self._revert_status(receipt, tx)

@@ -258,6 +258,7 @@ class EvmChain:
         self._floor_script = redis.register_script(RAISE_NONCE_FLOOR_LUA)
         self._next: int | None = None  # this process's view of the next free nonce
         self._fees: tuple[float, int, int] | None = None  # (monotonic time, max fee, tip)
+        self._watching = False
         self._erc20_abi = load_abi("v2-core", "IERC20", ("allowance", "approve"))
 
     @classmethod
@@ -400,10 +401,14 @@ class EvmChain:
         """Until cancelled: every CHAIN_HEALTH_EVERY_SECS, read the chain's head and
         write it to ``keys.CHAIN_HEALTH`` (expiring after CHAIN_HEALTH_TTL_SECS), so
         that the web's /readyz can say whether the node answers and moves."""
+        if self._watching:
+            return
+        self._watching = True
         while True:
             try:
-                block = await rpc("eth_blockNumber", self.w3.eth.block_number)
-                state = json.dumps({"block": int(block), "at": time.time(), "chain_id": self.chain.chain_id})
+                head = await rpc("eth_getBlockByNumber", self.w3.eth.get_block("latest"))
+                state = json.dumps({"block": int(head["number"]), "at": time.time(),
+                                    "block_time": int(head["timestamp"]), "chain_id": self.chain.chain_id})
                 await self.redis.set(keys.CHAIN_HEALTH, state, ex=CHAIN_HEALTH_TTL_SECS)
             except TransientVenueError as exc:
                 logger.warning("the node does not answer: %s", exc)
@@ -412,9 +417,16 @@ class EvmChain:
             await asyncio.sleep(CHAIN_HEALTH_EVERY_SECS)
 
     async def _trim_ledger(self) -> None:
-        """Forget the ledger's transactions below the wallet's mined nonce."""
-        mined = await rpc("eth_getTransactionCount", self.w3.eth.get_transaction_count(self.account.address, "latest"))
-        await self.redis.zremrangebyscore(self.ledger_key, "-inf", f"({mined}")
+        """Forget the ledger's transactions below the wallet's nonce as of the block
+        CONFIRMATIONS deep (a reorg may yet drop the ones above). Best effort: a
+        failure is logged and the ledger trimmed next time."""
+        try:
+            head = await rpc("eth_blockNumber", self.w3.eth.block_number)
+            deep = max(0, head - self.confirmations)
+            mined = await rpc("eth_getTransactionCount", self.w3.eth.get_transaction_count(self.account.address, deep))
+            await self.redis.zremrangebyscore(self.ledger_key, "-inf", f"({mined}")
+        except Exception as exc:  # noqa: BLE001 - the RPC or Redis: try again later
+            logger.warning("the ledger of %s was not trimmed: %r", self.address, exc)
 
     async def reconcile(self) -> list[int]:
         """Close the wallet's nonce gaps, before anything new is signed: every nonce
@@ -433,8 +445,14 @@ class EvmChain:
         for nonce in range(pending, free):
             recorded = cast(list[str], await self.redis.zrangebyscore(self.ledger_key, nonce, nonce))
             if recorded:
-                for raw in recorded:  # one, unless a replacement was recorded too
-                    await self._broadcast(raw, f"recorded transaction (nonce {nonce})")
+                # One, unless a replacement was recorded too: the node keeps the one
+                # it takes (refusing an underpriced one is fine: an order's driver
+                # replaces its own transaction when it resumes).
+                for raw in recorded:
+                    try:
+                        await self._broadcast(raw, f"recorded transaction (nonce {nonce})")
+                    except TransientVenueError as exc:
+                        logger.warning("nonce %s: %s", nonce, exc)
                 logger.warning("nonce %s: sent the recorded transaction again (a worker stopped before it)", nonce)
                 continue
             max_fee, tip = await self.fees()
@@ -443,7 +461,10 @@ class EvmChain:
                 "maxFeePerGas": max_fee, "maxPriorityFeePerGas": tip, "nonce": nonce,
             })
             await self.redis.zadd(self.ledger_key, {raw: nonce})
-            await self._broadcast(raw, f"gap filler (nonce {nonce})")
+            try:
+                await self._broadcast(raw, f"gap filler (nonce {nonce})")
+            except TransientVenueError as exc:  # e.g. another worker's filler got there first
+                logger.warning("nonce %s: %s", nonce, exc)
             logger.warning("nonce %s: taken but its transaction is lost; filled with a zero-value transfer", nonce)
             filled.append(nonce)
         self.forget_nonce()
