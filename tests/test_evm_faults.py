@@ -332,3 +332,105 @@ async def test_a_swap_mined_but_not_yet_deep_is_waited_for_not_replaced(devnet: 
         [done] = await load_orders(redis, [order_id])
         assert done.status == "confirmed" and done.tx_hashes == (done.tx_hash,)
         assert "replaced by" not in cluster.logs()
+
+
+class _HoldingProxy:
+    """A JSON-RPC proxy in front of the devnet's node that can hold every
+    ``eth_sendRawTransaction`` (never forwarding it): a worker killed while one is
+    held died after recording its transaction and before broadcasting it."""
+
+    def __init__(self, upstream: str) -> None:
+        self.upstream = upstream
+        self.hold = False
+        self.held = 0
+        self.server: Any = None
+        self.port = free_port()
+
+    def start(self) -> str:
+        from tornado.httpclient import AsyncHTTPClient
+        from tornado.httpserver import HTTPServer
+        from tornado.web import Application, RequestHandler
+
+        proxy = self
+
+        class Forward(RequestHandler):
+            async def post(self) -> None:
+                body = self.request.body
+                if proxy.hold and b"eth_sendRawTransaction" in body:
+                    proxy.held += 1
+                    await asyncio.Event().wait()  # until the client goes away
+                answer = await AsyncHTTPClient().fetch(proxy.upstream, method="POST", body=body,
+                                                       headers={"Content-Type": "application/json"})
+                self.set_header("Content-Type", "application/json")
+                self.finish(answer.body)
+
+        self.server = HTTPServer(Application([(r"/", Forward)]))
+        self.server.listen(self.port, "127.0.0.1")
+        return f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+
+
+@pytest.mark.parametrize("point", ["recorded_not_broadcast", "broadcast_not_mined", "mined_not_deep"])
+async def test_a_worker_killed_at_each_point_of_a_swap_leaves_it_executed_once(
+    devnet: Any, cluster: Cluster, point: str
+) -> None:
+    # kill -9 of the worker (a) after the swap is recorded, before it is broadcast
+    # (a proxy holds the broadcast); (b) after the broadcast, before it is mined
+    # (no block); (c) after it is mined, before it is CONFIRMATIONS deep. Another
+    # worker finishes the order: confirmed once, no nonce gap.
+    market = DevnetMarket(devnet.url, devnet.doc)
+    proxy = _HoldingProxy(devnet.url)
+    proxied = proxy.start()
+    env = {**evm_env(devnet, cluster.root), "CONFIRMATIONS": "2", "EVM_RPC_URL": proxied}
+    try:
+        async with connections(cluster) as (redis, http):
+            web = await start_web(cluster, http)
+            first = cluster.start_worker(**env)
+            await cluster.wait_worker_ready(first, redis)
+            before = {symbol: market.balance(symbol, WALLET) for symbol in SIZES}
+            proxy.hold = point == "recorded_not_broadcast"
+            if point != "recorded_not_broadcast":
+                market.automine(False)
+            try:
+                [order_id] = await submit(http, web.base_url, orders(1, seed=13))
+
+                async def recorded() -> bool:
+                    [order] = await load_orders(redis, [order_id])
+                    return order.tx_hash is not None
+
+                async def status() -> str:
+                    return str((await statuses_now(redis, [order_id]))[order_id])
+
+                if point == "recorded_not_broadcast":
+                    await eventually(lambda: proxy.held >= 1, timeout=30, message="the broadcast held")
+                    assert await recorded() and await status() == "building"
+                else:
+                    await eventually(lambda: _is(status, "submitted"), timeout=30, message="the swap is out")
+                    if point == "mined_not_deep":
+                        market.mine()  # 1 block deep of 2
+                        [order] = await load_orders(redis, [order_id])
+                        assert market.w3.eth.get_transaction_receipt(order.tx_hash)["status"] == 1  # type: ignore[arg-type]
+                first.kill()
+                proxy.hold = False
+                market.automine(True)
+                await cluster.wait_worker_ready(cluster.start_worker(**env), redis)
+                if point != "recorded_not_broadcast":
+                    market.mine()
+            finally:
+                market.automine(True)
+
+            async def finished() -> bool:
+                if await status() in ("confirmed", "failed"):
+                    return True
+                market.mine()  # automine mines only on transactions: make depth
+                return False
+
+            await eventually(finished, timeout=60, interval=0.3, message="the order finished")
+            [done] = await load_orders(redis, [order_id])
+            assert done.status == "confirmed" and done.tx_hashes == (done.tx_hash,)
+            check_against_chain(market, [done], before)  # once, no nonce gap
+    finally:
+        proxy.stop()
