@@ -85,6 +85,7 @@ async def test_a_worker_fault_on_a_chain_loses_nothing_and_executes_nothing_twic
             await worker()  # takes the frozen one's orders over after CLAIM_IDLE_MS
             await eventually(lambda: progressed(redis, order_ids, 2 / 3), timeout=60, interval=0.05,
                              message="the other worker took over")
+            frozen_log_at_thaw = len(first.log_text())
             first.thaw()
         else:
             first.kill()
@@ -100,6 +101,12 @@ async def test_a_worker_fault_on_a_chain_loses_nothing_and_executes_nothing_twic
         assert bad == [], {oid: [m["status"] for m in found[oid]] for oid in bad}
         outcomes = check_against_chain(market, await load_orders(redis, order_ids), before)
         print(f"{fault}: {ORDERS} orders, at the fault {at_fault}, outcomes {dict((str(k), v) for k, v in outcomes.items())}")
+        if fault == "freeze":
+            # Thawed, it moved no order, sent nothing again and replaced nothing: the
+            # orders were the other worker's (its owner check stops it first).
+            after_thaw = first.log_text()[frozen_log_at_thaw:]
+            for deed in (" -> ", "sending it again", "replaced by"):
+                assert deed not in after_thaw, after_thaw[-2000:]
         assert outcomes["confirmed"] + outcomes["failed"] == ORDERS
 
 
