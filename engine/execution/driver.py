@@ -78,7 +78,9 @@ MAX_REPLACEMENTS = 5
 # long to learn its outcome from the venue before it is left to an operator.
 GIVE_UP_SETTLE_SECS = 30.0
 
-OwnerCheck = Callable[[], Awaitable[None]]
+# Called with ``recent_ok``: True before a status change (a check is needed only if
+# the entry was not confirmed ours lately), False before a transaction goes out.
+OwnerCheck = Callable[[bool], Awaitable[None]]
 # Set by whoever drives the current task's order (the consumer: "is this entry still
 # mine?"), called just before a transaction is sent, so that a worker frozen past the
 # claim time does not send what the worker that took over is sending. It raises to
@@ -88,10 +90,10 @@ owner_check: contextvars.ContextVar[OwnerCheck | None] = contextvars.ContextVar(
 )
 
 
-async def _ensure_owner() -> None:
+async def _ensure_owner(recent_ok: bool = False) -> None:
     check = owner_check.get()
     if check is not None:
-        await check()
+        await check(recent_ok)
 
 
 class PoisonEntry(Exception):
@@ -512,6 +514,9 @@ class OrderDriver:
     async def _advance(self, order: Order, status: OrderStatus, **fields: Any) -> Order:
         """Transition the order; the order as it now is (whoever moved it)."""
         order_id = order.id
+        # A worker frozen past the claim time, thawed, must not move an order the
+        # worker that took it over is driving (a status change is for one of them).
+        await _ensure_owner(recent_ok=True)
         result = await self.store.transition(order_id, status, **fields)
         if result.applied:
             details = "".join(f" {k}={v}" for k, v in fields.items() if v is not None)
