@@ -127,12 +127,7 @@ async def test_a_reorg_before_the_swap_is_deep_enough_resends_it_and_it_executes
         before = {symbol: market.balance(symbol, WALLET) for symbol in SIZES}
         market.automine(False)
         try:
-            [order_id] = await submit(http, web.base_url, orders(1, seed=99))
-
-            async def status() -> str:
-                return str((await statuses_now(redis, [order_id]))[order_id])
-
-            await eventually(lambda: _is(status, "submitted"), timeout=30, message="the swap is out")
+            order_id, status = await _one_order_out(http, web.base_url, redis, seed=99)
             [order] = await load_orders(redis, [order_id])
             first_block = market.w3.eth.block_number + 1
             market.mine()
@@ -194,6 +189,18 @@ async def test_a_stalled_node_delays_orders_and_loses_or_doubles_none(
         assert outcomes["confirmed"] + outcomes["failed"] == count
 
 
+async def _one_order_out(http: Any, base_url: str, redis: Redis, seed: int) -> tuple[str, Any]:
+    """POST one order and wait until its swap is out (``submitted``); its id, and a
+    coroutine function reading its status."""
+    [order_id] = await submit(http, base_url, orders(1, seed=seed))
+
+    async def status() -> str:
+        return str((await statuses_now(redis, [order_id]))[order_id])
+
+    await eventually(lambda: _is(status, "submitted"), timeout=30, message="the swap is out")
+    return order_id, status
+
+
 def _order_in(line: str) -> str:
     """The order id a driver's log line names ("order <id>: ...")."""
     return line.split("order ", 1)[1].split(":", 1)[0] if "order " in line else line
@@ -240,12 +247,7 @@ async def test_a_stuck_swap_is_replaced_and_lands_once(devnet: Any, cluster: Clu
         before = {symbol: market.balance(symbol, WALLET) for symbol in SIZES}
         market.automine(False)
         try:
-            [order_id] = await submit(http, web.base_url, orders(1, seed=7))
-
-            async def status() -> str:
-                return str((await statuses_now(redis, [order_id]))[order_id])
-
-            await eventually(lambda: _is(status, "submitted"), timeout=30, message="the swap is out")
+            order_id, status = await _one_order_out(http, web.base_url, redis, seed=7)
             [sent] = await load_orders(redis, [order_id])
             stuck = market.w3.eth.get_transaction(sent.tx_hash)  # type: ignore[arg-type]
             high = 4 * int(stuck["maxFeePerGas"]) if how == "base_fee_jump" else int(stuck["maxFeePerGas"])
@@ -329,12 +331,7 @@ async def test_a_swap_mined_but_not_yet_deep_is_waited_for_not_replaced(devnet: 
         await cluster.wait_worker_ready(cluster.start_worker(**env), redis)
         market.automine(False)
         try:
-            [order_id] = await submit(http, web.base_url, orders(1, seed=11))
-
-            async def status() -> str:
-                return str((await statuses_now(redis, [order_id]))[order_id])
-
-            await eventually(lambda: _is(status, "submitted"), timeout=30, message="the swap is out")
+            order_id, status = await _one_order_out(http, web.base_url, redis, seed=11)
             market.mine()
             await _stays(status, "submitted", 3.0)  # 3 × TX_STUCK_SECS, 1 block deep of 3
             [waiting] = await load_orders(redis, [order_id])
