@@ -994,12 +994,10 @@ async def test_a_worker_frozen_before_sending_does_not_send_after_a_takeover(
     stalled = executor_for(redis, dataclasses.replace(config, claim_idle_ms=60_000))
     real_check = stalled._check_still_owner
 
-    async def freeze_then_check(entry_id: str, confirmed_at: list[float], recent_ok: bool = False) -> None:
-        if not recent_ok:  # the check before the transaction goes out
-            frozen.set()
-            await thaw.wait()
-            confirmed_at[0] = float("-inf")  # frozen long past the claim time
-        await real_check(entry_id, confirmed_at, recent_ok)
+    async def freeze_then_check(entry_id: str) -> None:
+        frozen.set()
+        await thaw.wait()
+        await real_check(entry_id)
 
     stalled._check_still_owner = freeze_then_check  # type: ignore[method-assign]
     order_id = await new_order(store)

@@ -121,3 +121,24 @@ async def test_a_burst_larger_than_the_pool_waits_instead_of_failing(
 def test_timestamps_are_the_datetime_isoformat_text(epoch: float) -> None:
     expected = datetime.fromtimestamp(epoch, tz=UTC).isoformat(timespec="milliseconds")
     assert utc_timestamp(epoch) == expected[:-6] + "Z"
+
+
+async def test_a_transition_owned_by_an_entry_is_refused_once_another_consumer_has_it(
+    store: OrderStore, redis: Redis
+) -> None:
+    # A worker frozen past the claim time and thawed: its status change is checked
+    # against the consumer group in the same atomic step, so it changes nothing.
+    order_id = str(uuid.uuid4())
+    await store.create(order_id, VALID_ORDER)
+    await redis.xgroup_create(keys.ORDERS_STREAM, keys.EXECUTORS_GROUP, id="0")
+    [[_stream, [(entry_id, _fields)]]] = await redis.xreadgroup(
+        keys.EXECUTORS_GROUP, "frozen", {keys.ORDERS_STREAM: ">"})
+    await redis.xclaim(keys.ORDERS_STREAM, keys.EXECUTORS_GROUP, "other", 0, [entry_id])
+    refused = await store.transition(order_id, "routing", owned_by=(entry_id, "frozen"))
+    assert refused.lost and not refused.applied and refused.current == "pending"
+    assert [m["status"] for m in map(json.loads, [d for _, d in await store.history(order_id)])] == ["pending"]
+    taken = await store.transition(order_id, "routing", owned_by=(entry_id, "other"))
+    assert taken.applied and not taken.lost
+    # Acknowledged (finished by its owner): nobody's.
+    await redis.xack(keys.ORDERS_STREAM, keys.EXECUTORS_GROUP, entry_id)
+    assert (await store.transition(order_id, "building", owned_by=(entry_id, "other"))).lost

@@ -114,11 +114,15 @@ end
 if ARGV[7] ~= '' and redis.call('HEXISTS', KEYS[1], ARGV[7]) == 1 then
   return {0, cur}
 end
+if ARGV[8] ~= '' then
+  local entry = redis.call('XPENDING', KEYS[5], ARGV[10], ARGV[8], ARGV[8], 1)
+  if entry[1] == nil or entry[1][2] ~= ARGV[9] then return {-1, cur} end
+end
 local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
 local data = '{"seq":' .. seq .. ',' .. string.sub(ARGV[2], 2)
 redis.call('HSET', KEYS[1], 'status', ARGV[1], 'updated_at', ARGV[3])
-if #ARGV > 7 then
-  redis.call('HSET', KEYS[1], unpack(ARGV, 8))
+if #ARGV > 10 then
+  redis.call('HSET', KEYS[1], unpack(ARGV, 11))
 end
 redis.call('HINCRBY', KEYS[4], ARGV[1], 1)
 redis.call('XADD', KEYS[2], '*', 'seq', seq, 'data', data)
@@ -304,6 +308,8 @@ class TransitionResult:
 
     applied: bool
     current: str
+    # Refused because the orders-stream entry is no longer the caller's (``owned_by``).
+    lost: bool = False
     event: str | None = None
 
 
@@ -422,11 +428,15 @@ class OrderStore:
         only_from: Collection[str] = (),
         unless_recorded: str = "",
         unanswered: Unanswered | None = None,
+        owned_by: tuple[str, str] | None = None,
         **fields: Any,
     ) -> TransitionResult:
         """Move an order to ``status`` and publish the message, if the move is allowed
         (and, with ``only_from``, if the order is in one of those statuses; with
-        ``unless_recorded``, if the order has no such field, e.g. no tx_hash yet).
+        ``unless_recorded``, if the order has no such field, e.g. no tx_hash yet;
+        with ``owned_by`` = (orders-stream entry id, consumer), only if that entry is
+        that consumer's in the executors group, checked in the same atomic step:
+        else ``lost``, and a worker that lost the order to another changes nothing).
 
         ``fields`` go both into the message and onto the order hash (``None`` values
         are left out). ``unanswered``: as for ``create``.
@@ -444,6 +454,7 @@ class OrderStore:
                 keys.order_events(order_id),
                 keys.EVENTS_STREAM,
                 keys.COUNTERS,
+                keys.ORDERS_STREAM,
             ],
             args=[
                 status,
@@ -453,13 +464,16 @@ class OrderStore:
                 self.config.order_ttl_secs,
                 ",".join(only_from),
                 unless_recorded,
+                owned_by[0] if owned_by else "",
+                owned_by[1] if owned_by else "",
+                keys.EXECUTORS_GROUP,
                 *pairs,
             ],
             unanswered=unanswered,
         )
-        if applied:
+        if applied == 1:
             return TransitionResult(applied=True, current=status, event=data)
-        return TransitionResult(applied=False, current=data)
+        return TransitionResult(applied=False, current=data, lost=applied == -1)
 
     async def counters(self) -> dict[str, int]:
         """Running totals: orders that reached each status, ``retries``, ``dead_letters``."""

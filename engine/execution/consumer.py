@@ -29,7 +29,7 @@ from engine.core import keys
 from engine.core.config import Config
 from engine.core.connections import REDIS_DOWN_ERRORS, raise_if_cancelled
 from engine.core.store import OrderStore
-from engine.execution.driver import OrderDriver, PoisonEntry, owner_check
+from engine.execution.driver import OrderDriver, PoisonEntry, owner_check, owner_entry
 from engine.execution.group import OrderGroup
 from engine.execution.lease import REDIS_RETRY_SECS, ConsumerLease
 
@@ -310,7 +310,8 @@ class Consumer:
         order_id = fields.get("id", "")
         # This task's own context: the driver checks, before it sends, that the entry
         # is still ours.
-        owner_check.set(functools.partial(self._check_still_owner, entry_id, [time.monotonic()]))
+        owner_check.set(functools.partial(self._check_still_owner, entry_id))
+        owner_entry.set((entry_id, self.consumer))
         try:
             while True:
                 try:
@@ -361,18 +362,10 @@ class Consumer:
             return
         await self.group.dead_letter(entry_id, fields, reason, deliveries)
 
-    async def _check_still_owner(self, entry_id: str, confirmed_at: list[float], recent_ok: bool = False) -> None:
-        """Raise LostEntry if another worker has claimed the entry. The driver calls
-        this just before a transaction is recorded or sent (a worker that was frozen
-        past claim_idle_ms must not send what the worker that took over is sending),
-        and before each status change with ``recent_ok``: then the entry is asked
-        about only if it was last confirmed ours more than half claim_idle_ms ago
-        (monotonic time runs on while a process is stopped), so that a worker thawed
-        after a takeover changes no status of the order either, and one that is not
-        pays no Redis round trip. ``confirmed_at``: [when it was last confirmed]."""
-        now = time.monotonic()
-        if recent_ok and now - confirmed_at[0] < self.config.claim_idle_ms / 2000:
-            return
+    async def _check_still_owner(self, entry_id: str) -> None:
+        """Raise LostEntry if another worker has claimed the entry (the driver calls
+        this just before a transaction is recorded or sent: a worker that was frozen
+        past claim_idle_ms must not send what the worker that took over is sending;
+        its status changes are checked in their own atomic step, see owner_entry)."""
         if not await self.lease.owns(entry_id):
             raise LostEntry(entry_id)
-        confirmed_at[0] = now

@@ -78,9 +78,7 @@ MAX_REPLACEMENTS = 5
 # long to learn its outcome from the venue before it is left to an operator.
 GIVE_UP_SETTLE_SECS = 30.0
 
-# Called with ``recent_ok``: True before a status change (a check is needed only if
-# the entry was not confirmed ours lately), False before a transaction goes out.
-OwnerCheck = Callable[[bool], Awaitable[None]]
+OwnerCheck = Callable[[], Awaitable[None]]
 # Set by whoever drives the current task's order (the consumer: "is this entry still
 # mine?"), called just before a transaction is sent, so that a worker frozen past the
 # claim time does not send what the worker that took over is sending. It raises to
@@ -90,10 +88,18 @@ owner_check: contextvars.ContextVar[OwnerCheck | None] = contextvars.ContextVar(
 )
 
 
-async def _ensure_owner(recent_ok: bool = False) -> None:
+# Set with owner_check: (orders-stream entry id, consumer name) of the current task's
+# order. Every status change checks, in the same atomic step, that the entry is
+# still this consumer's (OrderStore.transition's ``owned_by``).
+owner_entry: contextvars.ContextVar[tuple[str, str] | None] = contextvars.ContextVar(
+    "owner_entry", default=None
+)
+
+
+async def _ensure_owner() -> None:
     check = owner_check.get()
     if check is not None:
-        await check(recent_ok)
+        await check()
 
 
 class PoisonEntry(Exception):
@@ -515,9 +521,12 @@ class OrderDriver:
         """Transition the order; the order as it now is (whoever moved it)."""
         order_id = order.id
         # A worker frozen past the claim time, thawed, must not move an order the
-        # worker that took it over is driving (a status change is for one of them).
-        await _ensure_owner(recent_ok=True)
-        result = await self.store.transition(order_id, status, **fields)
+        # worker that took it over is driving: the transition checks the entry is
+        # still ours in the same atomic step.
+        result = await self.store.transition(order_id, status, owned_by=owner_entry.get(), **fields)
+        if result.lost:
+            await _ensure_owner()  # raises what the owner check raises (LostEntry)
+            raise RuntimeError(f"order {order_id}: {status} refused: its entry is another worker's")
         if result.applied:
             details = "".join(f" {k}={v}" for k, v in fields.items() if v is not None)
             logger.info("order %s: %s -> %s%s", order_id, order.status, status, details)
