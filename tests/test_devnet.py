@@ -12,15 +12,14 @@ import pytest
 from web3 import Web3
 
 from engine.core import amounts
+from engine.execution.venues.evm_chain import ChainFile, EvmSetupError
 from engine.ops import devnet as devnet_module
 from engine.ops.devnet import (
     WALLET_KEY,
     Anvil,
-    ChainFileError,
     DevnetError,
     address_of,
     load_artifact,
-    load_chain_file,
     write_chain_file,
 )
 from engine.ops.devnet_trader import Trader, connect
@@ -45,7 +44,8 @@ def sol_to_usdc(w3: Web3, doc: dict[str, Any], venue: str, lamports: int) -> int
 def test_the_chain_file_round_trips_and_validates_against_its_schema(devnet: DevnetHandle, tmp_path: Path) -> None:
     path = tmp_path / "chain" / "devnet.json"
     write_chain_file(devnet.doc, path)
-    assert load_chain_file(path) == devnet.doc
+    assert json.loads(path.read_text()) == devnet.doc
+    assert ChainFile.load(path) == ChainFile.from_doc(devnet.doc)  # what a worker reads
     assert Schemas().errors("evm_chain", devnet.doc) == []
     assert devnet.doc["wallet"] == address_of(WALLET_KEY)
     assert devnet.doc["chain_id"] == 31337
@@ -58,10 +58,10 @@ def test_a_broken_chain_file_is_refused_with_the_field_named(devnet: DevnetHandl
     path = tmp_path / "devnet.json"
     broken = {**devnet.doc, "tokens": {**devnet.doc["tokens"], "SOL": {"address": "0x12", "decimals": 9}}}
     path.write_text(json.dumps(broken))
-    with pytest.raises(ChainFileError, match=r"tokens\.SOL\.address"):
-        load_chain_file(path)
-    with pytest.raises(ChainFileError, match="no chain file"):
-        load_chain_file(tmp_path / "missing.json")
+    with pytest.raises(EvmSetupError, match=r"tokens\.SOL\.address"):
+        ChainFile.load(path)
+    with pytest.raises(EvmSetupError, match="no chain file"):
+        ChainFile.load(tmp_path / "missing.json")
 
 
 def test_each_venue_quotes_sol_to_usdc_and_the_venues_differ(devnet: DevnetHandle) -> None:

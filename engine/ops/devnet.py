@@ -34,8 +34,6 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, Self
 
-from jsonschema import Draft202012Validator
-
 from engine.core.config import PROJECT_ROOT, Config
 from engine.ops.devnet_deploy import (
     ARTIFACTS,
@@ -53,21 +51,16 @@ from engine.ops.redis_server import die_with_parent, stop_process
 # The public API: what this module defines and what it re-exports.
 __all__ = [
     "ANVIL_BIN", "ARTIFACTS", "CHAIN_ID", "DEPLOYER_KEY", "OTHER_KEY", "TRADER_KEY", "VENUES",
-    "WALLET_KEY", "Anvil", "ChainFileError", "Devnet", "DevnetError", "address_of", "deploy",
-    "load_artifact", "load_chain_file", "main", "run_trader", "write_chain_file",
+    "WALLET_KEY", "Anvil", "Devnet", "DevnetError", "address_of", "deploy",
+    "load_artifact", "main", "run_trader", "write_chain_file",
 ]
 
 logger = logging.getLogger(__name__)
 
 ANVIL_BIN = NODE_MODULES / "@foundry-rs" / "anvil-linux-amd64" / "bin" / "anvil"
-CHAIN_SCHEMA = PROJECT_ROOT / "schemas" / "evm_chain.json"
 CHAIN_ID = 31337
 START_TIMEOUT_SECS = 20.0
 STOP_TIMEOUT_SECS = 5.0
-
-
-class ChainFileError(ValueError):
-    """A chain file (schemas/evm_chain.json) is missing, not JSON, or breaks its schema."""
 
 
 def _port_free(port: int) -> bool:
@@ -198,24 +191,6 @@ def write_chain_file(doc: Mapping[str, Any], path: Path) -> None:
         os.fsync(tmp.fileno())
     os.chmod(tmp.name, 0o644)  # no secret in it; NamedTemporaryFile made it 0600
     os.replace(tmp.name, path)
-
-
-def load_chain_file(path: Path) -> dict[str, Any]:
-    """The chain file at ``path``, checked against schemas/evm_chain.json; raises ChainFileError."""
-    try:
-        doc = json.loads(path.read_bytes())
-    except FileNotFoundError:
-        raise ChainFileError(f"no chain file at {path}: start the devnet (MARKET=evm without "
-                             "EVM_RPC_URL) or set EVM_CHAIN_FILE") from None
-    except ValueError as exc:
-        raise ChainFileError(f"{path} is not JSON: {exc}") from None
-    validator = Draft202012Validator(json.loads(CHAIN_SCHEMA.read_bytes()))
-    problems = [f"{'.'.join(map(str, e.absolute_path)) or '(top)'}: {e.message}"
-                for e in sorted(validator.iter_errors(doc), key=lambda e: list(map(str, e.absolute_path)))]
-    if problems:
-        raise ChainFileError(f"{path} breaks schemas/evm_chain.json: " + "; ".join(problems))
-    result: dict[str, Any] = doc
-    return result
 
 
 class Devnet:

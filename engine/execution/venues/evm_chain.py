@@ -150,10 +150,11 @@ class ChainFile:
     @classmethod
     def from_doc(cls, doc: Any, path: str = "the chain file") -> ChainFile:
         """Validate a chain file's document; EvmSetupError saying what is wrong."""
-        try:
-            jsonschema.validate(doc, json.loads(CHAIN_SCHEMA.read_text()))
-        except jsonschema.ValidationError as exc:
-            raise EvmSetupError(f"{path} is invalid: {exc.message}") from None
+        validator = jsonschema.Draft202012Validator(json.loads(CHAIN_SCHEMA.read_bytes()))
+        problems = [f"{'.'.join(map(str, e.absolute_path)) or '(top)'}: {e.message}"
+                    for e in sorted(validator.iter_errors(doc), key=lambda e: list(map(str, e.absolute_path)))]
+        if problems:
+            raise EvmSetupError(f"{path} breaks schemas/evm_chain.json: " + "; ".join(problems))
         tokens = {}
         for symbol, entry in doc["tokens"].items():
             try:
