@@ -10,10 +10,8 @@ from eth_account import Account
 from web3 import Web3
 from web3.logs import DISCARD
 
-from engine.execution.venues.evm_chain import load_abi
+from engine.execution.venues.evm_chain import MAX_UINT256, load_abi
 from engine.ops.devnet_keys import OTHER_KEY
-
-MAX_UINT256 = 2**256 - 1
 
 
 class DevnetMarket:

@@ -35,9 +35,9 @@ from types import TracebackType
 from typing import IO, Any, Self
 
 from engine.core.config import PROJECT_ROOT, Config
+from engine.execution.venues.evm_chain import NODE_MODULES
 from engine.ops.devnet_deploy import (
     ARTIFACTS,
-    NODE_MODULES,
     VENUES,
     DevnetError,
     address_of,

@@ -34,13 +34,12 @@ from engine.core import (
     amounts,
     recursion,  # noqa: F401  - after web3: see the module
 )
-from engine.core.config import PROJECT_ROOT
+from engine.execution.venues.evm_chain import MAX_UINT256, NODE_MODULES
 from engine.execution.venues.market import REFERENCE_PRICES_USD
 from engine.ops.devnet_keys import DEPLOYER_KEY, OTHER_KEY, TRADER_KEY, WALLET_KEY
 
 logger = logging.getLogger(__name__)
 
-NODE_MODULES = PROJECT_ROOT / "devnet" / "node_modules"
 ARTIFACTS: Mapping[str, Path] = {
     "WETH9": NODE_MODULES / "@uniswap/v2-periphery/build/WETH9.json",
     "UniswapV2Factory": NODE_MODULES / "@uniswap/v2-core/build/UniswapV2Factory.json",
@@ -82,7 +81,6 @@ GAS = {"WETH9": 1_000_000, "token": 1_500_000, "factory": 4_500_000, "router": 5
 MAX_FEE_WEI = 100 * 10**9  # anvil's base fee starts at 1 gwei
 PRIORITY_FEE_WEI = 10**9
 NO_DEADLINE = 2**256 - 1  # Router02's ``deadline`` (unix seconds): never
-MAX_UINT256 = 2**256 - 1
 
 
 class DevnetError(RuntimeError):

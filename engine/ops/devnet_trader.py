@@ -27,9 +27,9 @@ from web3.exceptions import Web3Exception
 from web3.types import Nonce, TxParams, Wei
 
 from engine.core import recursion  # noqa: F401  - after web3: see the module
+from engine.execution.venues.evm_chain import MAX_UINT256
 from engine.ops.devnet_deploy import (
     MAX_FEE_WEI,
-    MAX_UINT256,
     PRIORITY_FEE_WEI,
     address_of,
     load_artifact,
