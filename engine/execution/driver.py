@@ -330,11 +330,7 @@ class OrderDriver:
             # Someone (perhaps a worker that died) got this far: did the tx go out?
             tx, venue = recorded
             if (await venue.status(tx)).state is TxState.UNKNOWN:
-                await _ensure_owner()
-                try:
-                    await venue.send(tx)
-                except UnderpricedError as exc:  # out as far as we know; settling replaces it
-                    logger.warning("order %s: %s", order.id, exc)
+                await self._send_out(order, venue, [tx])
         else:
             # Recorded before sending, so whoever resumes this order sends the same
             # transaction; and only while the order is still building, so a client's
@@ -347,13 +343,7 @@ class OrderDriver:
                 return current
             tx, venue = built, self._venue(order)
             order = dataclasses.replace(order, tx_hash=tx.tx_hash, tx=tx.record())
-            await _ensure_owner()
-            try:
-                await venue.send(tx)
-            except UnderpricedError as exc:
-                # Recorded and refused for its fees (they rose since it was signed):
-                # it counts as out, and settling replaces it with a faster one.
-                logger.warning("order %s: %s", order.id, exc)
+            await self._send_out(order, venue, [tx])
         return await self._advance(order, SUBMITTED, tx_hash=tx.tx_hash, venue=venue.name)
 
     async def _settle(self, order: Order) -> Order:
@@ -375,10 +365,7 @@ class OrderDriver:
                 # The venue lost it (or never got it): sending is idempotent.
                 logger.warning("order %s: venue %s does not know %s; sending it again",
                                order.id, venue.name, candidates[0].tx_hash)
-                try:
-                    await self._send_out(order, venue, candidates)
-                except UnderpricedError as exc:  # its fees are too low now: replace it soon
-                    logger.warning("order %s: %s", order.id, exc)
+                if not await self._send_out(order, venue, candidates):  # its fees are too low now
                     replace_at = min(replace_at, tried_at + UNDERPRICED_RETRY_SECS)
             waiting = any(s is not None and s.included for s in statuses)  # executed, not deep yet
             now = time.monotonic()
@@ -390,10 +377,7 @@ class OrderDriver:
                 if order.terminal:
                     return order
                 candidates = self._candidates(order)
-                try:
-                    await self._send_out(order, venue, candidates)
-                except UnderpricedError as exc:
-                    logger.warning("order %s: %s", order.id, exc)
+                await self._send_out(order, venue, candidates)
             await asyncio.sleep(delay)
             delay = min(delay * 2, STATUS_POLL_MAX_SECS)
 
@@ -404,17 +388,23 @@ class OrderDriver:
             raise RuntimeError(f"order {order.id} is {order.status} with no recorded transaction")
         return [recorded[0], *self._replaced(order)]
 
-    async def _send_out(self, order: Order, venue: Venue, candidates: list[SwapTx]) -> None:
-        """Send the newest candidate. If the venue says its nonce went to another
-        transaction, one of the older candidates may be that one: only when none of
-        them executed does the RejectedSwapError stand (and fail the order)."""
+    async def _send_out(self, order: Order, venue: Venue, candidates: list[SwapTx]) -> bool:
+        """Send the newest candidate, if the entry is still ours; False if the venue
+        refused it for its fees (logged: it was recorded, so it counts as out, and
+        settling replaces it with a faster one). If the venue says its nonce went to
+        another transaction, one of the older candidates may be that one: only when
+        none of them executed does the RejectedSwapError stand (and fail the order)."""
         await _ensure_owner()
         try:
             await venue.send(candidates[0])
+        except UnderpricedError as exc:
+            logger.warning("order %s: %s", order.id, exc)
+            return False
         except RejectedSwapError:
             landed, _ = await self._verdict(order, venue, candidates)
             if landed is None:
                 raise
+        return True
 
     async def _verdict(
         self, order: Order, venue: Venue, candidates: list[SwapTx]
