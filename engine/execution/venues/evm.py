@@ -169,16 +169,10 @@ class EvmVenue:
                 ) from None
             raise RejectedSwapError(f"{self.name}: the swap would revert: {exc.message}") from None
         max_fee, tip = await self.chain.fees()
-        fields = {
-            "type": 2,
-            "chainId": self.chain.chain.chain_id,
-            "to": self.router.address,
-            "value": 0,
-            "data": self.router.encode_abi("swapExactTokensForTokens", args=args),
-            "gas": int(gas * GAS_HEADROOM) + 10_000,
-            "maxFeePerGas": max_fee,
-            "maxPriorityFeePerGas": tip,
-        }
+        fields = self.chain.transaction(
+            self.router.address, self.router.encode_abi("swapExactTokensForTokens", args=args),
+            int(gas * GAS_HEADROOM) + 10_000, max_fee, tip,
+        )
         # What reading the outcome takes, kept with the transaction: the chain file
         # may change while it is out.
         extra = (("deadline", str(deadline)), ("pair", str(pair.address)),
@@ -210,11 +204,10 @@ class EvmVenue:
         tip = min(tip, max_fee)
         args = [tx.amount_in, tx.min_amount_out, [tx.get("token_in"), tx.get("token_out")],
                 self.chain.address, int(tx.get("deadline"))]
-        tx_hash, raw = self.chain.sign({
-            "type": 2, "chainId": self.chain.chain.chain_id, "to": self.router.address, "value": 0,
-            "data": self.router.encode_abi("swapExactTokensForTokens", args=args), "gas": int(tx.get("gas")),
-            "maxFeePerGas": max_fee, "maxPriorityFeePerGas": tip, "nonce": tx.nonce.nonce,
-        })
+        tx_hash, raw = self.chain.sign(self.chain.transaction(
+            self.router.address, self.router.encode_abi("swapExactTokensForTokens", args=args),
+            int(tx.get("gas")), max_fee, tip, tx.nonce.nonce,
+        ))
         extra = dict(tx.extra) | {"max_fee": str(max_fee), "tip": str(tip)}
         faster = dataclasses.replace(tx, tx_hash=tx_hash, raw=raw, extra=tuple(sorted(extra.items())))
         return faster if await record(faster) is Recorded.RECORDED else None

@@ -369,6 +369,19 @@ class EvmChain:
             self._fees = (now, max_fee, min(int(tip), max_fee))
         return self._fees[1], self._fees[2]
 
+    def transaction(
+        self, to: str, data: str, gas: int, max_fee: int, tip: int, nonce: int | None = None
+    ) -> dict[str, Any]:
+        """The fields of an EIP-1559 (type 2) transaction on this chain, value 0
+        (``nonce`` left to ``sign_and_record`` when None); fees in wei."""
+        fields: dict[str, Any] = {
+            "type": 2, "chainId": self.chain.chain_id, "to": to, "value": 0, "data": data, "gas": gas,
+            "maxFeePerGas": max_fee, "maxPriorityFeePerGas": tip,
+        }
+        if nonce is not None:
+            fields["nonce"] = nonce
+        return fields
+
     def sign(self, fields: Mapping[str, Any]) -> tuple[str, str]:
         """Sign a transaction: its (tx_hash, raw) as 0x-hex (the hash is keccak256 of
         the EIP-2718 encoding, as the chain will name it)."""
@@ -457,10 +470,7 @@ class EvmChain:
                 logger.warning("nonce %s: sent the recorded transaction again (a worker stopped before it)", nonce)
                 continue
             max_fee, tip = await self.fees()
-            _tx_hash, raw = self.sign({
-                "type": 2, "chainId": self.chain.chain_id, "to": self.address, "value": 0, "gas": 21_000,
-                "maxFeePerGas": max_fee, "maxPriorityFeePerGas": tip, "nonce": nonce,
-            })
+            _tx_hash, raw = self.sign(self.transaction(self.address, "0x", 21_000, max_fee, tip, nonce))
             await self.redis.zadd(self.ledger_key, {raw: nonce})
             try:
                 await self._broadcast(raw, f"gap filler (nonce {nonce})")
@@ -487,11 +497,8 @@ class EvmChain:
         approve = erc20.functions.approve(spender, MAX_UINT256)
         gas = await rpc("eth_estimateGas", approve.estimate_gas({"from": self.address}))
         max_fee, tip = await self.fees()
-        fields = {
-            "type": 2, "chainId": self.chain.chain_id, "to": erc20.address, "value": 0,
-            "data": erc20.encode_abi("approve", args=[spender, MAX_UINT256]),
-            "gas": gas * 12 // 10, "maxFeePerGas": max_fee, "maxPriorityFeePerGas": tip,
-        }
+        fields = self.transaction(erc20.address, erc20.encode_abi("approve", args=[spender, MAX_UINT256]),
+                                  gas * 12 // 10, max_fee, tip)
 
         async def claim(nonce: int, _tx_hash: str, raw: str) -> Recorded:
             outcome = await self._claim_script(keys=[self.nonce_key, self.nonce_key, self.ledger_key],
