@@ -10,7 +10,7 @@ BENCH_STAMP := $(VENV)/.bench-installed
 # build artifacts, from npm, pinned by devnet/package.json and its lock.
 DEVNET_STAMP := devnet/node_modules/.installed
 
-.PHONY: run test worker lint bench bench-evm clean devnet-deps
+.PHONY: run test worker lint bench bench-evm clean devnet-deps api-key api-keys api-key-revoke
 
 $(STAMP): requirements.txt requirements-dev.txt
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) on PATH (or run: make PYTHON=python3 ...)"; exit 1; }
@@ -23,6 +23,21 @@ run: $(STAMP) $(if $(filter evm,$(MARKET)),devnet-deps)
 
 worker: $(STAMP)
 	$(BIN)/python worker.py
+
+# API keys of the running system (engine/ops/api_keys.py; REDIS_URL, else the embedded
+# Redis of a running `make run`). `make api-key NAME=alice [RATE=5] [BURST=10]` prints
+# the new key and nothing else on stdout; `make api-keys` lists them (never the keys);
+# `make api-key-revoke KEY=<id or name>` revokes one.
+api-key: $(STAMP)
+	@$(if $(NAME),,echo "usage: make api-key NAME=alice [RATE=calls/s] [BURST=calls]" >&2; exit 2)
+	@$(BIN)/python -m engine.ops.api_keys create "$(NAME)" $(if $(RATE),--rate "$(RATE)") $(if $(BURST),--burst "$(BURST)")
+
+api-keys: $(STAMP)
+	@$(BIN)/python -m engine.ops.api_keys list
+
+api-key-revoke: $(STAMP)
+	@$(if $(KEY),,echo "usage: make api-key-revoke KEY=<key id or name>" >&2; exit 2)
+	@$(BIN)/python -m engine.ops.api_keys revoke "$(KEY)"
 
 # The lint runs first, so the structure it checks is kept (ruff.toml, mypy --strict).
 test: lint devnet-deps

@@ -15,11 +15,13 @@ import subprocess
 import sys
 import time
 
+from redis.exceptions import RedisError
 from tornado.netutil import bind_sockets
 from tornado.web import Application
 
 from engine.core.config import PROJECT_ROOT, Config, ConfigError
 from engine.ops import prefork, runtime
+from engine.ops.api_keys import embedded_redis_dir, ensure_dev_key
 from engine.ops.devnet_keys import WALLET_KEY
 from engine.ops.logs import setup_logging
 from engine.ops.redis_server import (
@@ -33,7 +35,7 @@ from engine.web.services import Services
 from handlers.base import NotFoundHandler, request_logger
 from handlers.health import HealthHandler, MetricsHandler, ReadyHandler
 from handlers.http1 import JSONHTTPServer
-from handlers.orders import ExecuteOrderRouter, OrderHandler
+from handlers.orders import ExecuteOrderRouter, OrderHandler, OrderListHandler
 from handlers.schemas import ApiDocumentHandler, SchemaHandler, SchemaIndexHandler
 from handlers.status import CLOSE_GOING_AWAY, OrderStatusSocket
 
@@ -61,6 +63,7 @@ def make_app(services: Services) -> Application:
     app = Application(
         [
             (r"/api/orders/execute", execute),
+            (r"/api/orders", OrderListHandler, deps),
             (r"/api/orders/status", OrderStatusSocket, deps),
             (r"/api/orders/([^/]+)", OrderHandler, deps),
             (r"/api/openapi\.json", ApiDocumentHandler, openapi),
@@ -212,6 +215,9 @@ def main() -> int:
         print(f"server: configuration error: {exc}", file=sys.stderr)
         return 2
     setup_logging(config, "web")
+    if not config.auth:
+        logger.warning("AUTH=off: no API key is asked for; anyone who can reach this service "
+                       "can place, read and cancel every order. For experiments only.")
     try:
         # Bound before anything starts, and before forking: every web process
         # accepts on the same socket.
@@ -226,13 +232,22 @@ def main() -> int:
     code = 0
     try:
         if redis_url is None:
-            embedded = RedisServer(config.data_dir / "redis")
+            embedded = RedisServer(embedded_redis_dir(config.data_dir))
             try:
                 redis_url = embedded.start()
             except RedisServerError as exc:
                 print(f"server: cannot start the embedded Redis: {exc}", file=sys.stderr)
                 return 1
             logger.info("embedded mode: Redis at %s, starting a worker", redis_url)
+            if config.auth:
+                try:
+                    key_file, made = asyncio.run(ensure_dev_key(config, redis_url))
+                except (OSError, RedisError) as exc:
+                    print(f"server: cannot make the development API key: {exc}", file=sys.stderr)
+                    return 1
+                logger.info("%s development API key in %s (engine.client uses it; create "
+                            "others with `make api-key NAME=...`)", "a new" if made else "the",
+                            key_file)
             worker_env: dict[str, str] = {}
             if config.market == "evm" and config.evm_rpc_url is None:
                 try:

@@ -22,13 +22,17 @@ import os
 import shlex
 import sys
 import uuid
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, TextIO
 
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 from tornado.websocket import websocket_connect
 
 from engine.core import strict_json
+from engine.core.config import PROJECT_ROOT
 from engine.core.status import HAPPY_PATH, OrderStatus
+from engine.ops.api_keys import DEV_KEY_FILE
 
 STEPS = tuple(HAPPY_PATH)
 EXIT_CONFIRMED, EXIT_FAILED, EXIT_REFUSED, EXIT_UNREACHABLE = 0, 1, 2, 3
@@ -51,7 +55,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="the service (default $ORDER_API_URL or http://localhost:3000)",
     )
     parser.add_argument("--idempotency-key", help="resubmit safely with the same key")
+    parser.add_argument(
+        "--api-key",
+        help="the API key (default $ORDER_API_KEY, else the development key that `make run` "
+        "writes to $DATA_DIR/dev-api-key)",
+    )
     return parser.parse_args(argv)
+
+
+def api_key(given: str | None, environ: Mapping[str, str] = os.environ) -> str | None:
+    """The API key to send: ``--api-key``, else ORDER_API_KEY, else the embedded
+    mode's development key file (engine.ops.api_keys.DEV_KEY_FILE under DATA_DIR);
+    None if there is none."""
+    if given:
+        return given
+    if environ.get("ORDER_API_KEY"):
+        return environ["ORDER_API_KEY"].strip()
+    data_dir = Path(environ["DATA_DIR"]) if environ.get("DATA_DIR") else PROJECT_ROOT / "data"
+    try:
+        return (data_dir / DEV_KEY_FILE).read_text().strip() or None
+    except OSError:
+        return None
 
 
 def _number(text: str) -> Any:
@@ -101,6 +125,9 @@ async def run(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = 
     }
     key = args.idempotency_key or str(uuid.uuid4())
     headers = {"Content-Type": "application/json", "Idempotency-Key": key}
+    bearer = api_key(args.api_key)
+    if bearer is not None:
+        headers["Authorization"] = f"Bearer {bearer}"
     http = AsyncHTTPClient()
     try:
         response = await http.fetch(
@@ -111,6 +138,10 @@ async def run(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = 
         err.write(f"order refused ({exc.code}): {body.get('message', exc.message)}\n")
         for detail in body.get("details", []):
             err.write(f"  {detail['field'] or 'body'}: {detail['message']}\n")
+        if exc.code == 401:
+            err.write("pass an API key with --api-key or ORDER_API_KEY (create one with "
+                      "`make api-key NAME=...`); `make run` writes a development key to "
+                      "data/dev-api-key\n")
         if exc.code in (503, 504):
             # 503: nothing was created; 504: perhaps it was. The same key is safe either way.
             again = [args.token_in, args.token_out, args.amount, "--slippage", args.slippage,

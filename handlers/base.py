@@ -44,6 +44,10 @@ class ErrorCode(enum.StrEnum):
     """A state-changing request or a WebSocket from a page on a foreign origin."""
     FORBIDDEN = "forbidden"
     """Any other 403."""
+    UNAUTHORIZED = "unauthorized"
+    """No API key, or one that is malformed, unknown or revoked (401)."""
+    RATE_LIMITED = "rate_limited"
+    """The API key's rate limit, or the address's failed attempts: wait Retry-After."""
     NOT_FOUND = "not_found"
     """No such path, order or schema."""
     METHOD_NOT_ALLOWED = "method_not_allowed"
@@ -74,6 +78,8 @@ class ErrorCode(enum.StrEnum):
     """(WebSocket) No order id within the first-message timeout."""
     UNAVAILABLE = "unavailable"
     """Redis cannot be used right now; nothing was done: retry shortly."""
+    OVERLOADED = "overloaded"
+    """Too many orders wait for a worker (MAX_QUEUE_LAG); nothing was done."""
     OUTCOME_UNKNOWN = "outcome_unknown"
     """A write reached Redis, which did not answer in time: it may have been done."""
     INTERNAL_ERROR = "internal_error"
@@ -85,6 +91,7 @@ class ErrorCode(enum.StrEnum):
 # Error codes for the statuses Tornado raises by itself (unknown path, bad method...).
 _DEFAULT_CODES = {
     400: ErrorCode.BAD_REQUEST,
+    401: ErrorCode.UNAUTHORIZED,
     403: ErrorCode.FORBIDDEN,
     404: ErrorCode.NOT_FOUND,
     405: ErrorCode.METHOD_NOT_ALLOWED,
@@ -92,12 +99,14 @@ _DEFAULT_CODES = {
     409: ErrorCode.CONFLICT,
     415: ErrorCode.UNSUPPORTED_MEDIA_TYPE,
     422: ErrorCode.UNPROCESSABLE,
+    429: ErrorCode.RATE_LIMITED,
     503: ErrorCode.UNAVAILABLE,
 }
 
 
 class APIError(HTTPError):
-    """An error answered to the client as ``{"error", "message", "details"?}``."""
+    """An error answered to the client as ``{"error", "message", "details"?}``, with
+    ``headers`` (e.g. WWW-Authenticate, Retry-After) on the answer."""
 
     def __init__(
         self,
@@ -105,16 +114,31 @@ class APIError(HTTPError):
         error: ErrorCode,
         message: str,
         details: list[dict[str, str]] | None = None,
+        *,
+        headers: dict[str, str] | None = None,
         **extra: Any,
     ) -> None:
         super().__init__(status_code, "%s: %s", error, message)
         self.body: dict[str, Any] = {"error": error, "message": message, **extra}
+        self.headers = headers or {}
         if details:
             self.body["details"] = details
 
 
 class JSONErrors(RequestHandler):
     """Renders every error as JSON: for the API handlers and the WebSocket handler."""
+
+    # Headers that an error answer keeps (Tornado clears the others before it):
+    # e.g. the RateLimit fields of a request that used one call of its key's limit.
+    kept_headers: dict[str, str] | None = None
+
+    def keep_headers(self, headers: dict[str, str]) -> None:
+        """Set ``headers`` on this answer, and on an error answer that replaces it."""
+        if self.kept_headers is None:
+            self.kept_headers = {}
+        self.kept_headers.update(headers)
+        for name, value in headers.items():
+            self.set_header(name, value)
 
     @override
     def write_error(self, status_code: int, **kwargs: Any) -> None:
@@ -138,6 +162,11 @@ class JSONErrors(RequestHandler):
             self.set_header("Retry-After", "1")
         if status_code == 405:
             self.set_header("Allow", ", ".join(self.allowed_methods()))
+        for name, value in (self.kept_headers or {}).items():
+            self.set_header(name, value)
+        if isinstance(exc, APIError):
+            for name, value in exc.headers.items():
+                self.set_header(name, value)
         self.finish(strict_json.dumps(body))
 
     @classmethod
@@ -159,8 +188,10 @@ class JSONErrors(RequestHandler):
 # CORS, for browser pages on an origin listed in ALLOWED_ORIGINS (no other origin
 # gets any Access-Control-* header): what a preflight may ask for, and what a page
 # may read of an answer besides the body.
-CORS_ALLOW_HEADERS = "Content-Type, Idempotency-Key"
-CORS_EXPOSE_HEADERS = "Location, Idempotent-Replayed, Retry-After"
+CORS_ALLOW_HEADERS = "Authorization, Content-Type, Idempotency-Key"
+CORS_EXPOSE_HEADERS = (
+    "Location, Idempotent-Replayed, Retry-After, RateLimit, RateLimit-Policy, WWW-Authenticate"
+)
 CORS_MAX_AGE_SECS = 600
 
 # Methods that change state: from a browser page on a foreign origin they are

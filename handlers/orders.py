@@ -20,12 +20,14 @@ from engine.core.store import (
     FAILED,
     PENDING,
     ROUTING,
+    STATUSES,
     OrderStore,
     TransitionResult,
     utc_timestamp,
 )
 from engine.web.services import Services
-from handlers.base import APIError, APIHandler, ErrorCode, override
+from handlers.auth import AccountHandler, client_address
+from handlers.base import APIError, ErrorCode, override
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +45,9 @@ _QUOTED_KEY = re.compile(r'"((?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\["\\])*)"')
 # (on Redis's clock): by the time the client is told "unknown" (504), a create still
 # queued in a stalled Redis can no longer run, so a 404 for the order is final.
 CREATE_DEADLINE_MARGIN_SECS = 0.5
+# Retry-After of a 503 ``overloaded`` (MAX_QUEUE_LAG): long enough for the workers to
+# take a good part of the queue, short enough for a client not to give up.
+OVERLOADED_RETRY_AFTER_SECS = 2
 ORDER_ID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 
 
@@ -123,7 +128,7 @@ def idempotency_key(request: HTTPServerRequest) -> str | None:
     return value
 
 
-class ExecuteOrderHandler(APIHandler):
+class ExecuteOrderHandler(AccountHandler):
     """Accept a market order: validate it, store it and queue it for the worker."""
 
     # Both classes of this endpoint count as one in the metrics (request_logger).
@@ -146,15 +151,32 @@ class ExecuteOrderHandler(APIHandler):
         return dict(order)
 
     async def post(self) -> None:
-        order = self.valid_order()
-        key = idempotency_key(self.request)
+        try:
+            order = self.valid_order()
+            key = idempotency_key(self.request)
+        except APIError:
+            # A key that is not good is told so (401) before what is wrong with its
+            # request; a good one has its call counted, as any other.
+            await self.authorize()
+            raise
         order_id = str(uuid.uuid4())
         unanswered = Unanswered()
         timeout = self.services.config.redis_timeout_secs
         deadline = time.time() + timeout - min(CREATE_DEADLINE_MARGIN_SECS, timeout / 3)
         async with self.redis_guard(unanswered, order_id):
             result = await self.services.store.create(
-                order_id, order, key, deadline=deadline, unanswered=unanswered
+                order_id, order, key, credentials=self.credentials,
+                address=client_address(self.request), deadline=deadline, unanswered=unanswered,
+            )
+        self.apply_authorization(result.authorization)
+        if result.outcome == "overloaded":
+            logger.warning("order refused: %d or more orders wait for a worker (MAX_QUEUE_LAG)",
+                           self.services.config.max_queue_lag)
+            raise APIError(
+                503, ErrorCode.OVERLOADED,
+                "too many orders are waiting for a worker; nothing was created: retry after "
+                "Retry-After seconds",
+                headers={"Retry-After": str(OVERLOADED_RETRY_AFTER_SECS)},
             )
         if result.outcome == "expired":
             # Redis ran the create too late to answer in time: it created nothing.
@@ -221,35 +243,40 @@ class StreamedExecuteOrderHandler(ExecuteOrderHandler):
         return b"".join(self._chunks)
 
 
-class OrderHandler(APIHandler):
-    """One order: its request, current state and status history."""
+class OrderHandler(AccountHandler):
+    """One order of the caller's key: its request, current state and status history
+    (GET), or its cancel (DELETE). Another key's order is a 404, answered exactly as
+    for an id that does not exist."""
 
     async def get(self, raw_id: str) -> None:
-        order_id = parse_order_id(raw_id)
-        if order_id is None:
-            raise APIError(404, ErrorCode.NOT_FOUND, f"{raw_id[:64]!r} is not an order id")
+        await self.authorize()
+        order_id = self._order_id(raw_id)
         async with self.redis_guard():
             stored = await self.services.store.get(order_id)
-            history = await self.services.store.history(order_id) if stored else []
-        if stored is None:
-            raise APIError(404, ErrorCode.NOT_FOUND, f"no order {order_id}", order_id=order_id)
+            visible = stored is not None and self.may_see(stored.owner)
+            history = await self.services.store.history(order_id) if visible else []
+        if stored is None or not visible:
+            raise _no_order(order_id)
         self.write_json(order_view(stored, history))
-
 
     async def delete(self, raw_id: str) -> None:
         """Cancel an order that no worker has begun to build a transaction for."""
-        order_id = parse_order_id(raw_id)
-        if order_id is None:
-            raise APIError(404, ErrorCode.NOT_FOUND, f"{raw_id[:64]!r} is not an order id")
+        await self.authorize()
+        order_id = self._order_id(raw_id)
+        async with self.redis_guard():
+            stored = await self.services.store.get(order_id)
+        if stored is None or not self.may_see(stored.owner):
+            raise _no_order(order_id)
         unanswered = Unanswered()
         async with self.redis_guard(unanswered, order_id, CANCEL_UNKNOWN_MESSAGE):
             result = await cancel(self.services.store, order_id, unanswered)
-            stored = None if result.applied else await self.services.store.get(order_id)
+            if not result.applied:
+                stored = await self.services.store.get(order_id)
         if result.applied:
             logger.info("order %s: cancelled by client -> failed", order_id)
         else:
             if stored is None:
-                raise APIError(404, ErrorCode.NOT_FOUND, f"no order {order_id}", order_id=order_id)
+                raise _no_order(order_id)
             if stored.reason != CANCEL_REASON:  # a repeated DELETE is answered again
                 raise APIError(
                     409,
@@ -259,6 +286,70 @@ class OrderHandler(APIHandler):
                     order_id=order_id,
                 )
         self.write_json({"order_id": order_id, "status": FAILED, "reason": CANCEL_REASON})
+
+    @staticmethod
+    def _order_id(raw_id: str) -> str:
+        order_id = parse_order_id(raw_id)
+        if order_id is None:
+            raise APIError(404, ErrorCode.NOT_FOUND, f"{raw_id[:64]!r} is not an order id")
+        return order_id
+
+
+# GET /api/orders: page sizes, and what a cursor looks like (an order-list entry id).
+LIST_DEFAULT_LIMIT = 20
+LIST_MAX_LIMIT = 100
+_CURSOR = re.compile(r"[0-9]{1,20}-[0-9]{1,20}")
+_LIST_PARAMETERS = ("status", "limit", "cursor")
+
+
+class OrderListHandler(AccountHandler):
+    """``GET /api/orders?status=&limit=&cursor=``: the caller's key's orders, newest
+    first, a page at a time (OrderStore.list_orders)."""
+
+    async def get(self) -> None:
+        await self.authorize()
+        status, limit, cursor = self._query()
+        async with self.redis_guard():
+            orders, next_cursor = await self.services.store.list_orders(
+                self.owner, status=status, limit=limit, cursor=cursor
+            )
+        self.write_json({"orders": [order_view(order) for order in orders], "next_cursor": next_cursor})
+
+    def _query(self) -> tuple[str | None, int, str | None]:
+        """The query's (status, limit, cursor); raises APIError 400 naming each bad
+        parameter: unknown, repeated, or a value out of its range."""
+        arguments = self.request.query_arguments
+        details: list[dict[str, str]] = []
+        values: dict[str, str] = {}
+        for name, given in arguments.items():
+            if name not in _LIST_PARAMETERS:
+                details.append({"field": name, "message": "unknown parameter (status, limit, cursor)"})
+            elif len(given) > 1:
+                details.append({"field": name, "message": "send it once"})
+            else:
+                values[name] = given[0].decode("utf-8", "replace")
+        status = values.get("status")
+        if status is not None and status not in STATUSES:
+            details.append({"field": "status", "message": f"one of {', '.join(STATUSES)}"})
+        limit = LIST_DEFAULT_LIMIT
+        raw_limit = values.get("limit")
+        if raw_limit is not None:
+            if raw_limit.isascii() and raw_limit.isdigit() and len(raw_limit) <= 3 \
+                    and 1 <= int(raw_limit) <= LIST_MAX_LIMIT:
+                limit = int(raw_limit)
+            else:
+                details.append({"field": "limit", "message": f"a whole number from 1 to {LIST_MAX_LIMIT}"})
+        cursor = values.get("cursor")
+        if cursor is not None and not _CURSOR.fullmatch(cursor):
+            details.append({"field": "cursor", "message": "the next_cursor of an earlier page"})
+        if details:
+            raise APIError(400, ErrorCode.BAD_REQUEST, "the query is not valid", details)
+        return status, limit, cursor
+
+
+def _no_order(order_id: str) -> APIError:
+    """The 404 of an order that does not exist, or is not the caller's: one answer."""
+    return APIError(404, ErrorCode.NOT_FOUND, f"no order {order_id}", order_id=order_id)
 
 
 # Until the worker records the transaction it is about to send (on a ``building``
@@ -289,9 +380,10 @@ async def cancel(
 _OUTCOME_FIELDS = ("venue", "tx_hash", "reason", "execution_price", "amount_out")
 
 
-def order_view(order: Order, history: list[tuple[int, str]]) -> dict[str, Any]:
-    """The public shape of an order (schemas/order.json). The history's messages are
-    passed through as stored (exact JSON text)."""
+def order_view(order: Order, history: list[tuple[int, str]] | None = None) -> dict[str, Any]:
+    """The public shape of an order: schemas/order.json with its ``history`` (the
+    messages passed through as stored, exact JSON text), or without it an item of
+    schemas/order_list.json."""
     view: dict[str, Any] = {
         "order_id": order.id,
         "status": order.status,
@@ -305,5 +397,6 @@ def order_view(order: Order, history: list[tuple[int, str]]) -> dict[str, Any]:
             view[name] = value
     if order.tx_hashes:
         view["tx_hashes"] = list(order.tx_hashes)
-    view["history"] = [strict_json.raw(data) for _seq, data in history]
+    if history is not None:
+        view["history"] = [strict_json.raw(data) for _seq, data in history]
     return view

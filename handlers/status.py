@@ -14,9 +14,11 @@ from tornado.websocket import (
 )
 
 from engine.core import strict_json
+from engine.core.accounts import ANONYMOUS, Credentials
 from engine.core.connections import REDIS_DOWN_ERRORS
 from engine.web.services import Services
-from engine.web.updates import Subscription
+from engine.web.updates import Feed, Subscription
+from handlers.auth import BEARER, client_address, refusal
 from handlers.base import APIError, ErrorCode, JSONErrors, origin_allowed, override
 from handlers.orders import parse_order_id
 from handlers.ws_protocol import StrictWebSocketHandler
@@ -29,8 +31,10 @@ CLOSE_GOING_AWAY = 1001  # this web process is shutting down: reconnect (to anot
 CLOSE_INTERNAL_ERROR = 1011
 CLOSE_UNAVAILABLE = 1013  # "try again later" (RFC 6455 registry)
 CLOSE_BAD_ID = 4400
+CLOSE_UNAUTHORIZED = 4401
 CLOSE_UNKNOWN_ORDER = 4404
 CLOSE_TIMEOUT = 4408
+CLOSE_RATE_LIMITED = 4429
 
 
 _HANDSHAKE_ERRORS = {
@@ -61,7 +65,13 @@ def _quiet_write_result(future: Future[None]) -> None:
 
 
 class OrderStatusSocket(StrictWebSocketHandler, JSONErrors):
-    """Streams one order's statuses: history first, then live, then close on a terminal one."""
+    """Streams one order's statuses: history first, then live, then close on a terminal one.
+
+    Or, when the first message is ``Bearer <API key>`` instead of an order id (a
+    browser can send that, unlike an Authorization header), every status of every
+    order of that key, live, on one socket (an account feed): after a
+    ``{"subscribed": ...}`` message, until the client closes or the key is revoked.
+    """
 
     services: Services
 
@@ -69,6 +79,7 @@ class OrderStatusSocket(StrictWebSocketHandler, JSONErrors):
     def initialize(self, services: Services) -> None:
         self.services = services
         self.subscription: Subscription | None = None
+        self.feed: Feed | None = None
         self._claimed = False
         self._first_message_timer: object | None = None
         self._opened = False
@@ -132,6 +143,9 @@ class OrderStatusSocket(StrictWebSocketHandler, JSONErrors):
             return  # one order per socket; later messages are ignored
         self._claimed = True
         self._cancel_timer()
+        if isinstance(message, str) and message[:7].lower() == "bearer ":
+            await self._follow_account(message)
+            return
         order_id = parse_order_id(message) if isinstance(message, str) else None
         if order_id is None:
             self._fail(CLOSE_BAD_ID, ErrorCode.INVALID_ORDER_ID, "send the order id (a UUID) as plain text")
@@ -153,6 +167,42 @@ class OrderStatusSocket(StrictWebSocketHandler, JSONErrors):
             # without a word), and keep the details in the log.
             logger.exception("status socket for %s failed", order_id)
             self._fail(CLOSE_INTERNAL_ERROR, ErrorCode.INTERNAL_ERROR, "order updates failed; retry shortly")
+
+    async def _follow_account(self, message: str) -> None:
+        """Open an account feed for the key in ``message`` (``Bearer <key>``), after
+        the same checks as an HTTP call (engine.core.accounts)."""
+        owner = ANONYMOUS
+        if self.services.config.auth:
+            match = BEARER.fullmatch(message)
+            credentials = Credentials.parse(match.group(1)) if match else None
+            if credentials is None:
+                self._fail(CLOSE_UNAUTHORIZED, ErrorCode.UNAUTHORIZED,
+                           "send Bearer and an API key (oek_...), or an order id")
+                return
+            try:
+                authorization = await self.services.api_keys.authorize(
+                    credentials, client_address(self.request)
+                )
+            except REDIS_DOWN_ERRORS as exc:
+                logger.warning("account feed: Redis unavailable: %s", exc)
+                self._fail(CLOSE_UNAVAILABLE, ErrorCode.UNAVAILABLE, "order updates are unavailable; retry shortly")
+                return
+            refused = refusal(authorization)
+            if refused is not None:
+                code = CLOSE_UNAUTHORIZED if refused.status_code == 401 else CLOSE_RATE_LIMITED
+                self._fail(code, refused.body["error"], refused.body["message"])
+                return
+            owner = credentials.key_id
+        if self.ws_connection is None:
+            return  # the client left while we looked
+        self.feed = self.services.hub.follow(owner, self._send_feed, self._key_revoked)
+        self._write(strict_json.dumps({"subscribed": "orders", "key_id": owner}))
+
+    def _send_feed(self, data: str) -> None:
+        self._write(data)
+
+    def _key_revoked(self) -> None:
+        self._fail(CLOSE_UNAUTHORIZED, ErrorCode.UNAUTHORIZED, "this API key was revoked")
 
     def _write(self, data: str | bytes) -> bool:
         """Send one text message; False if the client has gone (nothing to do then)."""
@@ -195,3 +245,6 @@ class OrderStatusSocket(StrictWebSocketHandler, JSONErrors):
         if self.subscription is not None:
             self.subscription.close()
             self.subscription = None
+        if self.feed is not None:
+            self.feed.close()
+            self.feed = None

@@ -25,8 +25,9 @@ from engine.web.services import Services
 from server import make_app, make_http_server
 from tests.contract import check_response
 from tests.devnet_fixtures import devnet  # noqa: F401 - the session's devnet, for any test
-from tests.faults.cluster import Cluster
+from tests.faults.cluster import Cluster, add_test_key
 from tests.faults.report import Figures, figures_fixture
+from tests.helpers import TEST_API_KEY
 
 
 @pytest.fixture(scope="session")
@@ -45,6 +46,7 @@ def lonely_redis(tmp_path: Path) -> Iterator[RedisServer]:
     """A redis-server of the test's own, to stop, freeze and reconfigure."""
     server = RedisServer(tmp_path / "lonely", appendfsync="no")
     server.start()
+    add_test_key(server.url)
     yield server
     if server.process is not None:
         os.kill(server.process.pid, signal.SIGCONT)
@@ -88,15 +90,20 @@ def config(redis_server: RedisServer, tmp_path: Path) -> Config:
         poll_block_ms=200,
         claim_idle_ms=500,
         shutdown_grace_secs=2.0,
+        # Tests place many orders quickly; those of the limits set their own.
+        rate_limit_per_sec=10_000.0,
+        rate_limit_burst=10_000,
     )
 
 
 @pytest.fixture
 def clean_redis(redis_server: RedisServer) -> None:
-    """Every test starts from an empty database (tests run one at a time)."""
+    """Every test starts from an empty database (tests run one at a time), but for
+    the tests' API key (TEST_API_KEY, with a rate limit high enough for load)."""
     client = sync_redis.Redis(port=redis_server.port)
     client.flushall()
     client.close()
+    add_test_key(redis_server.url)
 
 
 @pytest.fixture
@@ -146,17 +153,32 @@ def http_server(app: Application, config: Config, http_server_port: Any) -> Iter
 
 
 class CheckedClient(AsyncHTTPServerClient):
-    """pytest-tornasync's test client, checking every answer against its schema."""
+    """pytest-tornasync's test client, checking every answer against its schema, and
+    sending ``api_key`` (``Authorization: Bearer``) unless the request has its own
+    Authorization header or is made with ``anonymous=True``."""
+
+    api_key: str | None = None
 
     async def fetch(self, path: str, **kwargs: Any) -> Any:  # type: ignore[override]
+        anonymous = kwargs.pop("anonymous", False)
+        headers = dict(kwargs.get("headers") or {})
+        if self.api_key and not anonymous and not any(name.lower() == "authorization" for name in headers):
+            kwargs["headers"] = {**headers, "Authorization": f"Bearer {self.api_key}"}
         response = await super().fetch(path, **kwargs)
         check_response(kwargs.get("method", "GET"), path.split("?")[0], response)
         return response
 
 
 @pytest.fixture
-def http_server_client(http_server: Any) -> Iterator[CheckedClient]:
-    """Overrides pytest-tornasync's fixture of the same name."""
+def api_key(clean_redis: None) -> str:
+    """The tests' API key, live in the test's Redis (clean_redis stores it)."""
+    return TEST_API_KEY
+
+
+@pytest.fixture
+def http_server_client(http_server: Any, api_key: str) -> Iterator[CheckedClient]:
+    """Overrides pytest-tornasync's fixture of the same name: sends ``api_key``."""
     client = CheckedClient(http_server=http_server)
+    client.api_key = api_key
     yield client
     client.close()

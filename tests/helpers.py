@@ -18,6 +18,12 @@ from engine.core.config import PROJECT_ROOT
 from engine.ops.redis_server import stop_process
 from tests.contract import check_message
 
+# The tests' API key: a fixed one, so that raw requests can carry it (the fixtures
+# store it in each test's Redis: conftest.api_key, faults.cluster.Cluster).
+TEST_API_KEY = "oek_7e57000000000001_" + "T" * 43
+AUTH_HEADERS = {"Authorization": f"Bearer {TEST_API_KEY}"}
+TEST_KEY_ID = "7e57000000000001"  # its id: the owner of the orders it places
+
 VALID_ORDER: dict[str, Any] = {
     "token_in": "SOL",
     "token_out": "USDC",
@@ -78,11 +84,11 @@ async def wait_until_ready(
     await eventually(ready, timeout=timeout, interval=0.05, message=f"{base}{path} answering")
 
 
-async def submit_order(base: str) -> str:
+async def submit_order(base: str, api_key: str = TEST_API_KEY) -> str:
     """POST a valid order to a running server at ``base``; its order id."""
     response = await AsyncHTTPClient().fetch(
         f"{base}/api/orders/execute", method="POST", body=json.dumps(VALID_ORDER),
-        headers={"Content-Type": "application/json"},
+        headers={"Content-Type": "application/json", "Authorization": f"Bearer {api_key}"},
     )
     return str(json.loads(response.body)["order_id"])
 

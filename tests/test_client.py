@@ -10,10 +10,13 @@ import shlex
 import signal
 import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 from tornado.testing import bind_unused_port
 
+from engine import client
+from engine.core import keys
 from engine.core.config import PROJECT_ROOT, Config
 from engine.execution.consumer import Consumer
 from engine.execution.services import build_worker
@@ -21,12 +24,21 @@ from engine.ops.redis_server import RedisServer, free_port
 from engine.web.schemas import Schemas
 from engine.web.services import Services
 from server import make_app, make_http_server
+from tests.helpers import TEST_API_KEY, TEST_KEY_ID
 
 
-async def run_client(*args: str) -> tuple[int, str, str]:
+async def run_client(*args: str, api_key: str | None = TEST_API_KEY) -> tuple[int, str, str]:
+    """``python -m engine.client *args``, given ``api_key`` by ORDER_API_KEY (None: no
+    key anywhere, not even a development key file)."""
+    env = {name: value for name, value in os.environ.items() if name not in ("ORDER_API_KEY", "DATA_DIR")}
+    if api_key is not None:
+        env["ORDER_API_KEY"] = api_key
+    else:
+        env["DATA_DIR"] = "/nonexistent"
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "engine.client", *args,
         cwd=PROJECT_ROOT,
+        env=env,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
@@ -137,8 +149,23 @@ async def test_client_prints_a_safe_retry_when_the_outcome_is_unknown(
             retried, out, err = await run_client(*argv[3:])
         assert retried == 0, (out, err)
         order_id = out.splitlines()[0].removeprefix("order ")
-        assert (await services.redis.get(f"idem:{key}") or "").startswith(order_id)
+        assert (await services.redis.get(keys.idempotency(TEST_KEY_ID, key)) or "").startswith(order_id)
         assert len(await services.redis.keys("order:*:events")) == 1
     finally:
         server.stop()
         await services.close()
+
+
+async def test_client_without_a_key_is_told_how_to_get_one(http_server_client: Any) -> None:
+    code, _out, err = await run_client("SOL", "USDC", "1", "--url", http_server_client.get_url(""),
+                                       api_key=None)
+    assert code == 2
+    assert "order refused (401)" in err and "make api-key NAME=" in err and "dev-api-key" in err
+
+
+def test_client_takes_its_key_from_the_flag_the_environment_or_the_dev_key_file(tmp_path: Path) -> None:
+    (tmp_path / "dev-api-key").write_text("oek_from_the_file\n")
+    assert client.api_key("oek_flag", {"ORDER_API_KEY": "oek_env"}) == "oek_flag"
+    assert client.api_key(None, {"ORDER_API_KEY": "oek_env", "DATA_DIR": str(tmp_path)}) == "oek_env"
+    assert client.api_key(None, {"DATA_DIR": str(tmp_path)}) == "oek_from_the_file"
+    assert client.api_key(None, {"DATA_DIR": str(tmp_path / "none")}) is None

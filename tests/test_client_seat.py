@@ -44,7 +44,7 @@ from engine.web.schemas import Schemas
 from engine.web.services import Services
 from server import make_app, make_http_server
 from tests.faults.clients import raw_http
-from tests.helpers import VALID_ORDER, post_order
+from tests.helpers import AUTH_HEADERS, TEST_API_KEY, TEST_KEY_ID, VALID_ORDER, post_order
 
 ORDER_TEXT = (
     '{"token_in":"SOL","token_out":"USDC","amount":%s,"order_type":"market",'
@@ -115,7 +115,7 @@ async def test_a_quoted_key_is_the_same_key_as_the_bare_one(
     assert head["Idempotent-Replayed"] == "true"
     # Inside quotes a comma is part of the key (and escapes are undone).
     _, _, commas = await post_text(http_server_client, json.dumps(VALID_ORDER), {"Idempotency-Key": '"a,\\"b"'})
-    assert await redis.get(keys.idempotency('a,"b')) is not None
+    assert await redis.get(keys.idempotency(TEST_KEY_ID, 'a,"b')) is not None
     assert commas["order_id"] != bare["order_id"]
 
 
@@ -616,6 +616,7 @@ async def test_an_early_answer_says_connection_close_and_a_bodiless_one_keeps_th
         assert answers[1].startswith(b"HTTP/1.1 200 ")
         # A body answered before it is read: the answer says the connection closes.
         writer.write(f"POST /api/orders/execute HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+                     f"Authorization: Bearer {TEST_API_KEY}\r\n"
                      "Content-Type: text/plain\r\nContent-Length: 5\r\n\r\nhello".encode())
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
         assert head.startswith(b"HTTP/1.1 415 ") and b"Connection: close" in head
@@ -667,7 +668,7 @@ async def test_redis_refusing_writes_is_a_503_and_nothing_is_created(
         http = AsyncHTTPClient()
         response = await http.fetch(f"http://127.0.0.1:{port}/api/orders/execute", method="POST",
                                     body=json.dumps(VALID_ORDER), raise_error=False,
-                                    headers={"Content-Type": "application/json"})
+                                    headers={"Content-Type": "application/json", **AUTH_HEADERS})
         body = orjson.loads(response.body)
         assert response.code == 503 and body["error"] == "unavailable", body
         assert response.headers["Retry-After"] == "1"
@@ -693,7 +694,7 @@ async def test_an_unreachable_redis_without_the_pipelined_connection_is_503_not_
     try:
         response = await AsyncHTTPClient().fetch(
             f"http://127.0.0.1:{port}/api/orders/execute", method="POST", raise_error=False,
-            body=json.dumps(VALID_ORDER), headers={"Content-Type": "application/json"},
+            body=json.dumps(VALID_ORDER), headers={"Content-Type": "application/json", **AUTH_HEADERS},
         )
         assert response.code == 503, response.body
     finally:

@@ -34,7 +34,7 @@ from tests.faults import run_scenario, scaled
 from tests.faults.clients import RawWebSocket, post_order
 from tests.faults.cluster import Cluster, WebProcess, connections, start_web
 from tests.faults.report import Figures
-from tests.helpers import VALID_ORDER, eventually
+from tests.helpers import AUTH_HEADERS, TEST_KEY_ID, VALID_ORDER, eventually
 
 pytestmark = pytest.mark.slow
 
@@ -92,13 +92,14 @@ async def _stalls(cluster: Cluster, figures: Figures) -> None:
             elif answer.code == 503:
                 # "Retry" means nothing was created: no order, no trace of the key.
                 assert answer.body["error"] == "unavailable" and answer.headers["Retry-After"] == "1"
-                assert not await redis.exists(keys.idempotency(key)), (stall, answer)
+                assert not await redis.exists(keys.idempotency(TEST_KEY_ID, key)), (stall, answer)
             else:
                 assert answer.body["error"] == "outcome_unknown", answer
                 assert "Retry-After" not in answer.headers
                 # The answer names the order; asking for it settles the question, for good.
                 order_id = answer.body["order_id"]
-                first = await http.fetch(f"{web.base_url}/api/orders/{order_id}", raise_error=False)
+                first = await http.fetch(f"{web.base_url}/api/orders/{order_id}", raise_error=False,
+                                         headers=AUTH_HEADERS)
                 assert first.code in (200, 404), first
                 if first.code == 200:
                     expected.add(order_id)
@@ -112,7 +113,8 @@ async def _stalls(cluster: Cluster, figures: Figures) -> None:
             assert retry.code == 202, (stall, retry)
         assert len(await order_ids_in_redis(redis)) == 1 + len(STALLS_SECS)
         still = await asyncio.gather(*(
-            http.fetch(f"{web.base_url}/api/orders/{answer.body['order_id']}", raise_error=False)
+            http.fetch(f"{web.base_url}/api/orders/{answer.body['order_id']}", raise_error=False,
+                       headers=AUTH_HEADERS)
             for _key, answer in answers.values() if answer.code == 504
         ))
         figures.record("redis_stall", {
@@ -130,7 +132,7 @@ async def _stalls(cluster: Cluster, figures: Figures) -> None:
         try:
             deleting = asyncio.ensure_future(http.fetch(
                 f"{web.base_url}/api/orders/{cancel_me.body['order_id']}", method="DELETE",
-                raise_error=False,
+                raise_error=False, headers=AUTH_HEADERS,
             ))
             await asyncio.sleep(2.0)
         finally:
@@ -138,7 +140,7 @@ async def _stalls(cluster: Cluster, figures: Figures) -> None:
         deleted = await deleting
         assert deleted.code == 504 and json.loads(deleted.body)["error"] == "outcome_unknown"
         again = await http.fetch(f"{web.base_url}/api/orders/{cancel_me.body['order_id']}",
-                                 method="DELETE", raise_error=False)
+                                 method="DELETE", raise_error=False, headers=AUTH_HEADERS)
         assert again.code == 200
 
 

@@ -103,7 +103,11 @@ async def test_make_run_system_serves_orders_end_to_end(embedded_system: Any) ->
     proc, port, tmp_path = embedded_system
     base = f"http://127.0.0.1:{port}"
     await wait_until_ready(base, alive=lambda: proc.poll() is None, log=tmp_path / "server.log")
-    order_id = await submit_order(base)
+    # Embedded mode made a development key, and says where; orders need it.
+    dev_key_file = tmp_path / "data" / "dev-api-key"
+    assert f"development API key in {dev_key_file}" in (tmp_path / "server.log").read_text()
+    assert dev_key_file.stat().st_mode & 0o777 == 0o600
+    order_id = await submit_order(base, api_key=dev_key_file.read_text().strip())
     ws = await websocket_connect(HTTPRequest(f"ws://127.0.0.1:{port}/api/orders/status"))
     await ws.write_message(order_id)
     messages = [json.loads(m) for m in await read_until_closed(ws, timeout=30)]

@@ -24,7 +24,7 @@ from engine.core.status import Order
 from engine.ops.devnet_keys import WALLET_KEY
 from tests.evm_market import DevnetMarket
 from tests.faults.cluster import Cluster, connections, start_web
-from tests.helpers import eventually
+from tests.helpers import AUTH_HEADERS, eventually
 from tests.test_faults import wait_finished
 
 WALLET = Account.from_key(WALLET_KEY).address
@@ -59,7 +59,8 @@ async def submit(http: AsyncHTTPClient, base_url: str, batch: list[dict[str, Any
         # Exact amounts: a Decimal goes out as its own digits, never through a float.
         body = json.dumps({**order, "amount": "AMOUNT"}).replace('"AMOUNT"', str(order["amount"]))
         response = await http.fetch(f"{base_url}/api/orders/execute", method="POST", body=body,
-                                    headers={"Content-Type": "application/json"}, raise_error=False)
+                                    headers={"Content-Type": "application/json", **AUTH_HEADERS},
+                                    raise_error=False)
         assert response.code == 202, response.body
         return str(json.loads(response.body)["order_id"])
 

@@ -28,7 +28,7 @@ from tests.evm_market import DevnetMarket
 from tests.faults import scaled
 from tests.faults.audit import histories, statuses_now, valid_path
 from tests.faults.cluster import Cluster, ServiceProcess, connections, start_web
-from tests.helpers import eventually
+from tests.helpers import AUTH_HEADERS, eventually
 from tests.test_evm_e2e import SIZES, WALLET, check_against_chain, evm_env, load_orders, orders, submit
 from tests.test_faults import wait_finished
 
@@ -265,7 +265,8 @@ async def test_a_stuck_swap_is_replaced_and_lands_once(devnet: Any, cluster: Clu
         assert landed["nonce"] == stuck["nonce"] and int(landed["maxFeePerGas"]) > high
         with pytest.raises(TransactionNotFound):  # the stuck one never executed
             market.w3.eth.get_transaction_receipt(first)  # type: ignore[arg-type]
-        view = json.loads((await http.fetch(f"{web.base_url}/api/orders/{order_id}")).body)
+        view = json.loads((await http.fetch(f"{web.base_url}/api/orders/{order_id}",
+                                             headers=AUTH_HEADERS)).body)
         assert view["tx_hashes"] == [first, second] and view["tx_hash"] == second
         assert view["history"][-1]["tx_hash"] == second
         check_against_chain(market, [done], before)  # once, and no nonce gap

@@ -49,7 +49,7 @@ from tests.faults.clients import (
 )
 from tests.faults.cluster import Cluster, ServiceProcess, WebProcess, connections, start_web
 from tests.faults.report import Figures
-from tests.helpers import eventually
+from tests.helpers import AUTH_HEADERS, TEST_KEY_ID, eventually
 
 pytestmark = pytest.mark.slow
 
@@ -444,7 +444,7 @@ async def _redis_crash(cluster: Cluster, figures: Figures) -> None:
         await running
         # A 503 means nothing was created (invariant 6): Redis has no trace of its key.
         created_behind_503 = [key for key in load.refused
-                              if await redis.exists(keys.idempotency(key))]
+                              if await redis.exists(keys.idempotency(TEST_KEY_ID, key))]
         # The clients that got a 503 or a 504 try again with the same key: each gets
         # its order, created now or (a 504 whose create ran before Redis died)
         # replayed.
@@ -699,7 +699,8 @@ async def _cycles(cluster: Cluster, figures: Figures, cycles: int) -> None:
         live = await post_orders(http, web.base_url, 20)
         finished = await post_orders(http, web.base_url, 20, seed=2)
         for order_id in finished:
-            response = await http.fetch(f"{web.base_url}/api/orders/{order_id}", method="DELETE")
+            response = await http.fetch(f"{web.base_url}/api/orders/{order_id}", method="DELETE",
+                                        headers=AUTH_HEADERS)
             assert response.code == 200
         kinds: collections.Counter[str] = collections.Counter()
         unexpected: list[Any] = []

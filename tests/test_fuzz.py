@@ -648,7 +648,7 @@ async def test_only_an_allow_listed_origin_gets_cors_headers(
     assert preflight.code == 204
     assert preflight.headers["Access-Control-Allow-Origin"] == "https://app.example"
     assert preflight.headers["Access-Control-Allow-Methods"] == "POST"
-    assert preflight.headers["Access-Control-Allow-Headers"] == "Content-Type, Idempotency-Key"
+    assert preflight.headers["Access-Control-Allow-Headers"] == "Authorization, Content-Type, Idempotency-Key"
     assert int(preflight.headers["Access-Control-Max-Age"]) > 0
     preflight = await fetch("OPTIONS", "/api/orders/x", "https://app.example",
                             **{"Access-Control-Request-Method": "DELETE"})

@@ -18,7 +18,7 @@ from engine.core.store import Recorded
 from engine.web.schemas import Schemas
 from handlers.orders import ExecuteOrderHandler, ExecuteOrderRouter, StreamedExecuteOrderHandler
 from tests.faults.clients import raw_http
-from tests.helpers import VALID_ORDER, post_chunked, post_order
+from tests.helpers import TEST_KEY_ID, VALID_ORDER, post_chunked, post_order
 
 
 def with_(**changes: Any) -> dict[str, Any]:
@@ -247,7 +247,7 @@ async def test_same_idempotency_key_and_body_returns_the_same_order(
     assert second.headers.get("Idempotent-Replayed") == "true"
     assert "Idempotent-Replayed" not in first.headers
     assert await redis.xlen(keys.ORDERS_STREAM) == 1
-    assert 0 < await redis.ttl(keys.idempotency("client-42")) <= 24 * 3600
+    assert 0 < await redis.ttl(keys.idempotency(TEST_KEY_ID, "client-42")) <= 24 * 3600
 
 
 async def test_same_idempotency_key_with_another_body_is_422(

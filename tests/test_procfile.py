@@ -14,7 +14,7 @@ from tornado.httpclient import AsyncHTTPClient
 
 from engine.core.config import PROJECT_ROOT
 from engine.ops.redis_server import RedisServer, free_port
-from tests.helpers import eventually, submit_order, wait_until_ready
+from tests.helpers import AUTH_HEADERS, eventually, submit_order, wait_until_ready
 
 
 async def test_honcho_runs_web_and_worker_from_the_procfile(
@@ -47,7 +47,7 @@ async def test_honcho_runs_web_and_worker_from_the_procfile(
         order_id = await submit_order(base)
 
         async def finished() -> Any:
-            order = json.loads((await http.fetch(f"{base}/api/orders/{order_id}")).body)
+            order = json.loads((await http.fetch(f"{base}/api/orders/{order_id}", headers=AUTH_HEADERS)).body)
             return order if order["status"] in ("confirmed", "failed") else None
 
         order = await eventually(finished, timeout=30, interval=0.05, message="order finished")

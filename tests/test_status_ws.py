@@ -29,7 +29,7 @@ from engine.web.updates import Subscription
 from server import make_app
 from tests.contract import check_message
 from tests.faults.clients import RawWebSocket
-from tests.helpers import VALID_ORDER, eventually, open_socket, post_order, read_until_closed
+from tests.helpers import AUTH_HEADERS, VALID_ORDER, eventually, open_socket, post_order, read_until_closed
 
 TX = "0x" + "ab" * 32
 
@@ -395,6 +395,7 @@ async def test_redis_unavailable_gives_503_json_promptly(
                 self.http = AsyncHTTPClient()
 
             async def fetch(self, path: str, **kw: Any) -> Any:
+                kw["headers"] = {**kw.get("headers", {}), **AUTH_HEADERS}
                 return await self.http.fetch(f"http://127.0.0.1:{port}{path}", **kw)
 
         client = Client()

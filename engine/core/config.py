@@ -63,6 +63,21 @@ class Config:
     idempotency_ttl_secs: int = 24 * 3600
     ws_first_message_timeout_secs: float = 10.0
 
+    # Accounts (engine.core.accounts). ``auth``: API keys are required on every
+    # /api/orders... HTTP call; False (AUTH=off) is for experiments only, and warned
+    # of at every start. Each key may make ``rate_limit_per_sec`` calls a second on
+    # average and ``rate_limit_burst`` at once (GCRA, atomic in Redis), unless its own
+    # limits say otherwise. A client address may fail authentication
+    # ``auth_failure_burst`` times at once, then once per ``auth_failure_interval_secs``.
+    auth: bool = True
+    rate_limit_per_sec: float = 20.0
+    rate_limit_burst: int = 40
+    auth_failure_burst: int = 10
+    auth_failure_interval_secs: float = 6.0
+    # Backpressure: POST answers 503 ``overloaded`` while this many orders wait for a
+    # worker (accepted, not yet taken by one); 0 = no limit.
+    max_queue_lag: int = 10_000
+
     # Worker.
     # The worker's consumer name in the group (WORKER_NAME, else a Procfile host's
     # DYNO, e.g. "worker.1"). A name that survives a restart lets the new process
@@ -158,6 +173,14 @@ class Config:
             ws_first_message_timeout_secs=get(
                 "WS_FIRST_MESSAGE_TIMEOUT_SECS", _positive(float), d.ws_first_message_timeout_secs
             ),
+            auth=get("AUTH", _bool, d.auth),
+            rate_limit_per_sec=get("RATE_LIMIT_PER_SEC", _positive(float), d.rate_limit_per_sec),
+            rate_limit_burst=get("RATE_LIMIT_BURST", _positive(int), d.rate_limit_burst),
+            auth_failure_burst=get("AUTH_FAILURE_BURST", _positive(int), d.auth_failure_burst),
+            auth_failure_interval_secs=get(
+                "AUTH_FAILURE_INTERVAL_SECS", _positive(float), d.auth_failure_interval_secs
+            ),
+            max_queue_lag=get("MAX_QUEUE_LAG", _non_negative(int), d.max_queue_lag),
             worker_name=get("WORKER_NAME", _worker_name, None)
             or get("DYNO", _worker_name, d.worker_name),
             worker_concurrency=get("WORKER_CONCURRENCY", _positive(int), d.worker_concurrency),

@@ -31,9 +31,10 @@ def order_events(order_id: str) -> str:
     return f"order:{order_id}:events"
 
 
-def idempotency(key: str) -> str:
-    """String: Idempotency-Key -> "order_id|body_hash", with a TTL."""
-    return f"idem:{key}"
+def idempotency(owner: str, key: str) -> str:
+    """String: an API key's (``owner``'s) Idempotency-Key -> "order_id|body_hash",
+    with a TTL. Scoped per API key: two clients may use the same value."""
+    return f"idem:{owner}:{key}"
 
 
 def worker(consumer: str) -> str:
@@ -64,3 +65,31 @@ def wallet_txs(chain: str, address: str) -> str:
 # (EVM venues), with a TTL: gone when no worker has reached the node lately. /readyz
 # reports it.
 CHAIN_HEALTH = "chain:health"
+
+
+# Set: the ids of every API key ever created (revoked ones included), for listing.
+API_KEYS = "api_keys"
+
+
+def api_key(key_id: str) -> str:
+    """Hash: one API key's record: ``digest`` (SHA-256 of the whole key, hex), ``name``,
+    ``created_at`` (epoch seconds), optional ``rate``/``burst`` limits, and
+    ``revoked_at`` once revoked (engine.core.accounts)."""
+    return f"api_key:{key_id}"
+
+
+def rate_limit(key_id: str) -> str:
+    """String: the GCRA theoretical arrival time of an API key's next call, in
+    microseconds on Redis's clock, expiring once it is in the past."""
+    return f"rate:{key_id}"
+
+
+def auth_failures(address: str) -> str:
+    """String: as ``rate_limit``, for failed authentications from one client address."""
+    return f"auth_fail:{address}"
+
+
+def key_orders(owner: str) -> str:
+    """Stream: one entry (``id`` = order id) per order an API key created, in creation
+    order; its entry ids are the cursors of GET /api/orders."""
+    return f"key_orders:{owner}"

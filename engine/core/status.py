@@ -136,6 +136,9 @@ class Order:
     execution_price: Decimal | None = None
     amount_out: Decimal | None = None
     reason: str | None = None
+    # The id of the API key that created it (engine.core.accounts.ANONYMOUS with
+    # AUTH=off); None for an order made before accounts existed, which no key owns.
+    owner: str | None = None
 
     @classmethod
     def from_hash(cls, fields: Mapping[str, str]) -> Order:
@@ -151,7 +154,7 @@ class Order:
             "seq": int(fields.get("seq", 1)),
             "attempts": int(fields.get("attempts") or 0),
         }
-        for name in ("venue", "tx_hash", "tx", "tx_prior", "reason"):
+        for name in ("venue", "tx_hash", "tx", "tx_prior", "reason", "owner"):
             if name in fields:
                 values[name] = fields[name]
         if "tx_hashes" in fields:

@@ -23,7 +23,7 @@ from typing import Any, Literal, cast
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from engine.core import keys, strict_json
+from engine.core import accounts, keys, strict_json
 from engine.core.config import Config
 from engine.core.pipelined import PipelinedRedis, Script, Unanswered
 from engine.core.status import ALLOWED, Order, OrderStatus
@@ -53,47 +53,76 @@ def _lua_allowed_table() -> str:
 
 
 # KEYS: order hash, order events, all events, orders stream, idempotency key (or any
-#       placeholder when there is none), status counters
-# ARGV: order id, event body (JSON object without seq), now, request JSON,
-#       request hash ("" = no idempotency key), idempotency TTL, events maxlen,
-#       deadline: Redis TIME in microseconds after which nothing is created ("" = none)
-# The deadline is checked after the two "already done" answers, so a re-sent script
-# whose first run created the order still says so, however late it arrives.
-_CREATE_LUA = """
+#       placeholder when there is none), status counters, then for the authorize
+#       step (engine.core.accounts; placeholders when AUTH=off) the API key's record,
+#       its rate-limit key and the client address's failure key, and last the API
+#       key's order list (keys.key_orders)
+# ARGV: 1 order id, 2 event body (JSON object without seq), 3 now, 4 request JSON,
+#       5 request hash ("" = no idempotency key), 6 idempotency TTL, 7 events maxlen,
+#       8 deadline: Redis TIME in microseconds after which nothing is created ("" =
+#       none), 9 owner (the API key's id), 10 "1" to authorize ("" when AUTH=off),
+#       11-15 the authorize step's arguments (Credentials.script_args), 16 the most
+#       orders that may wait for a worker (0 = no limit), 17 the executors' group,
+#       18 the order list's oldest entry to keep (ms)
+# Reply: {outcome, order id, then the rate limit: quota, remaining, reset us, retry us,
+#         window s (zeros when no key was consulted)}.
+# Steps: a re-sent script whose first run created the order says so first (so a
+# retried send never takes a second call of the rate limit, nor is refused by it);
+# then the key, its limit, the idempotency key, the backpressure limit and the
+# deadline; each refusal creates nothing. The deadline comes after the "already
+# done" answers, so a re-sent script whose first run created the order still says so,
+# however late it arrives.
+_CREATE_LUA = accounts.AUTHORIZE_FUNCTIONS_LUA + """
+local none = {0, 0, 0, 0, 0}
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  return {'created', ARGV[1], unpack(none)}
+end
+local limit = none
+if ARGV[10] == '1' then
+  local auth = authorize(KEYS[7], KEYS[8], KEYS[9], ARGV[11], tonumber(ARGV[12]), tonumber(ARGV[13]),
+                         tonumber(ARGV[14]), tonumber(ARGV[15]))
+  limit = {auth[2], auth[3], auth[4], auth[5], auth[6]}
+  if auth[1] ~= 'ok' then return {auth[1], '', unpack(limit)} end
+end
 if ARGV[5] ~= '' then
   local existing = redis.call('GET', KEYS[5])
   if existing then
     local sep = string.find(existing, '|', 1, true)
     local oid = string.sub(existing, 1, sep - 1)
-    -- Same id: this is a re-sent script whose first run succeeded.
-    if oid == ARGV[1] then return {'created', oid} end
-    if string.sub(existing, sep + 1) == ARGV[5] then return {'replayed', oid} end
-    return {'conflict', oid}
+    if string.sub(existing, sep + 1) == ARGV[5] then return {'replayed', oid, unpack(limit)} end
+    return {'conflict', oid, unpack(limit)}
   end
 end
-if redis.call('EXISTS', KEYS[1]) == 1 then
-  -- A re-sent script whose first run succeeded.
-  return {'created', ARGV[1]}
+local max_lag = tonumber(ARGV[16])
+if max_lag > 0 and redis.call('XLEN', KEYS[4]) >= max_lag then
+  -- Entries leave the stream once a worker is done with them: those still in it are
+  -- waiting, or being worked on (pending in the group).
+  local waiting = redis.call('XLEN', KEYS[4])
+  local pending = redis.pcall('XPENDING', KEYS[4], ARGV[17])
+  if type(pending) == 'table' and not pending.err then waiting = waiting - pending[1] end
+  if waiting >= max_lag then return {'overloaded', '', unpack(limit)} end
 end
 if ARGV[8] ~= '' then
   local now = redis.call('TIME')
   if tonumber(now[1]) * 1000000 + tonumber(now[2]) > tonumber(ARGV[8]) then
     -- The request has been answered (or is about to be) without this order: a
     -- late create must not make an order the client was told does not exist.
-    return {'expired', ARGV[1]}
+    return {'expired', ARGV[1], unpack(limit)}
   end
 end
 local data = '{"seq":1,' .. string.sub(ARGV[2], 2)
-redis.call('HSET', KEYS[1], 'id', ARGV[1], 'status', 'pending', 'seq', 1,
+redis.call('HSET', KEYS[1], 'id', ARGV[1], 'status', 'pending', 'seq', 1, 'owner', ARGV[9],
            'request', ARGV[4], 'created_at', ARGV[3], 'updated_at', ARGV[3], 'attempts', 0)
 redis.call('XADD', KEYS[2], '*', 'seq', 1, 'data', data)
-redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[7], '*', 'id', ARGV[1], 'seq', 1, 'data', data)
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[7], '*', 'id', ARGV[1], 'seq', 1, 'owner', ARGV[9],
+           'data', data)
 redis.call('XADD', KEYS[4], '*', 'id', ARGV[1])
+redis.call('XADD', KEYS[10], 'MINID', '~', ARGV[18], '*', 'id', ARGV[1])
 redis.call('HINCRBY', KEYS[6], 'pending', 1)
 if ARGV[5] ~= '' then
   redis.call('SET', KEYS[5], ARGV[1] .. '|' .. ARGV[5], 'EX', ARGV[6])
 end
-return {'created', ARGV[1]}
+return {'created', ARGV[1], unpack(limit)}
 """
 
 # KEYS: order hash, order events, all events, status counters
@@ -120,14 +149,15 @@ if ARGV[8] ~= '' then
 end
 local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
 local data = '{"seq":' .. seq .. ',' .. string.sub(ARGV[2], 2)
+local who = redis.call('HMGET', KEYS[1], 'id', 'owner')
 redis.call('HSET', KEYS[1], 'status', ARGV[1], 'updated_at', ARGV[3])
 if #ARGV > 10 then
   redis.call('HSET', KEYS[1], unpack(ARGV, 11))
 end
 redis.call('HINCRBY', KEYS[4], ARGV[1], 1)
 redis.call('XADD', KEYS[2], '*', 'seq', seq, 'data', data)
-redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[4], '*', 'id', redis.call('HGET', KEYS[1], 'id'),
-           'seq', seq, 'data', data)
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[4], '*', 'id', who[1], 'seq', seq,
+           'owner', who[2] or '', 'data', data)
 if next(allowed[ARGV[1]]) == nil then
   redis.call('EXPIRE', KEYS[1], ARGV[5])
   redis.call('EXPIRE', KEYS[2], ARGV[5])
@@ -287,13 +317,31 @@ class RedisClock:
         return int((epoch + self.offset_secs) * 1_000_000)
 
 
+# An API key's order list keeps an entry this many ORDER_TTL_SECS after the order's
+# creation (an order finished expires ORDER_TTL_SECS after it finished); entries of
+# orders gone before then are dropped as a list meets them.
+KEY_ORDERS_KEPT_TTLS = 2
+# GET /api/orders reads a key's order list in batches of LIST_BATCH entries, and at
+# most LIST_SCAN_MAX entries for one page (a status filter may skip many).
+LIST_BATCH = 100
+LIST_SCAN_MAX = 1000
+
+CreateOutcome = Literal[
+    "created", "replayed", "conflict", "expired", "overloaded", "unauthorized", "throttled",
+    "rate_limited",
+]
+
+
 @dataclasses.dataclass(frozen=True)
 class CreateResult:
-    """What the create script did. ``expired``: nothing was created, because the
-    script ran after the request's deadline (Redis was slow or stalled)."""
+    """What the create script did (OrderStore.create). Only ``created`` created
+    anything; ``order_id`` is "" for the refusals before the idempotency key was read
+    (``unauthorized``, ``throttled``, ``rate_limited``, ``overloaded``).
+    ``authorization``: the authorize step's part of the answer (rate limit, wait)."""
 
     order_id: str
-    outcome: Literal["created", "replayed", "conflict", "expired"]
+    outcome: CreateOutcome
+    authorization: accounts.Authorization = accounts.Authorization("created", None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -379,33 +427,54 @@ class OrderStore:
         request: Mapping[str, Any],
         idempotency_key: str | None = None,
         *,
+        credentials: accounts.Credentials | None = None,
+        address: str = "",
         deadline: float | None = None,
         unanswered: Unanswered | None = None,
     ) -> CreateResult:
-        """Store a new order, its ``pending`` event and its orders-stream entry at once.
+        """Store a new order, its ``pending`` event, its orders-stream entry and its
+        entry in the owner's order list at once.
+
+        With ``credentials`` (a request's API key, from client ``address``), the
+        authorize step of engine.core.accounts runs first, in the same script: a
+        refusal (``unauthorized``, ``throttled``, ``rate_limited``) creates nothing,
+        and the order belongs to the key's id. Without (AUTH=off), it belongs to
+        ``accounts.ANONYMOUS``.
 
         ``request`` is stored in its canonical form (strict_json.canonical: exact
-        numbers, sorted keys). With an idempotency key, an earlier order made with
-        the same key is returned instead (``replayed``) if its request had the same
-        canonical form, else ``conflict``. With ``deadline`` (epoch seconds on this
-        host), a script that runs after it (on Redis's clock) creates nothing:
-        ``expired``. ``unanswered`` tells a caller whose call failed whether the
-        script may have run all the same (see engine.core.pipelined.Unanswered).
+        numbers, sorted keys). With an idempotency key (scoped to the owner), an
+        earlier order made with the same key is returned instead (``replayed``) if
+        its request had the same canonical form, else ``conflict``. While
+        ``config.max_queue_lag`` orders wait for a worker, nothing is created:
+        ``overloaded``. With ``deadline`` (epoch seconds on this host), a script that
+        runs after it (on Redis's clock) creates nothing: ``expired``.
+        ``unanswered`` tells a caller whose call failed whether the script may have
+        run all the same (see engine.core.pipelined.Unanswered).
         """
         now = time.time()
+        config = self.config
+        owner = credentials.key_id if credentials is not None else accounts.ANONYMOUS
         request_json = strict_json.canonical(request)
         request_hash = ""
-        idem_key = keys.order(order_id)  # a placeholder the script does not touch
+        order_key = keys.order(order_id)
+        idem_key = order_key  # a placeholder the script does not touch
         if idempotency_key:
-            idem_key = keys.idempotency(idempotency_key)
+            idem_key = keys.idempotency(owner, idempotency_key)
             request_hash = hashlib.sha256(request_json.encode()).hexdigest()
+        if credentials is not None:
+            auth_keys = credentials.script_keys(address)
+            auth_args = accounts.Credentials.script_args(credentials.digest, config)
+        else:
+            auth_keys, auth_args = [order_key] * 3, ["", 0, 0, 0, 0]
         script_keys = [
-            keys.order(order_id),
+            order_key,
             keys.order_events(order_id),
             keys.EVENTS_STREAM,
             keys.ORDERS_STREAM,
             idem_key,
             keys.COUNTERS,
+            *auth_keys,
+            keys.key_orders(owner),
         ]
         script_args: list[str | int] = [
             order_id,
@@ -413,12 +482,19 @@ class OrderStore:
             repr(now),
             request_json,
             request_hash,
-            self.config.idempotency_ttl_secs,
-            self.config.events_maxlen,
+            config.idempotency_ttl_secs,
+            config.events_maxlen,
             "" if deadline is None else self.clock.redis_micros(deadline),
+            owner,
+            "1" if credentials is not None else "",
+            *auth_args,
+            config.max_queue_lag,
+            keys.EXECUTORS_GROUP,
+            int((now - KEY_ORDERS_KEPT_TTLS * config.order_ttl_secs) * 1000),
         ]
-        outcome, oid = await self._create(keys=script_keys, args=script_args, unanswered=unanswered)
-        return CreateResult(order_id=oid, outcome=outcome)
+        reply = await self._create(keys=script_keys, args=script_args, unanswered=unanswered)
+        authorization = accounts.Authorization.from_reply(reply[0], list(reply[2:7]))
+        return CreateResult(order_id=reply[1], outcome=reply[0], authorization=authorization)
 
     async def transition(
         self,
@@ -533,6 +609,50 @@ class OrderStore:
             keys=[keys.order(order_id), ledger_key], args=[replaced, tx_hash, record, str(nonce), raw]
         )
         return Recorded(int(outcome))
+
+    async def list_orders(
+        self, owner: str, *, status: str | None = None, limit: int = 20, cursor: str | None = None
+    ) -> tuple[list[Order], str | None]:
+        """A page of ``owner``'s orders, newest first: at most ``limit``, only those
+        now in ``status`` if given, all created before the order whose list entry is
+        ``cursor`` (a stream entry id, as returned; None = from the newest).
+
+        Returns the page and the cursor of the next one: None when the list is
+        exhausted. Pages stay correct while orders are created (a new order's entry
+        comes after every cursor handed out). With a ``status`` a page may be shorter
+        than ``limit`` yet have a next one: at most LIST_SCAN_MAX entries are read
+        per page. Entries of expired orders are dropped as they are met."""
+        index = keys.key_orders(owner)
+        end = f"({cursor}" if cursor else "+"
+        found: list[Order] = []
+        stale: list[str] = []
+        scanned = 0
+        last: str | None = None
+        exhausted = False
+        while len(found) < limit and scanned < LIST_SCAN_MAX:
+            wanted = LIST_BATCH if status is not None else limit - len(found)
+            count = min(wanted, LIST_BATCH, LIST_SCAN_MAX - scanned)
+            entries = cast(StreamEntries, await self.redis.xrevrange(index, end, "-", count=count))
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for _entry_id, fields in entries:
+                    pipe.hgetall(keys.order(fields.get("id", "")))
+                hashes = cast(list[dict[str, str]], await pipe.execute()) if entries else []
+            for (entry_id, _fields), data in zip(entries, hashes, strict=True):
+                scanned += 1
+                last = entry_id
+                if not data:
+                    stale.append(entry_id)
+                elif status is None or data.get("status") == status:
+                    found.append(Order.from_hash(data))
+                    if len(found) == limit:
+                        break
+            if len(entries) < count and (not entries or last == entries[-1][0]):
+                exhausted = True  # every entry the list has was read
+                break
+            end = f"({last}"
+        if stale:
+            await self.redis.xdel(index, *stale)
+        return found, None if exhausted else last
 
     async def count_attempt(self, order_id: str) -> int:
         """Count one more execution attempt of an order; the new count."""

@@ -81,8 +81,35 @@ def free_port() -> int:
         return port
 
 
+# Where a running embedded redis-server's URL is written, in its data folder, for the
+# tools that join the running system (engine.ops.api_keys).
+URL_FILE = "url"
+
+
+def running_url(data_dir: Path) -> str | None:
+    """The URL of the embedded redis-server running on ``data_dir`` (the folder a
+    RedisServer was given), or None if none is: the URL file is read, and the server
+    it names must answer with that folder as its own (a stale file may name a port
+    that another server has since taken)."""
+    try:
+        url = (Path(data_dir) / URL_FILE).read_text().strip()
+    except OSError:
+        return None
+    client = redis.Redis.from_url(
+        url, socket_connect_timeout=0.5, socket_timeout=1.0, decode_responses=True
+    )
+    try:
+        served = client.config_get("dir").get("dir")
+        return url if served == str(Path(data_dir).resolve()) else None
+    except redis.exceptions.RedisError:
+        return None
+    finally:
+        client.close()
+
+
 class RedisServer:
-    """One redis-server child process; ``start()`` returns its URL once it answers PING."""
+    """One redis-server child process; ``start()`` returns its URL once it answers
+    PING, and writes it to URL_FILE in its data folder until ``stop()``."""
 
     def __init__(
         self,
@@ -139,6 +166,7 @@ class RedisServer:
                 preexec_fn=die_with_parent,
             )
         self.wait_ready()
+        (self.data_dir / URL_FILE).write_text(self.url + "\n")
         return self.url
 
     def wait_ready(self) -> None:
@@ -171,6 +199,7 @@ class RedisServer:
     def stop(self) -> None:
         """Stop the server (SIGTERM, then SIGKILL after a grace period)."""
         proc, self.process = self.process, None
+        (self.data_dir / URL_FILE).unlink(missing_ok=True)
         if proc is None or proc.poll() is not None:
             return
         if stop_process(proc, STOP_TIMEOUT_SECS):

@@ -9,6 +9,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
+from engine.core.accounts import ApiKeys
 from engine.core.config import Config
 from engine.core.connections import REDIS_DOWN_ERRORS, connect, connect_pipelined, raise_if_cancelled
 from engine.core.pipelined import PipelinedRedis
@@ -24,6 +25,9 @@ logger = logging.getLogger(__name__)
 # plenty; after a failed or too slow sample, again after a second.
 CLOCK_SYNC_SECS = 60.0
 CLOCK_RETRY_SECS = 1.0
+# How often a web process checks that the API keys its account feeds follow are still
+# live: a revoked key's feeds close within this long (HTTP calls check at each call).
+FEED_RECHECK_SECS = 1.0
 
 
 @dataclasses.dataclass
@@ -37,10 +41,12 @@ class Services:
     hub: StatusHub
     schemas: Schemas
     metrics: Metrics
+    api_keys: ApiKeys
     # The open status WebSockets (handlers.status.OrderStatusSocket), so that a
     # shutdown can close them with 1001 rather than drop them.
     open_sockets: set[Any] = dataclasses.field(default_factory=set)
     _clock_task: asyncio.Task[None] | None = None
+    _feeds_task: asyncio.Task[None] | None = None
 
     @classmethod
     def create(cls, config: Config, redis_url: str, schemas: Schemas | None = None) -> Services:
@@ -58,6 +64,7 @@ class Services:
             hub=StatusHub(poll_redis, store, config),
             schemas=schemas or Schemas(),
             metrics=Metrics(),
+            api_keys=ApiKeys(redis, config),
         )
 
     def start(self) -> None:
@@ -65,6 +72,27 @@ class Services:
         self.hub.start()
         if self._clock_task is None:
             self._clock_task = asyncio.create_task(self._keep_clock(), name="redis-clock")
+        if self._feeds_task is None:
+            self._feeds_task = asyncio.create_task(self._check_feeds(), name="feed-keys")
+
+    async def _check_feeds(self) -> None:
+        """Every FEED_RECHECK_SECS: close the account feeds of keys revoked since."""
+        while True:
+            await asyncio.sleep(FEED_RECHECK_SECS)
+            owners = self.hub.followed_owners
+            if not owners or not self.config.auth:
+                continue
+            try:
+                live = await self.api_keys.live_ids(owners)
+            except REDIS_DOWN_ERRORS as exc:
+                raise_if_cancelled()
+                logger.debug("cannot check the feeds' keys: %s", exc)
+                continue
+            for owner in set(owners) - live:
+                logger.info("API key %s revoked: closing its %d feed(s)", owner,
+                            len(self.hub.feeds_of(owner)))
+                for feed in self.hub.feeds_of(owner):
+                    feed.revoked()
 
     async def _keep_clock(self) -> None:
         while True:
@@ -79,10 +107,11 @@ class Services:
             await asyncio.sleep(CLOCK_SYNC_SECS if synced else CLOCK_RETRY_SECS)
 
     async def close(self) -> None:
-        if self._clock_task is not None:
-            self._clock_task.cancel()
-            await asyncio.gather(self._clock_task, return_exceptions=True)
-            self._clock_task = None
+        for task in (self._clock_task, self._feeds_task):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        self._clock_task = self._feeds_task = None
         await self.hub.stop()
         await self.redis.aclose()
         await self.poll_redis.aclose()

@@ -128,6 +128,24 @@ class Subscription:
         self.hub.unsubscribe(self)
 
 
+class Feed:
+    """One socket following every order of one API key (``owner``): each of their
+    status messages as the poller reads it, live from when it subscribed, in the
+    order they were written (no history: GET /api/orders gives what came before)."""
+
+    def __init__(
+        self, hub: StatusHub, owner: str, sink: Callable[[str], None], revoked: Callable[[], None]
+    ) -> None:
+        self.hub = hub
+        self.owner = owner
+        self.sink = sink
+        # Called once the key is found revoked (Services checks every second).
+        self.revoked = revoked
+
+    def close(self) -> None:
+        self.hub.unfollow(self)
+
+
 class StatusHub:
     """The subscriber registry and the poller that feeds it (one per web process)."""
 
@@ -137,6 +155,7 @@ class StatusHub:
         self.store = store
         self.config = config
         self._by_order: dict[str, set[Subscription]] = {}
+        self._by_owner: dict[str, set[Feed]] = {}
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self._wake = asyncio.Event()
@@ -152,11 +171,42 @@ class StatusHub:
     def subscriber_count(self) -> int:
         return sum(len(subs) for subs in self._by_order.values())
 
+    @property
+    def _watched(self) -> bool:
+        """Whether any socket of this process waits for events."""
+        return bool(self._by_order or self._by_owner)
+
+    @property
+    def followed_owners(self) -> list[str]:
+        """The API keys (ids) that some Feed of this process follows."""
+        return list(self._by_owner)
+
+    def follow(self, owner: str, sink: Callable[[str], None], revoked: Callable[[], None]) -> Feed:
+        """A Feed of every status message of ``owner``'s orders, from now on;
+        ``revoked`` is called if the key is revoked meanwhile."""
+        feed = Feed(self, owner, sink, revoked)
+        self._joined += 1
+        if not self._watched:
+            self._wake.set()
+        self._by_owner.setdefault(owner, set()).add(feed)
+        return feed
+
+    def unfollow(self, feed: Feed) -> None:
+        feeds = self._by_owner.get(feed.owner)
+        if feeds is not None:
+            feeds.discard(feed)
+            if not feeds:
+                del self._by_owner[feed.owner]
+
+    def feeds_of(self, owner: str) -> list[Feed]:
+        """The Feeds following ``owner`` (e.g. to close them once its key is revoked)."""
+        return list(self._by_owner.get(owner, ()))
+
     def subscribe(self, order_id: str, sink: Sink) -> Subscription:
         """Register a subscription; the caller then awaits ``sync()`` on it."""
         sub = Subscription(self, order_id, sink)
         self._joined += 1
-        if not self._by_order:
+        if not self._watched:
             self._wake.set()  # an idle poller reads live from now on
         self._by_order.setdefault(order_id, set()).add(sub)
         return sub
@@ -201,10 +251,10 @@ class StatusHub:
         logger.info("status poller started after entry %s", self.last_id)
         failing = False
         while not self._stopping:
-            if not self._by_order and not failing:
+            if not self._watched and not failing:
                 await self._idle()
             try:
-                if not self._by_order:
+                if not self._watched:
                     # Nobody to deliver to: only keep the place.
                     await self._note_newest()
                     self.idle_checks += 1
@@ -265,7 +315,7 @@ class StatusHub:
     async def _idle(self) -> None:
         """Wait until a subscription arrives or IDLE_POLL_SECS pass."""
         self._wake.clear()
-        if self._by_order:
+        if self._watched:
             return
         try:
             await asyncio.wait_for(self._wake.wait(), IDLE_POLL_SECS)
@@ -303,7 +353,7 @@ class StatusHub:
             self.last_id = "0-0"
 
     def _dispatch(self, entries: StreamEntries) -> None:
-        by_order = self._by_order
+        by_order, by_owner = self._by_order, self._by_owner
         for entry_id, fields in entries:
             self.last_id = entry_id
             subs = by_order.get(fields["id"])
@@ -312,6 +362,12 @@ class StatusHub:
                 for sub in list(subs):
                     sub.offer(seq, fields["data"])
                     self.delivered += 1
+            if by_owner:
+                feeds = by_owner.get(fields.get("owner", ""))
+                if feeds:
+                    for feed in list(feeds):
+                        feed.sink(fields["data"])
+                        self.delivered += 1
 
 
 def stream_entries(reply: Any) -> StreamEntries:

@@ -18,7 +18,7 @@ from tornado.httpclient import AsyncHTTPClient, HTTPClientError
 from tornado.websocket import WebSocketClosedError, websocket_connect
 
 from tests.contract import check_message
-from tests.helpers import VALID_ORDER
+from tests.helpers import AUTH_HEADERS, TEST_API_KEY, VALID_ORDER
 
 # What one HTTP or WebSocket step may take before the client gives up on it. Only a
 # bound on hanging: nothing here asserts on how long anything took.
@@ -55,7 +55,7 @@ async def post_order(
             f"{base_url}/api/orders/execute",
             method="POST",
             body=json.dumps(order),
-            headers={"Content-Type": "application/json", **(headers or {})},
+            headers={"Content-Type": "application/json", **AUTH_HEADERS, **(headers or {})},
             raise_error=False,
             request_timeout=REQUEST_TIMEOUT_SECS,
         )
@@ -316,11 +316,27 @@ class RawClose:
     timed_out: bool = False
 
 
+def with_api_key(request: bytes, api_key: str | None) -> bytes:
+    """``request`` with an Authorization line for ``api_key`` after its request line,
+    if it is for an order route (/api/orders...) and has none of its own."""
+    line, sep, rest = request.partition(b"\r\n")
+    parts = line.split(b" ")
+    if (
+        api_key is None or not sep or len(parts) < 2 or not parts[1].startswith(b"/api/orders")
+        or b"\nauthorization:" in request.split(b"\r\n\r\n", 1)[0].lower()
+    ):
+        return request
+    return line + sep + f"Authorization: Bearer {api_key}\r\n".encode() + rest
+
+
 async def raw_http(
-    host: str, port: int, request: bytes, timeout: float = REQUEST_TIMEOUT_SECS
+    host: str, port: int, request: bytes, timeout: float = REQUEST_TIMEOUT_SECS,
+    *, api_key: str | None = TEST_API_KEY,
 ) -> tuple[int, dict[str, str], bytes]:
-    """Send bytes as they are; the answer's status, headers (lower-case names) and body."""
+    """Send bytes as they are (with the tests' API key added, see with_api_key: None
+    sends none); the answer's status, headers (lower-case names) and body."""
     assert host in ("127.0.0.1", "localhost", "::1"), "loopback only"
+    request = with_api_key(request, api_key)
     reader, writer = await asyncio.open_connection(host, port)
     try:
         writer.write(request)

@@ -8,6 +8,8 @@ SIGTERM if pytest itself dies (``die_with_parent``).
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import contextlib
 import dataclasses
 import json
@@ -17,6 +19,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
@@ -25,10 +28,11 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from tornado.httpclient import AsyncHTTPClient
 
 from engine.core import keys
+from engine.core.accounts import ApiKeys
 from engine.core.config import PROJECT_ROOT, Config
 from engine.ops.redis_server import RedisServer, die_with_parent, free_port
 from tests.faults.clients import http_client
-from tests.helpers import eventually
+from tests.helpers import TEST_API_KEY, eventually
 
 # Every variable Config.from_env reads: none is inherited from the shell running pytest.
 _SETTINGS = {f.name.upper() for f in dataclasses.fields(Config)} | {"SERVER_PORT", "PORT"}
@@ -138,6 +142,24 @@ class WebProcess(ServiceProcess):
         return f"ws://127.0.0.1:{self.port}/api/orders/status"
 
 
+def add_test_key(redis_url: str, **limits: Any) -> None:
+    """Store TEST_API_KEY in the Redis at ``redis_url`` (as `make api-key` would store
+    a new key), with a rate limit high enough for load tests unless ``limits`` say."""
+
+    async def add() -> None:
+        client = Redis.from_url(redis_url, decode_responses=True)
+        try:
+            await ApiKeys(client, Config()).create(
+                "test", key=TEST_API_KEY, **({"rate": 100_000.0, "burst": 100_000} | limits)
+            )
+        finally:
+            await client.aclose()
+
+    # A thread of its own: the caller may be inside a running event loop.
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        pool.submit(asyncio.run, add()).result()
+
+
 class Cluster:
     """One Redis, any number of web processes and workers, all on loopback."""
 
@@ -161,7 +183,10 @@ class Cluster:
         return self.redis.url
 
     def start_redis(self) -> None:
+        """Start redis-server, and store the tests' API key in it (TEST_API_KEY; a
+        high rate limit of its own: fault tests load the service)."""
         self.redis.start()
+        add_test_key(self.redis_url)
 
     def kill_redis(self) -> None:
         """kill -9 redis-server; its port and data folder are kept for a restart."""
