@@ -211,11 +211,19 @@ class StreamedExecuteOrderHandler(ExecuteOrderHandler):
     _size: int
 
     @override
-    def prepare(self) -> None:
+    async def prepare(self) -> None:  # type: ignore[override]
         self._chunks, self._size = [], 0
         super().prepare()
         if self.request.method != "POST":
             return
+        try:
+            self._refuse_early()
+        except APIError:
+            await self.authorize()  # a key that is not good is told so first (401)
+            raise
+
+    def _refuse_early(self) -> None:
+        """415, 400 or 413 from the headers alone, before the body is read."""
         if not is_json(self.request):
             raise APIError(
                 415, ErrorCode.UNSUPPORTED_MEDIA_TYPE,
@@ -263,19 +271,15 @@ class OrderHandler(AccountHandler):
         """Cancel an order that no worker has begun to build a transaction for."""
         await self.authorize()
         order_id = self._order_id(raw_id)
-        async with self.redis_guard():
-            stored = await self.services.store.get(order_id)
-        if stored is None or not self.may_see(stored.owner):
-            raise _no_order(order_id)
+        owner = self.credentials.key_id if self.credentials is not None else None
         unanswered = Unanswered()
         async with self.redis_guard(unanswered, order_id, CANCEL_UNKNOWN_MESSAGE):
-            result = await cancel(self.services.store, order_id, unanswered)
-            if not result.applied:
-                stored = await self.services.store.get(order_id)
+            result = await cancel(self.services.store, order_id, unanswered, owner=owner)
+            stored = None if result.applied else await self.services.store.get(order_id)
         if result.applied:
             logger.info("order %s: cancelled by client -> failed", order_id)
         else:
-            if stored is None:
+            if stored is None or not self.may_see(stored.owner):
                 raise _no_order(order_id)
             if stored.reason != CANCEL_REASON:  # a repeated DELETE is answered again
                 raise APIError(
@@ -368,12 +372,13 @@ CANCEL_UNKNOWN_MESSAGE = (
 
 
 async def cancel(
-    store: OrderStore, order_id: str, unanswered: Unanswered | None = None
+    store: OrderStore, order_id: str, unanswered: Unanswered | None = None, *, owner: str | None = None
 ) -> TransitionResult:
-    """Fail the order with CANCEL_REASON if no transaction of it can be out yet."""
+    """Fail the order with CANCEL_REASON if no transaction of it can be out yet (and,
+    with ``owner``, only if that API key owns it: checked in the same step)."""
     return await store.transition(
         order_id, FAILED, only_from=CANCELLABLE, unless_recorded="tx_hash",
-        unanswered=unanswered, reason=CANCEL_REASON,
+        unanswered=unanswered, owner=owner, reason=CANCEL_REASON,
     )
 
 # The order's outcome fields that the API shows, once known.

@@ -128,8 +128,10 @@ return {'created', ARGV[1], unpack(limit)}
 # KEYS: order hash, order events, all events, status counters
 # ARGV: new status, event body (JSON object without seq), now, events maxlen,
 #       TTL for a finished order, statuses the order must be in (comma-separated,
-#       "" = any it may leave), a field the order must not have ("" = none), then
-#       field/value pairs to store on the hash
+#       "" = any it may leave), a field the order must not have ("" = none), the
+#       orders-stream entry and consumer that must own it ("" = any) and the group,
+#       the API key that must own the order ("" = any; another's is answered as an
+#       unknown order), then field/value pairs to store on the hash
 _TRANSITION_LUA = (
     "local allowed = "
     + _lua_allowed_table()
@@ -143,6 +145,9 @@ end
 if ARGV[7] ~= '' and redis.call('HEXISTS', KEYS[1], ARGV[7]) == 1 then
   return {0, cur}
 end
+if ARGV[11] ~= '' and redis.call('HGET', KEYS[1], 'owner') ~= ARGV[11] then
+  return {0, ''}
+end
 if ARGV[8] ~= '' then
   local entry = redis.call('XPENDING', KEYS[5], ARGV[10], ARGV[8], ARGV[8], 1)
   if entry[1] == nil or entry[1][2] ~= ARGV[9] then return {-1, cur} end
@@ -151,8 +156,8 @@ local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
 local data = '{"seq":' .. seq .. ',' .. string.sub(ARGV[2], 2)
 local who = redis.call('HMGET', KEYS[1], 'id', 'owner')
 redis.call('HSET', KEYS[1], 'status', ARGV[1], 'updated_at', ARGV[3])
-if #ARGV > 10 then
-  redis.call('HSET', KEYS[1], unpack(ARGV, 11))
+if #ARGV > 11 then
+  redis.call('HSET', KEYS[1], unpack(ARGV, 12))
 end
 redis.call('HINCRBY', KEYS[4], ARGV[1], 1)
 redis.call('XADD', KEYS[2], '*', 'seq', seq, 'data', data)
@@ -505,6 +510,7 @@ class OrderStore:
         unless_recorded: str = "",
         unanswered: Unanswered | None = None,
         owned_by: tuple[str, str] | None = None,
+        owner: str | None = None,
         **fields: Any,
     ) -> TransitionResult:
         """Move an order to ``status`` and publish the message, if the move is allowed
@@ -512,7 +518,9 @@ class OrderStore:
         ``unless_recorded``, if the order has no such field, e.g. no tx_hash yet;
         with ``owned_by`` = (orders-stream entry id, consumer), only if that entry is
         that consumer's in the executors group, checked in the same atomic step:
-        else ``lost``, and a worker that lost the order to another changes nothing).
+        else ``lost``, and a worker that lost the order to another changes nothing;
+        with ``owner``, only an order that API key owns: another's is answered as an
+        unknown one, ``current`` "").
 
         ``fields`` go both into the message and onto the order hash (``None`` values
         are left out). ``unanswered``: as for ``create``.
@@ -543,6 +551,7 @@ class OrderStore:
                 owned_by[0] if owned_by else "",
                 owned_by[1] if owned_by else "",
                 keys.EXECUTORS_GROUP,
+                owner or "",
                 *pairs,
             ],
             unanswered=unanswered,
