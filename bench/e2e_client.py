@@ -29,6 +29,7 @@ from typing import Any
 from tornado.websocket import WebSocketClientConnection, websocket_connect
 
 from bench import http11
+from bench.system import BENCH_AUTH_HEADER
 
 TERMINAL = ("confirmed", "failed")
 # An order that takes longer than this is recorded as timed out.
@@ -79,7 +80,8 @@ async def one_order(conn: http11.HTTPConnection, port: int, body: bytes) -> dict
         "final_status": None, "messages": 0, "sequence_ok": True, "close_code": None,
         "http_status": None, "error": None,
     }
-    raw = http11.build_request("POST", "127.0.0.1", port, "/api/orders/execute", body)
+    raw = http11.build_request("POST", "127.0.0.1", port, "/api/orders/execute", body,
+                               headers=[BENCH_AUTH_HEADER])
     status, response = await http11.request(conn, raw)
     record["http_status"] = status
     if status != 202:

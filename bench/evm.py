@@ -30,7 +30,7 @@ from typing import Any
 from redis import Redis
 from tornado.httpclient import AsyncHTTPClient
 
-from bench.system import System, cpu_secs
+from bench.system import BENCH_API_KEY, System, cpu_secs
 from engine.core import amounts, keys
 from engine.core.config import PROJECT_ROOT
 from engine.ops.devnet import Anvil, deploy, write_chain_file
@@ -60,7 +60,8 @@ async def submit(base_url: str, count: int, concurrency: int) -> tuple[list[str]
     async def client() -> None:
         while bodies:
             response = await http.fetch(f"{base_url}/api/orders/execute", method="POST", body=bodies.pop(),
-                                        headers={"Content-Type": "application/json"})
+                                        headers={"Content-Type": "application/json",
+                                                 "Authorization": f"Bearer {BENCH_API_KEY}"})
             ids.append(json.loads(response.body)["order_id"])
 
     await asyncio.gather(*(client() for _ in range(concurrency)))

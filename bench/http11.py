@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import cast
 
 # Called once per request with (status, body); status -1 means the connection was
@@ -29,10 +29,12 @@ def require_loopback(host: str) -> None:
 
 def build_request(
     method: str, host: str, port: int, path: str, body: bytes = b"",
-    content_type: str = "application/json",
+    content_type: str = "application/json", headers: Sequence[str] = (),
 ) -> bytes:
-    """The full bytes of one request; built once and re-sent as is."""
+    """The full bytes of one request; built once and re-sent as is. ``headers``:
+    more header lines, ``Name: value`` each."""
     head = f"{method} {path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
+    head += "".join(f"{line}\r\n" for line in headers)
     if body or method in ("POST", "PUT"):
         head += f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
     return (head + "\r\n").encode("ascii") + body

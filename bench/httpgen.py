@@ -153,7 +153,7 @@ def _cpu_secs() -> float:
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     body = ORDER_BODY if args.method == "POST" else b""
-    raw = http11.build_request(args.method, args.host, args.port, args.path, body)
+    raw = http11.build_request(args.method, args.host, args.port, args.path, body, headers=args.header)
     count = int(args.rate * args.duration) // args.procs
     gen = OpenLoopGenerator(
         args.host, args.port, raw, rate=args.rate, count=count,
@@ -188,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--start-at", type=float, default=0.0,
                         help="time.monotonic() of the first request (shared by all processes)")
     parser.add_argument("--drain", type=float, default=5.0, help="max wait for late responses")
+    parser.add_argument("--header", action="append", default=[],
+                        help="one more header line (Name: value) on every request; repeatable")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     http11.require_loopback(args.host)

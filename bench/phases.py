@@ -29,6 +29,8 @@ from redis.asyncio import Redis
 
 from bench.stats import spectrum, summarize
 from bench.system import (
+    BENCH_AUTH_HEADER,
+    add_bench_key,
     Child,
     Service,
     System,
@@ -165,7 +167,7 @@ def submit_run(
             [sys.executable, "-m", "bench.httpgen", "--port", str(target.port),
              "--rate", str(rate), "--duration", str(duration), "--connections", str(connections),
              "--index", str(i), "--procs", str(procs), "--start-at", repr(start_at),
-             "--out", str(outs[i])],
+             "--header", BENCH_AUTH_HEADER, "--out", str(outs[i])],
         )
         for i in range(procs)
     ]
@@ -225,6 +227,7 @@ def flush_redis(url: str) -> None:
         client.flushall()
     finally:
         client.close()
+    add_bench_key(url)
 
 
 def drop_queued_orders(url: str) -> int:

@@ -105,7 +105,7 @@ QUICK = Plan(
     e2e_levels=((1, 32, 1500), (2, 48, 2000)), e2e_burst=(2, 128, 1000),
     fanout_sockets=(1000,), fanout_events=2000, fanout_event_rates=(1000,), fanout_idle_secs=2,
     fanout_mixed_orders=0,
-    profile=False, variants=(), variant_secs=3, variant_repeats=2, micro=False,
+    profile=False, variants=("auth-off",), variant_secs=3, variant_repeats=2, micro=False,
     scale_e2e=(2, 48, 1500), scale_rates=(2000,),
 )
 FULL = Plan(

@@ -52,6 +52,8 @@ class Variant:
 
 
 VARIANTS = (
+    Variant("auth-off", "AUTH=off: no API key checked, no rate limit step (the baseline checks "
+            "the bench's key and takes a call of its limit in the create script: what keys cost)"),
     Variant("log-info", "LOG_LEVEL=INFO (Tornado's access log writes a line per request)"),
     Variant("hiredis", f"{HIREDIS} on the path (redis-py then parses replies in C)"),
     Variant("uvloop", f"{UVLOOP} as the asyncio loop (via sitecustomize, no code change)"),
@@ -151,7 +153,10 @@ def run_variants(load: Load, base: Service, names: list[str]) -> list[dict[str, 
         web: Service | None = None
         extra_redis: RedisServer | None = None
         try:
-            if variant.name == "log-info":
+            if variant.name == "auth-off":
+                web = system.start_web("web-auth-off", {"AUTH": "off"})
+                result.update(_pair_runs(load, base, web, variant.name))
+            elif variant.name == "log-info":
                 web = system.start_web("web-log-info", {"LOG_LEVEL": "INFO"})
                 result.update(_pair_runs(load, base, web, variant.name))
             elif variant.name in ("hiredis", "uvloop"):

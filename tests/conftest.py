@@ -90,9 +90,10 @@ def config(redis_server: RedisServer, tmp_path: Path) -> Config:
         poll_block_ms=200,
         claim_idle_ms=500,
         shutdown_grace_secs=2.0,
-        # Tests place many orders quickly; those of the limits set their own.
+        # Tests place many orders quickly, and fuzz keys; those of the limits set their own.
         rate_limit_per_sec=10_000.0,
         rate_limit_burst=10_000,
+        auth_failure_burst=100_000,
     )
 
 

@@ -24,6 +24,13 @@ from tests.helpers import TEST_API_KEY, VALID_ORDER, eventually, post_order, rea
 from tests.test_status_ws import drive_to_confirmed
 
 
+def reconfigure(services: Services, monkeypatch: pytest.MonkeyPatch, **changes: Any) -> None:
+    """The web process's settings changed for one test, wherever they are read."""
+    config = dataclasses.replace(services.config, **changes)
+    for holder in (services, services.store, services.api_keys):
+        monkeypatch.setattr(holder, "config", config)
+
+
 def bearer(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
 
@@ -180,9 +187,7 @@ async def test_a_revoked_key_is_refused_from_its_next_call(http_server_client: A
 async def test_failed_authentications_are_limited_per_address(
     http_server_client: Any, services: Services, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(services, "config", dataclasses.replace(
-        services.config, auth_failure_burst=3, auth_failure_interval_secs=60.0))
-    monkeypatch.setattr(services.api_keys, "config", services.config)
+    reconfigure(services, monkeypatch, auth_failure_burst=3, auth_failure_interval_secs=60.0)
     wrong = "oek_7e57000000000001_" + "W" * 43  # the test key's id, another secret
     codes = [(await fetch(http_server_client, "/api/orders", wrong))[0].code for _ in range(3)]
     assert codes == [401, 401, 401]
@@ -223,11 +228,14 @@ async def test_a_keys_rate_limit_allows_its_burst_then_429(
 async def test_the_default_limit_comes_from_the_config(
     http_server_client: Any, services: Services, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(services.api_keys, "config", dataclasses.replace(
-        services.config, rate_limit_per_sec=0.5, rate_limit_burst=2))
+    # Both ways in: the authorize step of a read, and the create script of a POST.
+    reconfigure(services, monkeypatch, rate_limit_per_sec=0.5, rate_limit_burst=2)
     key = await new_key(services, "erin")
     codes = [(await fetch(http_server_client, "/api/orders", key))[0].code for _ in range(3)]
     assert codes == [200, 200, 429]
+    other = await new_key(services, "erin2")
+    codes = [(await post_order(http_server_client, headers=bearer(other)))[0].code for _ in range(3)]
+    assert codes == [202, 202, 429]
 
 
 # -- backpressure --------------------------------------------------------------------------
@@ -236,7 +244,7 @@ async def test_the_default_limit_comes_from_the_config(
 async def test_posts_are_503_overloaded_while_the_queue_is_full(
     http_server_client: Any, services: Services, redis: Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(services.store, "config", dataclasses.replace(services.config, max_queue_lag=3))
+    reconfigure(services, monkeypatch, max_queue_lag=3)
     first = await place(http_server_client, TEST_API_KEY, **{"Idempotency-Key": "k1"})
     for _ in range(2):
         await place(http_server_client, TEST_API_KEY)
@@ -378,7 +386,7 @@ async def test_an_account_feed_closes_when_its_key_is_revoked(
 async def test_with_auth_off_no_key_is_asked_for(
     http_server_client: Any, services: Services, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(services, "config", dataclasses.replace(services.config, auth=False))
+    reconfigure(services, monkeypatch, auth=False)
     response, body = await fetch(http_server_client, "/api/orders/execute", None, method="POST",
                                  body=json.dumps(VALID_ORDER), headers={"Content-Type": "application/json"})
     assert response.code == 202 and "RateLimit" not in response.headers

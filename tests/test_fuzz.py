@@ -26,6 +26,7 @@ import copy
 import dataclasses
 import json
 import logging
+import re
 import string
 import uuid
 from collections.abc import Callable, Coroutine
@@ -47,7 +48,7 @@ from engine.web.services import Services
 from tests.faults import SOAK, scaled
 from tests.faults.clients import RawWebSocket, raw_http
 from tests.faults.report import Figures
-from tests.helpers import VALID_ORDER
+from tests.helpers import TEST_API_KEY, VALID_ORDER
 
 FUZZ = settings(
     max_examples=scaled(300, 3000),
@@ -347,6 +348,68 @@ def test_fuzzed_headers_never_get_a_5xx(
 
     check()
     figures.record("fuzz_headers", tally.figures())
+
+
+def _mutated_key(draw: st.DrawFn) -> str:
+    """TEST_API_KEY with one edit: a character changed, dropped or added, or cut."""
+    key = list(TEST_API_KEY)
+    at = draw(st.integers(0, len(key) - 1))
+    edit = draw(st.sampled_from(["change", "drop", "add", "cut", "case"]))
+    char = draw(st.characters(min_codepoint=0x21, max_codepoint=0x7E))
+    if edit == "change":
+        key[at] = char
+    elif edit == "drop":
+        del key[at]
+    elif edit == "add":
+        key.insert(at, char)
+    elif edit == "cut":
+        key = key[:at]
+    else:
+        key[at] = key[at].swapcase()
+    return "".join(key)
+
+
+authorization_values = st.one_of(
+    header_text,
+    st.builds(lambda scheme, spaces, key, tail: f"{scheme}{spaces}{key}{tail}",
+              st.sampled_from(["Bearer", "bearer", "BEARER", "Basic", "Token", "Bearer:", ""]),
+              st.sampled_from([" ", "  ", "", "\t"]),
+              st.one_of(st.just(TEST_API_KEY), st.composite(_mutated_key)()),
+              st.sampled_from(["", " ", "=", ",x", " extra"])),
+)
+BEARER_TEST_KEY = re.compile(r"[Bb][Ee][Aa][Rr][Ee][Rr] +" + re.escape(TEST_API_KEY))
+
+
+def test_fuzzed_authorization_headers_get_202_or_a_json_401(
+    http_server_client: Any, io_loop: IOLoop, figures: Figures
+) -> None:
+    """Any Authorization value: 202 exactly for "Bearer" (any case), spaces and the
+    live key; every other a 401 with its RFC 6750 challenge, never a 5xx."""
+    tally = Tally()
+    body = encode(VALID_ORDER)
+
+    @FEW
+    @given(authorization_values)
+    def check(value: str) -> None:
+        async def go() -> None:
+            response = await http_server_client.fetch(
+                "/api/orders/execute", method="POST", body=body, raise_error=False,
+                headers={"Content-Type": "application/json", "Authorization": value},
+            )
+            tally.tried += 1
+            tally.codes[response.code] += 1
+            if BEARER_TEST_KEY.fullmatch(value.strip(" \t")):
+                assert response.code == 202, (value, response.body)
+            else:
+                assert response.code == 401, (value, response.body)
+                assert check_error(response, tally)["error"] == "unauthorized"
+                assert response.headers["WWW-Authenticate"].startswith('Bearer realm="orders"')
+
+        on_loop(io_loop, go)
+
+    check()
+    figures.record("fuzz_authorization", tally.figures())
+    assert tally.codes[202] > 0 and tally.codes[401] > 0
 
 
 # -- WebSocket first messages ---------------------------------------------------------------
