@@ -30,10 +30,10 @@ from redis.asyncio import Redis
 from bench.stats import spectrum, summarize
 from bench.system import (
     BENCH_AUTH_HEADER,
-    add_bench_key,
     Child,
     Service,
     System,
+    add_bench_key,
     cpu_secs,
     foreign_core_pct,
     foreign_cpu_snapshot,
