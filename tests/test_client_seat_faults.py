@@ -188,6 +188,9 @@ EARLY_ANSWERS = {
     "foreign_origin": ("/api/orders/execute", BIG, {"Content-Type": "application/json",
                                                     "Origin": "https://evil.example"}, 403, "origin_not_allowed"),
     "unknown_path": ("/api/nothing/here", BIG[:500_000], {"Content-Type": "application/json"}, 404, "not_found"),
+    # No API key: refused before the body is read, like the others.
+    "no_key": ("/api/orders/execute", BIG, {"Content-Type": "application/json", "Authorization": ""}, 401,
+               "unauthorized"),
 }
 
 
@@ -202,8 +205,10 @@ async def _early_answers(cluster: Cluster, figures: Figures) -> None:
         for name, (path, body, headers, status, error) in EARLY_ANSWERS.items():
             got: dict[str, int] = {}
             for _ in range(TRIES):
+                sent = {**AUTH_HEADERS, **headers}  # the case's own Authorization ("": none) wins
+                sent = {name: value for name, value in sent.items() if value}
                 code, answer = await asyncio.to_thread(
-                    _urllib_post, web.base_url + path, body if body is not None else _chunks(), headers
+                    _urllib_post, web.base_url + path, body if body is not None else _chunks(), sent
                 )
                 got[str(code)] = got.get(str(code), 0) + 1
                 assert (code, answer["error"] if code else answer) == (status, error), (name, code, answer)
