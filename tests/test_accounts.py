@@ -312,6 +312,17 @@ async def test_the_list_drops_orders_that_expired(
     assert await redis.xlen(keys.key_orders(bobs_owner(key))) == 2
 
 
+@pytest.mark.parametrize("cursor", ["0-0", "99999999999999999999-0", "1-99999999999999999999",
+                                    "18446744073709551615-18446744073709551615", "00001-00"])
+async def test_any_well_formed_cursor_gets_a_page(http_server_client: Any, services: Services, cursor: str) -> None:
+    key = await new_key(services, "judy")
+    placed = await place(http_server_client, key)
+    response, page = await fetch(http_server_client, f"/api/orders?cursor={cursor}", key)
+    assert response.code == 200, page
+    newest_first = cursor.startswith(("9", "1-9", "18446744073709551615"))
+    assert [o["order_id"] for o in page["orders"]] == ([placed] if newest_first else [])
+
+
 @pytest.mark.parametrize(
     ("query", "field"),
     [("limit=0", "limit"), ("limit=101", "limit"), ("limit=abc", "limit"), ("limit=-1", "limit"),

@@ -330,6 +330,8 @@ KEY_ORDERS_KEPT_TTLS = 2
 # most LIST_SCAN_MAX entries for one page (a status filter may skip many).
 LIST_BATCH = 100
 LIST_SCAN_MAX = 1000
+# Each part of a stream entry id is an unsigned 64-bit number.
+_MAX_ID_PART = 2**64 - 1
 
 CreateOutcome = Literal[
     "created", "replayed", "conflict", "expired", "overloaded", "unauthorized", "throttled",
@@ -632,7 +634,15 @@ class OrderStore:
         than ``limit`` yet have a next one: at most LIST_SCAN_MAX entries are read
         per page. Entries of expired orders are dropped as they are met."""
         index = keys.key_orders(owner)
-        end = f"({cursor}" if cursor else "+"
+        end = "+"
+        if cursor:
+            millis, _, sequence = cursor.partition("-")
+            if int(millis) > _MAX_ID_PART or int(sequence or 0) > _MAX_ID_PART:
+                end = "+"  # past every entry id: from the newest
+            elif int(millis) == int(sequence or 0) == 0:
+                return [], None  # nothing is older than 0-0 (nor can Redis say so)
+            else:
+                end = f"({int(millis)}-{int(sequence or 0)}"
         found: list[Order] = []
         stale: list[str] = []
         scanned = 0
