@@ -26,7 +26,7 @@ from typing import Any
 from bench.phases import Samples, submit_run
 from bench.run import Interrupted, _on_signal, log
 from bench.stats import median
-from bench.system import Service, System
+from bench.system import Service, System, add_bench_key
 from engine.core.config import PROJECT_ROOT
 
 
@@ -69,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.pipelined_floor:
                 targets.append(("floor-pipelined", system.start_floor(pipelined=True)))
             for db, (name, tree) in enumerate([("this", PROJECT_ROOT), *args.trees], start=1):
+                add_bench_key(f"{base}/{db}")  # every POST carries it (trees before keys ignore it)
                 targets.append((name, system.start_web(name, redis_url=f"{base}/{db}", tree=tree)))
             for round_no in range(args.repeats + 1):
                 order = targets if round_no % 2 == 0 else targets[::-1]
