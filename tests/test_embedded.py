@@ -217,3 +217,47 @@ def test_stop_process_terminates_and_kills_only_what_outlives_the_grace(ignores_
     assert proc.returncode == (-signal.SIGKILL if ignores_sigterm else -signal.SIGTERM)
     proc.stdout.close()
     assert stop_process(proc, grace_secs=0.5) is False  # already gone: nothing to do
+
+
+async def test_the_dev_key_a_second_key_and_what_each_may_see(embedded_system: Any) -> None:
+    """Issue 16's "done when", as a newcomer would do it: `make run`, the client places
+    an order with the development key (no key given), `make api-key NAME=bob` finds the
+    running embedded Redis and prints a second key; bob cannot see or cancel the first
+    order, lists only his own, and is refused with 429 past his limit."""
+    proc, port, tmp_path = embedded_system
+    base = f"http://127.0.0.1:{port}"
+    await wait_until_ready(base, alive=lambda: proc.poll() is None, log=tmp_path / "server.log")
+    env = {name: value for name, value in os.environ.items() if name not in ("REDIS_URL", "ORDER_API_KEY")}
+    env["DATA_DIR"] = str(tmp_path / "data")
+    client = subprocess.run(
+        [sys.executable, "-m", "engine.client", "SOL", "USDC", "1.5", "--url", base],
+        env=env, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=60,
+    )
+    assert client.returncode == 0, client.stderr
+    first = client.stdout.splitlines()[0].removeprefix("order ")
+
+    venv = Path(sys.executable).parent.parent
+    made = subprocess.run(
+        ["make", "api-key", "NAME=bob", "BURST=5", "RATE=0.001", f"VENV={venv}"],
+        env=env, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert made.returncode == 0, made.stderr
+    bob = made.stdout.strip()
+    assert made.stdout == bob + "\n" and bob.startswith("oek_")  # the key, and nothing else
+
+    http = AsyncHTTPClient()
+
+    async def as_bob(path: str, method: str = "GET") -> Any:
+        body = json.dumps(VALID_ORDER) if method == "POST" else None
+        return await http.fetch(f"{base}{path}", method=method, body=body, raise_error=False,
+                                headers={"Authorization": f"Bearer {bob}", "Content-Type": "application/json"})
+
+    assert (await as_bob(f"/api/orders/{first}")).code == 404
+    assert (await as_bob(f"/api/orders/{first}", "DELETE")).code == 404
+    placed = await as_bob("/api/orders/execute", "POST")
+    assert placed.code == 202
+    listed = json.loads((await as_bob("/api/orders")).body)
+    assert [order["order_id"] for order in listed["orders"]] == [json.loads(placed.body)["order_id"]]
+    assert (await as_bob("/api/orders")).code == 200  # the fifth call of his burst of five
+    refused = await as_bob("/api/orders/execute", "POST")
+    assert refused.code == 429 and int(refused.headers["Retry-After"]) > 0
