@@ -69,7 +69,7 @@ def add_bench_key(url: str) -> None:
     async def add() -> None:
         client = Redis.from_url(url, decode_responses=True)
         try:
-            await ApiKeys(client, Config()).create("bench", key=BENCH_API_KEY, rate=1e9, burst=10**9)
+            await ApiKeys(client, Config()).create("bench", key=BENCH_API_KEY, rate=1e6, burst=10**6)
         finally:
             await client.aclose()
 

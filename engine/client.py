@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import json
 import os
 import shlex
@@ -25,6 +26,7 @@ import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TextIO
+from urllib.parse import urlsplit
 
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 from tornado.websocket import websocket_connect
@@ -57,25 +59,41 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--idempotency-key", help="resubmit safely with the same key")
     parser.add_argument(
         "--api-key",
-        help="the API key (default $ORDER_API_KEY, else the development key that `make run` "
-        "writes to $DATA_DIR/dev-api-key)",
+        help="the API key (default $ORDER_API_KEY, else, for a service on this machine, the "
+        "development key that `make run` writes to $DATA_DIR/dev-api-key)",
     )
     return parser.parse_args(argv)
 
 
-def api_key(given: str | None, environ: Mapping[str, str] = os.environ) -> str | None:
-    """The API key to send: ``--api-key``, else ORDER_API_KEY, else the embedded
-    mode's development key file (engine.ops.api_keys.DEV_KEY_FILE under DATA_DIR);
-    None if there is none."""
+def api_key(
+    given: str | None, url: str = "http://localhost", environ: Mapping[str, str] = os.environ
+) -> str | None:
+    """The API key to send to ``url``: ``--api-key``, else ORDER_API_KEY, else, for a
+    service on this machine only, the embedded mode's development key file
+    (engine.ops.api_keys.DEV_KEY_FILE under DATA_DIR); None if there is none. The dev
+    key never goes to another host: it would leak there, and count as a failed
+    authentication of this address."""
     if given:
         return given
     if environ.get("ORDER_API_KEY"):
         return environ["ORDER_API_KEY"].strip()
+    if not _is_loopback(url):
+        return None
     data_dir = Path(environ["DATA_DIR"]) if environ.get("DATA_DIR") else PROJECT_ROOT / "data"
     try:
         return (data_dir / DEV_KEY_FILE).read_text().strip() or None
     except OSError:
         return None
+
+
+def _is_loopback(url: str) -> bool:
+    host = urlsplit(url).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _number(text: str) -> Any:
@@ -125,7 +143,7 @@ async def run(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = 
     }
     key = args.idempotency_key or str(uuid.uuid4())
     headers = {"Content-Type": "application/json", "Idempotency-Key": key}
-    bearer = api_key(args.api_key)
+    bearer = api_key(args.api_key, base)
     if bearer is not None:
         headers["Authorization"] = f"Bearer {bearer}"
     http = AsyncHTTPClient()

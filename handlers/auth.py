@@ -24,8 +24,9 @@ REALM = 'Bearer realm="orders"'
 
 def unauthorized(message: str, error: str | None = None) -> APIError:
     """A 401 with its WWW-Authenticate challenge (RFC 6750 section 3): no error code
-    when the request had no credentials, ``invalid_request`` for malformed ones,
-    ``invalid_token`` for a key that is unknown or revoked."""
+    when the request had no credentials (or another scheme's), ``invalid_request``
+    for a malformed Bearer header, ``invalid_token`` for a key that is unknown or
+    revoked."""
     challenge = REALM if error is None else f'{REALM}, error="{error}"'
     return APIError(401, ErrorCode.UNAUTHORIZED, message, headers={"WWW-Authenticate": challenge})
 
@@ -33,7 +34,9 @@ def unauthorized(message: str, error: str | None = None) -> APIError:
 def credentials(request: HTTPServerRequest) -> Credentials:
     """The request's API key; raises APIError 401 when it has none or a malformed one."""
     lines = request.headers.get_list("Authorization")
-    if not lines:
+    if not lines or (len(lines) == 1 and not lines[0][:7].lower().startswith("bearer")):
+        # No credentials, or another scheme's (Basic...): RFC 6750 section 3.1 says a
+        # challenge with no error code.
         raise unauthorized("send your API key: Authorization: Bearer <key>")
     match = BEARER.fullmatch(lines[0]) if len(lines) == 1 else None
     parsed = Credentials.parse(match.group(1)) if match else None

@@ -50,6 +50,7 @@ from tornado.http1connection import (
 from tornado.httpserver import HTTPServer, _HTTPRequestContext
 
 from engine.core import strict_json
+from engine.core.accounts import redact
 from handlers.base import ErrorCode, override
 
 logger = logging.getLogger(__name__)
@@ -257,7 +258,7 @@ class StrictHTTP1Connection(HTTP1Connection):
         if self.is_client:
             raise exc
         if self._response_start_line is not None:
-            logger.info("request from %s: %s (after the answer)", peer, exc)
+            logger.info("request from %s: %s (after the answer)", peer, redact(str(exc)))
             return _Refused()
         if isinstance(exc, _TooLarge):
             status, error = exc.status, exc.error
@@ -265,8 +266,10 @@ class StrictHTTP1Connection(HTTP1Connection):
             status, error = 413, ErrorCode.BODY_TOO_LARGE
         else:
             status, error = 400, ErrorCode.BAD_REQUEST
-        logger.info("malformed request from %s: %s -> %d", peer, exc, status)
-        body = strict_json.dumps({"error": error, "message": f"malformed HTTP request: {exc}"})
+        # Tornado's message may quote a header line: an API key must not reach the log.
+        reason = redact(str(exc))
+        logger.info("malformed request from %s: %s -> %d", peer, reason, status)
+        body = strict_json.dumps({"error": error, "message": f"malformed HTTP request: {reason}"})
         head = (
             f"HTTP/1.1 {status} {_REASONS[status]}\r\nContent-Type: application/json\r\n"
             f"Content-Length: {len(body)}\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n"

@@ -7,16 +7,18 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import logging
 import re
 from typing import Any
 
 import pytest
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 from tornado.httpclient import HTTPRequest
 from tornado.websocket import WebSocketClientConnection, websocket_connect
 
 from engine.core import accounts, keys
-from engine.core.config import Config
+from engine.core.config import Config, ConfigError
 from engine.core.status import OrderStatus
 from engine.web.services import Services
 from tests.faults.clients import raw_http
@@ -121,19 +123,20 @@ ROUTES = [
     ("GET", "/api/orders"),
     ("GET", "/api/orders?limit=5"),
 ]
+# Another scheme's credentials, or none: a challenge with no error code (RFC 6750 3.1).
+NOT_BEARER = ["", "Basic dXNlcjpwYXNz", f"Token {TEST_API_KEY}", f"{TEST_API_KEY}", "Digest x"]
+# A Bearer header that is malformed: error="invalid_request".
 MALFORMED = [
-    "Basic dXNlcjpwYXNz",
     "Bearer",
     "Bearer ",
     f"Bearer  {TEST_API_KEY} x",
     f"Bearer {TEST_API_KEY},{TEST_API_KEY}",  # two lines, as Tornado joins them
     f"Bearer {TEST_API_KEY[:-1]}",
     f"Bearer {TEST_API_KEY}=",
-    f"Token {TEST_API_KEY}",
     f"Bearer {TEST_API_KEY.upper()}",
     "Bearer oek_zzzzzzzzzzzzzzzz_" + "a" * 43,
     "Bearer " + "a" * 5000,
-    f"{TEST_API_KEY}",
+    f"Bearer:{TEST_API_KEY}",
 ]
 
 
@@ -143,6 +146,11 @@ async def test_every_order_route_needs_a_key(http_server_client: Any, method: st
     response, answer = await fetch(http_server_client, path, None, method=method, body=body)
     assert response.code == 401 and answer["error"] == "unauthorized"
     assert response.headers["WWW-Authenticate"] == 'Bearer realm="orders"'
+    for value in NOT_BEARER:
+        response, answer = await fetch(http_server_client, path, None, method=method, body=body,
+                                       headers={"Authorization": value})
+        assert response.code == 401, (value, answer)
+        assert response.headers["WWW-Authenticate"] == 'Bearer realm="orders"', value
     for value in MALFORMED:
         response, answer = await fetch(http_server_client, path, None, method=method, body=body,
                                        headers={"Authorization": value})
@@ -191,12 +199,16 @@ async def test_failed_authentications_are_limited_per_address(
     wrong = "oek_7e57000000000001_" + "W" * 43  # the test key's id, another secret
     codes = [(await fetch(http_server_client, "/api/orders", wrong))[0].code for _ in range(3)]
     assert codes == [401, 401, 401]
-    for key in (wrong, TEST_API_KEY):  # from now on, even a good key: no oracle
-        response, body = await fetch(http_server_client, "/api/orders", key)
+    for _ in range(3):  # from now on the address's failed attempts are refused outright
+        response, body = await fetch(http_server_client, "/api/orders", wrong)
         assert response.code == 429 and body["error"] == "rate_limited", body
         assert 1 <= int(response.headers["Retry-After"]) <= 60
-    response, body = await post_order(http_server_client)
+    response, body = await post_order(http_server_client, headers=bearer(wrong))
     assert response.code == 429
+    # A good key from the same address still passes: one client's guessing must not
+    # lock out the others behind its address (a NAT, a proxy).
+    assert (await fetch(http_server_client, "/api/orders", TEST_API_KEY))[0].code == 200
+    assert (await post_order(http_server_client))[0].code == 202
     # A request without a key, or with a malformed one, guesses nothing: still 401.
     assert (await fetch(http_server_client, "/api/orders", None))[0].code == 401
 
@@ -465,3 +477,99 @@ async def test_a_confirmed_orders_events_carry_their_owner(
     assert {fields["owner"] for _id, fields in entries} == {bobs_owner(TEST_API_KEY)}
     await eventually(lambda: True)
     assert OrderStatus.CONFIRMED in {json.loads(fields["data"])["status"] for _id, fields in entries}
+
+
+# -- found by the hostile review --------------------------------------------------------------
+
+
+async def test_the_policy_states_the_sustained_rate(http_server_client: Any, services: Services) -> None:
+    # q calls per w seconds is the rate, and q is at least the burst.
+    for (rate, burst), policy in {(5, 1): "q=5;w=1", (2, 3): "q=4;w=2", (20, 40): "q=40;w=2",
+                                  (0.01, 4): "q=4;w=400"}.items():
+        key = await new_key(services, "policy", rate=rate, burst=burst)
+        response, _ = await fetch(http_server_client, "/api/orders", key)
+        assert response.headers["RateLimit-Policy"] == f'"per-key";{policy}', (rate, burst)
+
+
+async def test_a_keys_own_limits_are_bounded(services: Services) -> None:
+    for limits in ({"rate": 1e-300}, {"rate": 1e7}, {"rate": float("nan")}, {"burst": 0},
+                   {"burst": 10**23}):
+        with pytest.raises(accounts.ApiKeyError):
+            await services.api_keys.create("bounded", **limits)
+    for name, value in (("RATE_LIMIT_PER_SEC", "1e-9"), ("RATE_LIMIT_BURST", "10000001"),
+                        ("AUTH_FAILURE_INTERVAL_SECS", "1e300")):
+        with pytest.raises(ConfigError, match=name):
+            Config.from_env({name: value})
+
+
+async def test_a_key_stored_again_starts_afresh(services: Services) -> None:
+    key = await services.api_keys.create("again", rate=1.0, burst=1)
+    await services.api_keys.revoke("again")
+    assert await services.api_keys.create("again", key=key) == key
+    assert await services.api_keys.is_live(key)
+    (record,) = [r for r in await services.api_keys.records() if r.name == "again"]
+    assert (record.rate, record.burst, record.revoked_at) == (None, None, None)
+
+
+async def test_the_last_full_page_has_no_next_cursor(http_server_client: Any, services: Services) -> None:
+    key = await new_key(services, "kim")
+    for _ in range(4):
+        await place(http_server_client, key)
+    first = (await fetch(http_server_client, "/api/orders?limit=2", key))[1]
+    last = (await fetch(http_server_client, f"/api/orders?limit=2&cursor={first['next_cursor']}", key))[1]
+    assert len(first["orders"]) == len(last["orders"]) == 2
+    assert first["next_cursor"] is not None and last["next_cursor"] is None
+
+
+async def test_a_create_drops_the_lists_oldest_entry_once_its_order_expired(
+    http_server_client: Any, services: Services, redis: Redis
+) -> None:
+    # Orders that never finish stay listed however old; expired ones leave the list
+    # even if the key never lists (no trim by age: an unfinished order never expires).
+    key = await new_key(services, "leo")
+    placed = [await place(http_server_client, key) for _ in range(3)]
+    index = keys.key_orders(bobs_owner(key))
+    await redis.delete(keys.order(placed[0]))
+    await place(http_server_client, key)
+    assert [fields["id"] for _id, fields in await redis.xrange(index)] == [*placed[1:], mock_any()]
+    await place(http_server_client, key)  # the oldest now exists: it stays
+    assert len(await redis.xrange(index)) == 4
+
+
+class mock_any:  # noqa: N801 - reads as a value in an expected list
+    def __eq__(self, other: object) -> bool:
+        return True
+
+
+async def test_the_feed_check_survives_an_error_reply(
+    http_server_client: Any, services: Services, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    key = await new_key(services, "mia")
+    feed = await account_feed(http_server_client, key)
+    assert "subscribed" in json.loads(await asyncio.wait_for(feed.read_message(), 10) or "{}")
+    real = services.api_keys.live_ids
+    failures = [ResponseError("BUSY Redis is busy running a script")]
+
+    async def busy_once(key_ids: list[str]) -> set[str]:
+        if failures:
+            raise failures.pop()
+        return await real(key_ids)
+
+    monkeypatch.setattr(services.api_keys, "live_ids", busy_once)
+    await eventually(lambda: not failures, timeout=5, message="the check met the error")
+    await services.api_keys.revoke("mia")
+    rest = await read_until_closed(feed, timeout=10)
+    assert json.loads(rest[-1])["error"] == "unauthorized" and feed.close_code == 4401
+
+
+async def test_a_malformed_header_never_puts_a_key_in_the_log(
+    http_server_client: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    port = port_of(http_server_client)
+    secret = TEST_API_KEY.rsplit("_", 1)[1]
+    for line in (f"Authorization: Bearer {TEST_API_KEY}\x00", f"Bearer {TEST_API_KEY}: x"):
+        request = (f"GET /api/orders HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{line}\r\n\r\n").encode()
+        status, _head, body = await raw_http("127.0.0.1", port, request, api_key=None)
+        assert status == 400 and secret.encode() not in body
+    assert "malformed request" in caplog.text and secret not in caplog.text

@@ -165,7 +165,13 @@ async def test_client_without_a_key_is_told_how_to_get_one(http_server_client: A
 
 def test_client_takes_its_key_from_the_flag_the_environment_or_the_dev_key_file(tmp_path: Path) -> None:
     (tmp_path / "dev-api-key").write_text("oek_from_the_file\n")
-    assert client.api_key("oek_flag", {"ORDER_API_KEY": "oek_env"}) == "oek_flag"
-    assert client.api_key(None, {"ORDER_API_KEY": "oek_env", "DATA_DIR": str(tmp_path)}) == "oek_env"
-    assert client.api_key(None, {"DATA_DIR": str(tmp_path)}) == "oek_from_the_file"
-    assert client.api_key(None, {"DATA_DIR": str(tmp_path / "none")}) is None
+    here = {"DATA_DIR": str(tmp_path)}
+    assert client.api_key("oek_flag", "http://localhost:3000", {"ORDER_API_KEY": "oek_env"}) == "oek_flag"
+    assert client.api_key(None, "http://localhost", {"ORDER_API_KEY": "oek_env", **here}) == "oek_env"
+    for local in ("http://localhost:3000", "http://127.0.0.1:3000", "http://[::1]:3000"):
+        assert client.api_key(None, local, here) == "oek_from_the_file"
+    # The dev key goes to this machine only; an explicit key goes anywhere.
+    assert client.api_key(None, "https://orders.example.com", here) is None
+    assert client.api_key(None, "http://10.0.0.5:3000", here) is None
+    assert client.api_key("oek_flag", "https://orders.example.com", here) == "oek_flag"
+    assert client.api_key(None, "http://localhost", {"DATA_DIR": str(tmp_path / "none")}) is None

@@ -12,6 +12,7 @@ import uuid
 from typing import Any
 
 import pytest
+from redis.exceptions import ResponseError
 from tornado.httpclient import HTTPClientError
 from tornado.httpserver import HTTPServer
 from tornado.ioloop import IOLoop
@@ -483,3 +484,24 @@ async def test_a_client_that_stops_answering_pings_is_dropped(
         await silent.aclose()
     finally:
         http_server.stop()
+
+
+async def test_the_poller_survives_an_error_reply(
+    http_server_client: Any, services: Services, schemas: Schemas, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A BUSY script (or any error reply) once ended the poller's task, and with it
+    # every live status of the web process (found by the review of issue 16).
+    real = services.hub._read
+    failures = [ResponseError("BUSY Redis is busy running a script")]
+
+    async def busy_once() -> int:
+        if failures:
+            raise failures.pop()
+        return await real()
+
+    monkeypatch.setattr(services.hub, "_read", busy_once)
+    _, accepted = await post_order(http_server_client)
+    ws = await subscribe(http_server_client, accepted["order_id"])
+    await eventually(lambda: not failures, timeout=5, message="the poller met the error")
+    await drive_to_confirmed(services.store, accepted["order_id"])
+    assert statuses(await read_until_closed(ws), schemas)[-1] == "confirmed"

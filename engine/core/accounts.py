@@ -12,10 +12,14 @@ script of POST, or ``AUTHORIZE_LUA`` before a read), so a revoked key is refused
 every web process from the next request on, and the rate limit holds across any
 number of them. In that step:
 
-1. the client address's failed attempts: past its budget, refused (``throttled``);
-2. the key's record: unknown, revoked or a digest that differs (compared in constant
-   time) is ``unauthorized``, and counts as one failed attempt of the address;
-3. the key's rate limit, by GCRA (the generic cell rate algorithm of ITU-T I.371, as
+1. the key's record: unknown, revoked or a digest that differs (compared in constant
+   time) is ``unauthorized``, and counts as one failed attempt of the client's
+   address; past the address's budget a failed attempt is ``throttled`` (429) instead,
+   and not counted, so the budget drains at its own rate while the guessing goes on.
+   A good key passes whatever its address did: one client guessing must not lock out
+   the others behind the same address (a NAT, a proxy), and a key's 256 random bits
+   make what a guesser learns from a 429 worthless;
+2. the key's rate limit, by GCRA (the generic cell rate algorithm of ITU-T I.371, as
    redis-cell and Stripe use it): a rate and a burst, the key's own or the config's.
 """
 
@@ -40,6 +44,10 @@ KEY_PREFIX = "oek_"
 _KEY = re.compile(r"oek_([0-9a-f]{16})_[A-Za-z0-9_-]{43}")
 # The owner of the orders made while AUTH=off (no key is asked for).
 ANONYMOUS = "anonymous"
+# A key's own limits, bounded so that the GCRA arithmetic stays exact in Lua's doubles
+# and Redis's integers: calls a second, and calls at once.
+MIN_RATE, MAX_RATE = 0.001, 1_000_000.0
+MAX_BURST = 1_000_000
 # Names: what an operator calls a key in the CLI's list.
 _NAME = re.compile(r"[A-Za-z0-9._@-]{1,64}")
 
@@ -49,7 +57,7 @@ _NAME = re.compile(r"[A-Za-z0-9._@-]{1,64}")
 # tat_key? With ``consume`` it is counted. Returns allowed, remaining (calls that
 # would still pass now), reset (us until the whole burst is available again) and
 # retry (us until one call would pass; 0 when allowed).
-# authorize(): steps 1-3 of the module's docstring. Returns {outcome, quota, remaining,
+# authorize(): steps 1-2 of the module's docstring. Returns {outcome, quota, remaining,
 # reset us, retry us, window s}: the rate limit's state for the answer's headers.
 AUTHORIZE_FUNCTIONS_LUA = """
 local function gcra(tat_key, interval, burst, now, consume)
@@ -72,8 +80,6 @@ end
 local function authorize(rec_key, rate_key, fail_key, digest, interval, burst, fail_interval, fail_burst)
   local t = redis.call('TIME')
   local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-  local fine, _, _, fail_retry = gcra(fail_key, fail_interval, fail_burst, now, false)
-  if not fine then return {'throttled', 0, 0, 0, fail_retry, 0} end
   local rec = redis.call('HMGET', rec_key, 'digest', 'revoked_at', 'rate', 'burst')
   local stored = rec[1] or ''
   local diff = 0
@@ -82,7 +88,8 @@ local function authorize(rec_key, rate_key, fail_key, digest, interval, burst, f
     diff = bit.bor(diff, bit.bxor(string.byte(digest, i), string.byte(stored, i) or 0))
   end
   if diff ~= 0 or rec[2] then
-    gcra(fail_key, fail_interval, fail_burst, now, true)
+    local counted, _, _, fail_retry = gcra(fail_key, fail_interval, fail_burst, now, true)
+    if not counted then return {'throttled', 0, 0, 0, fail_retry, 0} end
     return {'unauthorized', 0, 0, 0, 0, 0}
   end
   if rec[3] then interval = 1000000 / tonumber(rec[3]) end
@@ -90,8 +97,11 @@ local function authorize(rec_key, rate_key, fail_key, digest, interval, burst, f
   local allowed, remaining, reset, retry = gcra(rate_key, interval, burst, now, true)
   local outcome = 'ok'
   if not allowed then outcome = 'rate_limited' end
-  return {outcome, burst, remaining, math.ceil(reset), math.ceil(retry),
-          math.ceil(burst * interval / 1000000)}
+  -- The policy's quota and window (draft-ietf-httpapi-ratelimit-headers): the
+  -- sustained rate as q calls per w seconds, with q at least the burst.
+  local window = math.max(1, math.ceil(burst * interval / 1000000))
+  local quota = math.max(burst, math.floor(window * 1000000 / interval))
+  return {outcome, quota, remaining, math.ceil(reset), math.ceil(retry), window}
 end
 """
 
@@ -101,6 +111,16 @@ AUTHORIZE_LUA = AUTHORIZE_FUNCTIONS_LUA + """
 return authorize(KEYS[1], KEYS[2], KEYS[3], ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]),
                  tonumber(ARGV[4]), tonumber(ARGV[5]))
 """
+
+# Anything shaped like one of our keys, anywhere in a text (see ``redact``).
+_KEY_IN_TEXT = re.compile(r"oek_([0-9a-f]{16})_[A-Za-z0-9_-]+")
+
+
+def redact(text: str) -> str:
+    """``text`` with the secret part of every API key in it replaced (the id stays,
+    to say which key it was): for logs and messages that quote what a client sent."""
+    return _KEY_IN_TEXT.sub(lambda match: f"oek_{match.group(1)}_<redacted>", text)
+
 
 def new_key() -> tuple[str, str]:
     """A new API key: (key id, the whole key). The key is shown once and never stored."""
@@ -237,10 +257,10 @@ class ApiKeys:
         Raises ApiKeyError."""
         if not _NAME.fullmatch(name):
             raise ApiKeyError("a key's name is 1 to 64 letters, digits, '.', '_', '@' or '-'")
-        if rate is not None and not (math.isfinite(rate) and rate > 0):
-            raise ApiKeyError("rate must be a number of calls a second greater than 0")
-        if burst is not None and burst < 1:
-            raise ApiKeyError("burst must be a whole number of calls, 1 or more")
+        if rate is not None and not (math.isfinite(rate) and MIN_RATE <= rate <= MAX_RATE):
+            raise ApiKeyError(f"rate must be a number of calls a second from {MIN_RATE:g} to {MAX_RATE:g}")
+        if burst is not None and not 1 <= burst <= MAX_BURST:
+            raise ApiKeyError(f"burst must be a whole number of calls from 1 to {MAX_BURST:,}")
         if key is None:
             key_id, key = new_key()
         else:
@@ -254,6 +274,7 @@ class ApiKeys:
         if burst is not None:
             record["burst"] = str(burst)
         async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.delete(keys.api_key(key_id))  # a stored key starts afresh: no old limits
             pipe.hset(keys.api_key(key_id), items=[part for pair in record.items() for part in pair])
             pipe.sadd(keys.API_KEYS, key_id)
             await pipe.execute()

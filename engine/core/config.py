@@ -222,6 +222,13 @@ class Config:
                 "CONFIRM_LATENCY_MAX_MS must be >= CONFIRM_LATENCY_MIN_MS "
                 f"({cfg.confirm_latency_max_ms} < {cfg.confirm_latency_min_ms})"
             )
+        # Bounds that keep the rate limits' arithmetic exact (engine.core.accounts).
+        if not 0.001 <= cfg.rate_limit_per_sec <= 1_000_000:
+            raise ConfigError("RATE_LIMIT_PER_SEC must be from 0.001 to 1000000")
+        if cfg.rate_limit_burst > 1_000_000 or cfg.auth_failure_burst > 1_000_000:
+            raise ConfigError("RATE_LIMIT_BURST and AUTH_FAILURE_BURST must be at most 1000000")
+        if cfg.auth_failure_interval_secs > 86_400:
+            raise ConfigError("AUTH_FAILURE_INTERVAL_SECS must be at most 86400 (a day)")
         if cfg.poll_block_ms >= cfg.redis_timeout_secs * 1000 + 5000:
             raise ConfigError("POLL_BLOCK_MS must stay well below the Redis socket timeout")
         return cfg

@@ -63,7 +63,7 @@ def _lua_allowed_table() -> str:
 #       none), 9 owner (the API key's id), 10 "1" to authorize ("" when AUTH=off),
 #       11-15 the authorize step's arguments (Credentials.script_args), 16 the most
 #       orders that may wait for a worker (0 = no limit), 17 the executors' group,
-#       18 the order list's oldest entry to keep (ms)
+#       18 the order hashes' key prefix (keys.order(""))
 # Reply: {outcome, order id, then the rate limit: quota, remaining, reset us, retry us,
 #         window s (zeros when no key was consulted)}.
 # Steps: a re-sent script whose first run created the order says so first (so a
@@ -117,7 +117,14 @@ redis.call('XADD', KEYS[2], '*', 'seq', 1, 'data', data)
 redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[7], '*', 'id', ARGV[1], 'seq', 1, 'owner', ARGV[9],
            'data', data)
 redis.call('XADD', KEYS[4], '*', 'id', ARGV[1])
-redis.call('XADD', KEYS[10], 'MINID', '~', ARGV[18], '*', 'id', ARGV[1])
+redis.call('XADD', KEYS[10], '*', 'id', ARGV[1])
+-- The list's oldest entry goes once its order has expired: each create clears at most
+-- one, and orders expire no faster than they are created, so a list holds about the
+-- orders that exist (GET /api/orders drops the others it meets).
+local oldest = redis.call('XRANGE', KEYS[10], '-', '+', 'COUNT', 1)[1]
+if oldest and redis.call('EXISTS', ARGV[18] .. oldest[2][2]) == 0 then
+  redis.call('XDEL', KEYS[10], oldest[1])
+end
 redis.call('HINCRBY', KEYS[6], 'pending', 1)
 if ARGV[5] ~= '' then
   redis.call('SET', KEYS[5], ARGV[1] .. '|' .. ARGV[5], 'EX', ARGV[6])
@@ -322,10 +329,6 @@ class RedisClock:
         return int((epoch + self.offset_secs) * 1_000_000)
 
 
-# An API key's order list keeps an entry this many ORDER_TTL_SECS after the order's
-# creation (an order finished expires ORDER_TTL_SECS after it finished); entries of
-# orders gone before then are dropped as a list meets them.
-KEY_ORDERS_KEPT_TTLS = 2
 # GET /api/orders reads a key's order list in batches of LIST_BATCH entries, and at
 # most LIST_SCAN_MAX entries for one page (a status filter may skip many).
 LIST_BATCH = 100
@@ -497,7 +500,7 @@ class OrderStore:
             *auth_args,
             config.max_queue_lag,
             keys.EXECUTORS_GROUP,
-            int((now - KEY_ORDERS_KEPT_TTLS * config.order_ttl_secs) * 1000),
+            keys.order(""),
         ]
         reply = await self._create(keys=script_keys, args=script_args, unanswered=unanswered)
         authorization = accounts.Authorization.from_reply(reply[0], list(reply[2:7]))
@@ -628,8 +631,8 @@ class OrderStore:
         now in ``status`` if given, all created before the order whose list entry is
         ``cursor`` (a stream entry id, as returned; None = from the newest).
 
-        Returns the page and the cursor of the next one: None when the list is
-        exhausted. Pages stay correct while orders are created (a new order's entry
+        Returns the page and the cursor of the next one: None when no older entry
+        is left. Pages stay correct while orders are created (a new order's entry
         comes after every cursor handed out). With a ``status`` a page may be shorter
         than ``limit`` yet have a next one: at most LIST_SCAN_MAX entries are read
         per page. Entries of expired orders are dropped as they are met."""
@@ -669,6 +672,9 @@ class OrderStore:
                 exhausted = True  # every entry the list has was read
                 break
             end = f"({last}"
+        if not exhausted and last is not None:
+            # A full page: is there anything older? (So the last page says so.)
+            exhausted = not await self.redis.xrevrange(index, f"({last}", "-", count=1)
         if stale:
             await self.redis.xdel(index, *stale)
         return found, None if exhausted else last

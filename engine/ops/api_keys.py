@@ -10,7 +10,7 @@ redis-server that ``make run`` started under ``DATA_DIR`` (it must be running).
 api-key NAME=bob)`` works); the key is shown this once, and Redis keeps only its
 digest. ``list`` shows names and ids, never keys. Exit codes: 0 done, 1 the request
 was refused (a bad name, no such key), 2 bad usage or configuration, 3 Redis could
-not be reached.
+not be reached or refused the command (out of memory, read-only...).
 """
 
 from __future__ import annotations
@@ -166,6 +166,9 @@ def main(argv: list[str] | None = None, out: TextIO = sys.stdout, err: TextIO = 
         return asyncio.run(run(args, config, url, out, err))
     except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as exc:
         err.write(f"api-key: cannot reach Redis at {shown_url(url)}: {exc}\n")
+        return EXIT_UNREACHABLE
+    except redis.exceptions.RedisError as exc:  # e.g. OOM, MISCONF, READONLY: nothing done
+        err.write(f"api-key: Redis at {shown_url(url)} refused: {exc}\n")
         return EXIT_UNREACHABLE
 
 

@@ -77,6 +77,7 @@ class Services:
 
     async def _check_feeds(self) -> None:
         """Every FEED_RECHECK_SECS: close the account feeds of keys revoked since."""
+        failing = False
         while True:
             await asyncio.sleep(FEED_RECHECK_SECS)
             owners = self.hub.followed_owners
@@ -84,10 +85,14 @@ class Services:
                 continue
             try:
                 live = await self.api_keys.live_ids(owners)
-            except REDIS_DOWN_ERRORS as exc:
+            except Exception as exc:  # any failure: the next round tries again
                 raise_if_cancelled()
-                logger.debug("cannot check the feeds' keys: %s", exc)
+                # Not one error may end this task: revoked keys' feeds would stay open.
+                if not failing:
+                    logger.warning("cannot check the account feeds' keys (%s); trying again", exc)
+                failing = True
                 continue
+            failing = False
             for owner in set(owners) - live:
                 logger.info("API key %s revoked: closing its %d feed(s)", owner,
                             len(self.hub.feeds_of(owner)))

@@ -25,6 +25,7 @@ from typing import Any, cast
 
 from redis.asyncio import Redis
 from redis.asyncio.connection import AbstractConnection
+from redis.exceptions import ResponseError
 
 from engine.core import keys
 from engine.core.config import Config
@@ -51,6 +52,10 @@ POLL_COALESCE_SECS = 0.002
 IDLE_POLL_SECS = 0.25
 # Delay before the poller tries Redis again after a connection error.
 RECONNECT_DELAY_SECS = 0.5
+# What the poller waits out and retries: Redis unreachable, and any error reply (a
+# BUSY script, a MISCONF disk...), which would otherwise end the poller's task and
+# with it every live status of this web process.
+POLLER_ERRORS = (*REDIS_DOWN_ERRORS, ResponseError)
 
 # Called with (message JSON, is_terminal) for each message to send, in order.
 Sink = Callable[[str, bool], None]
@@ -242,7 +247,7 @@ class StatusHub:
         while not self.last_id and not self._stopping:
             try:
                 await self._note_newest()
-            except REDIS_DOWN_ERRORS as exc:
+            except POLLER_ERRORS as exc:
                 raise_if_cancelled()
                 if not warned:  # once per outage, not twice a second
                     logger.warning("status poller cannot reach Redis (%s); retrying", exc)
@@ -263,7 +268,7 @@ class StatusHub:
                     if failing:
                         await self._check_position()
                     read = await self._read()
-            except REDIS_DOWN_ERRORS as exc:
+            except POLLER_ERRORS as exc:
                 raise_if_cancelled()
                 if not failing:
                     logger.warning("status poller lost Redis (%s); retrying", exc)
