@@ -139,6 +139,9 @@ def run_web(config: Config, redis_url: str, sockets: list[socket.socket]) -> int
         runtime.run(serve(config, redis_url, sockets))
         return 0
 
+    # The supervisor serves nothing: it logs synchronously, so no writer thread is
+    # running (perhaps mid-write, holding stderr's lock) when it forks.
+    setup_logging(config, "web", queued=False)
     # Start-up objects leave the collector's view before the fork, so the children
     # share their pages instead of each copying them on its first collection.
     runtime.freeze_before_fork()

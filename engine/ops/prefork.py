@@ -15,6 +15,8 @@ import time
 from collections.abc import Callable
 from types import FrameType
 
+from engine.ops.logs import stop_logging
+
 logger = logging.getLogger(__name__)
 
 # A child that keeps dying this soon after its start is not restarted again.
@@ -45,6 +47,7 @@ def supervise(count: int, run_child: Callable[[int], int]) -> int:
             except BaseException:  # the child's outermost frame: report, then exit
                 logger.exception("web process %s failed", slot)
             finally:
+                stop_logging()  # write what is queued: os._exit skips atexit
                 logging.shutdown()
                 os._exit(code)
         children[pid] = (slot, time.monotonic())
