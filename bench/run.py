@@ -57,11 +57,11 @@ from bench.variants import (
     run_e2e_variants,
     run_variants,
 )
-from engine.core.config import PROJECT_ROOT
+from engine.core.config import PROJECT_ROOT, Config
 
 DEFAULT_OUT = PROJECT_ROOT / "bench" / "out"
 REFERENCE_RATE = 1000.0
-PHASES = ("submit", "profile", "variants", "e2e", "fanout", "scale")
+PHASES = ("submit", "as-run", "profile", "variants", "e2e", "fanout", "scale")
 # Scale-out shapes: (web processes under one port via WEB_CONCURRENCY, worker processes).
 SCALE_SHAPES = ((1, 1), (2, 1), (1, 2), (2, 2))
 
@@ -98,6 +98,8 @@ class Plan:
     # and the submit rates run against WEB_CONCURRENCY=2.
     scale_e2e: tuple[int, int, int]
     scale_rates: tuple[float, ...]
+    # The submit load in `make run`'s configuration (issue 17): seconds at REFERENCE_RATE.
+    as_run_secs: float
 
 
 QUICK = Plan(
@@ -106,7 +108,7 @@ QUICK = Plan(
     fanout_sockets=(1000,), fanout_events=2000, fanout_event_rates=(1000,), fanout_idle_secs=2,
     fanout_mixed_orders=0,
     profile=False, variants=("auth-off",), variant_secs=3, variant_repeats=2, micro=False,
-    scale_e2e=(2, 48, 1500), scale_rates=(2000,),
+    scale_e2e=(2, 48, 1500), scale_rates=(2000,), as_run_secs=5,
 )
 FULL = Plan(
     mode="full", rates=(250, 500, 1000, 1500, 2000, 3000), submit_secs=5, repeats=3,
@@ -118,8 +120,22 @@ FULL = Plan(
     profile=True, variants=tuple(v.name for v in VARIANTS if v.name not in ("hiredis", "uvloop")),
     variant_secs=4, variant_repeats=3,
     micro=True,
-    scale_e2e=(2, 64, 4000), scale_rates=(2000, 3000),
+    scale_e2e=(2, 64, 4000), scale_rates=(2000, 3000), as_run_secs=10,
 )
+
+
+def as_run_env() -> dict[str, str]:
+    """The service's own defaults for what the bench otherwise sets (SERVICE_ENV):
+    `make run`'s logs and venues."""
+    defaults = Config()
+    return {
+        "LOG_LEVEL": defaults.log_level,
+        "QUOTE_LATENCY_MS": f"{defaults.quote_latency_ms:g}",
+        "CONFIRM_LATENCY_MIN_MS": f"{defaults.confirm_latency_min_ms:g}",
+        "CONFIRM_LATENCY_MAX_MS": f"{defaults.confirm_latency_max_ms:g}",
+        "VENUE_FAILURE_RATE": f"{defaults.venue_failure_rate:g}",
+        "MAX_QUEUE_LAG": str(defaults.max_queue_lag),
+    }
 
 
 class Interrupted(Exception):
@@ -333,6 +349,10 @@ class Run:
             if self.wanted("submit"):
                 with self.phase("phase 1: submit (open loop), service and floor interleaved"):
                     self.submit()
+            if self.wanted("as-run"):
+                with self.phase(f"phase 1b: submit at {REFERENCE_RATE:.0f}/s as `make run` runs "
+                                "(INFO logs, appendfsync always, the worker at default latencies)"):
+                    self.as_run()
             if (self.plan.profile or self.args.profile) and self.wanted("profile"):
                 with self.phase(f"phase 2: py-spy on the web process at {REFERENCE_RATE:.0f} req/s"):
                     self.results["profile"] = run_profile(
@@ -414,6 +434,36 @@ class Run:
                 self.tmp, self.samples)
         finally:
             self.system.stop(floor.child)
+
+    def as_run(self) -> None:
+        """The submit load against the configuration `make run` starts (issue 17): a
+        Redis of its own with ``appendfsync always``, logs at INFO, and the worker
+        executing the orders with the default simulated venues (latencies, failures),
+        beside the web process on the same cores. Everything else as in phase 1."""
+        system, args = self.system, self.args
+        redis_server = system.start_redis("always", name="redis-as-run")
+        assert redis_server.process is not None
+        env = as_run_env()
+        web = system.start_web("web-as-run", env, redis_url=redis_server.url, gc_log=True)
+        worker = system.start_worker({**env, "REDIS_URL": redis_server.url})
+        try:
+            phases.wait_worker_ready(redis_server.url, worker)
+            watch = {"web": web.pid, "worker": worker.pid, "redis": redis_server.process.pid}
+            run = phases.submit_run(
+                system, web, "as-run", REFERENCE_RATE, self.plan.as_run_secs, procs=args.gen_procs,
+                connections=args.connections, watch=watch, tmp=self.tmp, samples=self.samples,
+                redis_url=redis_server.url,
+            )
+            run["env"] = env
+            self.results["as_run"] = run
+            log(f"  as run {REFERENCE_RATE:.0f}/s: achieved {run['achieved_rate']:.1f}/s p50 "
+                f"{run['latency_ms']['p50']:.2f} ms p99 {run['latency_ms']['p99']:.2f} ms codes "
+                f"{run['status_counts']} web {run['cpu']['web']['us_per_unit']:.0f} us/req, worker "
+                f"{run['cpu']['worker']['core_pct']:.0f}% of a core")
+        finally:
+            system.stop(worker)
+            system.stop(web.child)
+            redis_server.stop()
 
     def variants(self, names: list[str]) -> None:
         load = Load(self.system, REFERENCE_RATE, self.plan.variant_secs, self.plan.variant_repeats,
