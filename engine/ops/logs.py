@@ -1,33 +1,34 @@
 """Logging set-up shared by the web and worker processes.
 
-Log records never touch stderr on the event loop: the loop only puts each record on a
-bounded queue (the standard library's ``QueueHandler``), and a ``QueueListener``
-thread formats and writes it. A synchronous write per line cost the event loop most
-of the tail latency a user met (issue 17: POST p99 28-35 ms as `make run` runs it,
-6.6 ms with LOG_LEVEL=WARNING); a full pipe (a slow terminal, a stalled log
-collector) would block it outright. If the writer falls LOG_QUEUE_MAX records behind,
-further records are dropped and counted, and the writer says how many once it
-catches up: the service keeps serving rather than wait for its log.
+Log records never touch stderr on the event loop: the loop only renders each record's
+message and appends it to a bounded deque, and a writer thread formats and writes
+them in batches. A synchronous write per line was most of the tail latency a user met
+(issue 17: POST p99 28-35 ms as `make run` runs it, 6.6 ms with LOG_LEVEL=WARNING), and
+a full pipe (a slow terminal, a stalled log collector) would block the loop outright.
+If the writer falls LOG_QUEUE_MAX records behind, further records are dropped and
+counted, and the writer says how many: the service keeps serving rather than wait for
+its log.
 """
 
 from __future__ import annotations
 
 import atexit
-import copy
+import collections
 import json
 import logging
 import os
-import queue
 import sys
 import threading
 import time
-from logging.handlers import QueueHandler, QueueListener
 
 from engine.core.config import Config
 
 # Records waiting for the writer thread; past this, new ones are dropped (counted).
 LOG_QUEUE_MAX = 10_000
-# How long a stopping process waits for its queued records to be written.
+# The writer writes what waits every FLUSH_SECS, or as soon as WAKE_AT records wait.
+FLUSH_SECS = 0.05
+WAKE_AT = 1_000
+# How long a stopping process waits for its waiting records to be written.
 STOP_TIMEOUT_SECS = 5.0
 
 
@@ -48,89 +49,93 @@ class JSONFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
-class NonBlockingHandler(QueueHandler):
-    """A QueueHandler that never waits: the record's message and traceback are
-    rendered now (its arguments may change once the caller goes on), and a full queue
-    drops the record instead of blocking (``dropped`` counts them)."""
+_TRACEBACKS = logging.Formatter()
 
-    def __init__(self, log_queue: queue.Queue[logging.LogRecord]) -> None:
-        super().__init__(log_queue)
+
+class BatchingHandler(logging.Handler):
+    """The event loop's side: a record is rendered (its message, and its traceback if
+    any: the arguments may change once the caller goes on) and appended to a deque,
+    nothing more: no lock, and no thread woken per record (a ``QueueHandler`` on a
+    ``queue.Queue`` wakes its listener for every record, and measured slower than a
+    synchronous write). Past LOG_QUEUE_MAX waiting records, new ones are dropped and
+    counted."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: collections.deque[logging.LogRecord] = collections.deque()
         self.dropped = 0
-        self._lock_dropped = threading.Lock()
+        self.wake = threading.Event()
 
-    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
-        prepared = copy.copy(record)
-        prepared.msg = record.getMessage()
-        prepared.args = None
-        if record.exc_info:
-            if not record.exc_text:
-                record.exc_text = _TRACEBACKS.formatException(record.exc_info)
-            prepared.exc_text = record.exc_text
-            prepared.exc_info = None
-        return prepared
-
-    def enqueue(self, record: logging.LogRecord) -> None:
-        try:
-            self.queue.put_nowait(record)
-        except queue.Full:
-            with self._lock_dropped:
-                self.dropped += 1
-
-    def take_dropped(self) -> int:
-        """How many records were dropped since the last call."""
-        with self._lock_dropped:
-            dropped, self.dropped = self.dropped, 0
-        return dropped
-
-
-class _Writer(logging.StreamHandler):  # type: ignore[type-arg]
-    """The listener's handler: writes each record, and first a line saying how many
-    records were dropped since the last one it wrote, if any."""
-
-    def __init__(self, source: NonBlockingHandler) -> None:
-        super().__init__(sys.stderr)
-        self.source = source
+    def handle(self, record: logging.LogRecord) -> bool:
+        # Handler.handle would take the handler's lock: a deque's append needs none.
+        if len(self.records) >= LOG_QUEUE_MAX:
+            self.dropped += 1
+            return True
+        record.msg = record.getMessage()
+        record.args = None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = _TRACEBACKS.formatException(record.exc_info)
+        self.records.append(record)
+        if len(self.records) == WAKE_AT:
+            self.wake.set()
+        return True
 
     def emit(self, record: logging.LogRecord) -> None:
-        dropped = self.source.take_dropped()
+        self.handle(record)
+
+
+class LogWriter(threading.Thread):
+    """Formats and writes what a BatchingHandler collected, every FLUSH_SECS (sooner
+    when WAKE_AT records wait), in one write per batch; first a line saying how many
+    records were dropped since the last batch, if any. A blocked write blocks only
+    this thread."""
+
+    def __init__(self, source: BatchingHandler, formatter: logging.Formatter) -> None:
+        super().__init__(name="log-writer", daemon=True)
+        self.source = source
+        self.formatter = formatter
+        self.stream = sys.stderr
+        self._stopping = False
+
+    def run(self) -> None:
+        while not self._stopping:
+            self.source.wake.wait(FLUSH_SECS)
+            self.source.wake.clear()
+            self.write_batch()
+        self.write_batch()
+
+    def write_batch(self) -> None:
+        source = self.source
+        records = []
+        while source.records:
+            records.append(source.records.popleft())
+        dropped, source.dropped = source.dropped, 0
+        if not records and not dropped:
+            return
+        lines = []
         if dropped:
-            notice = logging.LogRecord(
-                "engine.ops.logs", logging.WARNING, __file__, 0,
-                "%d log records dropped: the log writer fell %d records behind", (dropped, LOG_QUEUE_MAX),
-                None,
-            )
-            super().emit(notice)
-        super().emit(record)
-
-
-class _Listener(QueueListener):
-    """QueueListener whose stop waits at most STOP_TIMEOUT_SECS for the writer (a
-    stalled stderr must not hang a process's exit), then leaves the daemon thread."""
-
-    def __init__(self, log_queue: queue.Queue[logging.LogRecord], writer: logging.Handler) -> None:
-        super().__init__(log_queue, writer)
-        self._log_queue = log_queue
-
-    def enqueue_sentinel(self) -> None:
+            lines.append(self.formatter.format(logging.makeLogRecord({
+                "name": __name__, "levelno": logging.WARNING, "levelname": "WARNING",
+                "msg": f"{dropped} log records dropped: the log writer fell {LOG_QUEUE_MAX} behind",
+            })))
+        lines.extend(self.formatter.format(record) for record in records)
         try:
-            self._log_queue.put(None, timeout=STOP_TIMEOUT_SECS)  # type: ignore[arg-type]
-        except queue.Full:
+            self.stream.write("\n".join(lines) + "\n")
+            self.stream.flush()
+        except (OSError, ValueError):  # stderr closed or gone: nobody to tell
             pass
 
-    def stop(self) -> None:
-        thread = self._thread
-        if thread is None:
-            return
-        self.enqueue_sentinel()
-        thread.join(STOP_TIMEOUT_SECS)
-        self._thread = None
+    def stop(self, timeout: float) -> None:
+        """Write what waits, and end; wait at most ``timeout`` seconds for it."""
+        self._stopping = True
+        self.source.wake.set()
+        self.join(timeout)
 
 
-_TRACEBACKS = logging.Formatter()
 # The writer thread of this process, and the process that started it: a forked child
-# inherits the object but not the thread (nor may it touch the queue's locks).
-_listener: QueueListener | None = None
-_listener_pid = 0
+# inherits the object but not the thread.
+_writer: LogWriter | None = None
+_writer_pid = 0
 
 
 def setup_logging(config: Config, process: str, *, queued: bool = True) -> None:
@@ -139,8 +144,10 @@ def setup_logging(config: Config, process: str, *, queued: bool = True) -> None:
     process about to fork (a pre-fork supervisor serves no requests, and a fork must
     not copy a thread in the middle of a write). Calling it again replaces the
     previous set-up; ``stop_logging`` flushes it, and runs at exit."""
-    global _listener, _listener_pid
+    global _writer, _writer_pid
     stop_logging()
+    # Not shown by any format here; each costs a look-up per record.
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     if config.log_format == "json":
         formatter: logging.Formatter = JSONFormatter()
         formatter.converter = time.gmtime
@@ -153,22 +160,20 @@ def setup_logging(config: Config, process: str, *, queued: bool = True) -> None:
         stream.setFormatter(formatter)
         root.handlers[:] = [stream]
         return
-    log_queue: queue.Queue[logging.LogRecord] = queue.Queue(LOG_QUEUE_MAX)
-    handler = NonBlockingHandler(log_queue)
-    writer = _Writer(handler)
-    writer.setFormatter(formatter)
+    handler = BatchingHandler()
     root.handlers[:] = [handler]
-    _listener, _listener_pid = _Listener(log_queue, writer), os.getpid()
-    _listener.start()
+    _writer, _writer_pid = LogWriter(handler, formatter), os.getpid()
+    _writer.start()
 
 
 def stop_logging() -> None:
-    """Write every queued record and stop the writer thread (idempotent; in a forked
-    child, only forgets the parent's)."""
-    global _listener
-    listener, _listener = _listener, None
-    if listener is not None and _listener_pid == os.getpid():
-        listener.stop()
+    """Write every waiting record and stop the writer thread, waiting for it at most
+    STOP_TIMEOUT_SECS (a stalled stderr must not hang an exit); idempotent; in a
+    forked child, only forgets the parent's."""
+    global _writer
+    writer, _writer = _writer, None
+    if writer is not None and _writer_pid == os.getpid():
+        writer.stop(STOP_TIMEOUT_SECS)
 
 
 atexit.register(stop_logging)
