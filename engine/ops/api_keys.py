@@ -62,6 +62,7 @@ DEV_KEY_NAME = "dev"
 
 
 def dev_key_path(data_dir: Path) -> Path:
+    """Where embedded mode keeps its development key: DEV_KEY_FILE under DATA_DIR."""
     return data_dir / DEV_KEY_FILE
 
 
@@ -127,6 +128,8 @@ def format_list(records: list[KeyRecord], config: Config) -> str:
 
 
 async def run(args: argparse.Namespace, config: Config, url: str, out: TextIO, err: TextIO) -> int:
+    """Do one command (``args``) against the Redis at ``url``: the key or the table on
+    ``out``, what was done on ``err``. Returns the exit code; Redis errors propagate."""
     client = Redis.from_url(url, decode_responses=True, socket_timeout=5.0, socket_connect_timeout=2.0)
     api_keys = ApiKeys(client, config)
     try:
@@ -149,6 +152,8 @@ async def run(args: argparse.Namespace, config: Config, url: str, out: TextIO, e
 
 
 def main(argv: list[str] | None = None, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
+    """The CLI: parse ``argv``, find Redis, run the command; the exit code (module
+    docstring)."""
     args = parse_args(argv)
     try:
         config = Config.from_env()

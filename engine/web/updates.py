@@ -197,6 +197,7 @@ class StatusHub:
         return feed
 
     def unfollow(self, feed: Feed) -> None:
+        """Stop delivering to ``feed`` (its socket closed); idempotent."""
         feeds = self._by_owner.get(feed.owner)
         if feeds is not None:
             feeds.discard(feed)
