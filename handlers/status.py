@@ -21,7 +21,7 @@ from engine.web.updates import Feed, Subscription
 from handlers.auth import BEARER, client_address, refusal
 from handlers.base import APIError, ErrorCode, JSONErrors, origin_allowed, override
 from handlers.orders import parse_order_id
-from handlers.ws_protocol import StrictWebSocketHandler
+from handlers.ws_protocol import StrictWebSocketHandler, shed_handshake_state
 
 logger = logging.getLogger(__name__)
 
@@ -130,6 +130,7 @@ class OrderStatusSocket(StrictWebSocketHandler, JSONErrors):
 
     @override
     def open(self, *args: str, **kwargs: str) -> None:
+        shed_handshake_state(self)
         self._opened = True
         self.services.open_sockets.add(self)
         self.services.metrics.websockets.inc()

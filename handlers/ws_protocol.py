@@ -8,6 +8,7 @@ from __future__ import annotations
 from asyncio import Future
 from collections.abc import Callable
 
+from tornado.httputil import HTTPHeaders
 from tornado.iostream import StreamClosedError
 from tornado.websocket import WebSocketHandler, WebSocketProtocol, WebSocketProtocol13
 
@@ -108,6 +109,24 @@ class StrictWebSocketProtocol(WebSocketProtocol13):
         self.close(code, reason)
         self._abort()
         raise StreamClosedError()  # _receive_frame_loop takes this as a closed stream
+
+
+# What a socket's request and response headers become once the handshake is done
+# (never written: a detached handler's header methods raise).
+_NO_HEADERS = HTTPHeaders()
+
+
+def shed_handshake_state(handler: WebSocketHandler) -> None:
+    """Drop what a WebSocket handler holds only for its handshake, once the 101 is
+    answered and the stream detached (``open`` runs then): the answer's headers, the
+    template namespace, and the handler's reference to the request's headers. An idle
+    socket then holds ~1.4 KiB less (18.75 -> 17.33 KiB of Python objects, tracemalloc
+    over 2,000 sockets; issue 17). The request's headers themselves stay alive in
+    Tornado's ``get`` frame, which lasts as long as the socket. The request keeps its
+    method, path and address (the access log, the account feed's client address)."""
+    handler.request.headers = _NO_HEADERS
+    handler._headers = _NO_HEADERS
+    handler.__dict__.pop("ui", None)
 
 
 class StrictWebSocketHandler(WebSocketHandler):
