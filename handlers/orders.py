@@ -195,6 +195,7 @@ class ExecuteOrderHandler(AccountHandler):
         else:
             # The first transition of an order; the worker logs the others.
             logger.info("order %s: accepted -> pending", result.order_id)
+            self.services.prune_now_and_then(self.owner)
         self.set_header("Location", f"/api/orders/{result.order_id}")
         self.write_json({"order_id": result.order_id, "status": PENDING}, status=202)
 

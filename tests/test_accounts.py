@@ -521,24 +521,28 @@ async def test_the_last_full_page_has_no_next_cursor(http_server_client: Any, se
     assert first["next_cursor"] is not None and last["next_cursor"] is None
 
 
-async def test_a_create_drops_the_lists_oldest_entry_once_its_order_expired(
+async def test_expired_orders_leave_a_keys_list_even_if_it_never_lists(
     http_server_client: Any, services: Services, redis: Redis
 ) -> None:
-    # Orders that never finish stay listed however old; expired ones leave the list
-    # even if the key never lists (no trim by age: an unfinished order never expires).
+    # Orders that never finish stay listed however old (no trim by age: an unfinished
+    # order never expires); expired ones leave the list, found by a prune that the
+    # POSTs run every PRUNE_EVERY creates, outside the create script.
+    from engine.core.store import PRUNE_EVERY
+
     key = await new_key(services, "leo")
-    placed = [await place(http_server_client, key) for _ in range(3)]
     index = keys.key_orders(bobs_owner(key))
-    await redis.delete(keys.order(placed[0]))
-    await place(http_server_client, key)
-    assert [fields["id"] for _id, fields in await redis.xrange(index)] == [*placed[1:], mock_any()]
-    await place(http_server_client, key)  # the oldest now exists: it stays
-    assert len(await redis.xrange(index)) == 4
+    placed = [await place(http_server_client, key) for _ in range(3)]
+    for gone in (placed[0], placed[2]):
+        await redis.delete(keys.order(gone))  # as their TTL would
+    assert await services.store.prune_key_orders(bobs_owner(key)) == 2
+    assert [fields["id"] for _id, fields in await redis.xrange(index)] == [placed[1]]
+    await redis.delete(keys.order(placed[1]))
+    later = [await place(http_server_client, key) for _ in range(PRUNE_EVERY)]
 
+    async def pruned() -> bool:
+        return [fields["id"] for _id, fields in await redis.xrange(index)] == later
 
-class mock_any:  # noqa: N801 - reads as a value in an expected list
-    def __eq__(self, other: object) -> bool:
-        return True
+    await eventually(pruned, message="the prune after a POST")
 
 
 async def test_the_feed_check_survives_an_error_reply(

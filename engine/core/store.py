@@ -62,8 +62,7 @@ def _lua_allowed_table() -> str:
 #       8 deadline: Redis TIME in microseconds after which nothing is created ("" =
 #       none), 9 owner (the API key's id), 10 "1" to authorize ("" when AUTH=off),
 #       11-15 the authorize step's arguments (Credentials.script_args), 16 the most
-#       orders that may wait for a worker (0 = no limit), 17 the executors' group,
-#       18 the order hashes' key prefix (keys.order(""))
+#       orders that may wait for a worker (0 = no limit), 17 the executors' group
 # Reply: {outcome, order id, then the rate limit: quota, remaining, reset us, retry us,
 #         window s (zeros when no key was consulted)}.
 # Steps: a re-sent script whose first run created the order says so first (so a
@@ -118,13 +117,6 @@ redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[7], '*', 'id', ARGV[1], 'seq', 1
            'data', data)
 redis.call('XADD', KEYS[4], '*', 'id', ARGV[1])
 redis.call('XADD', KEYS[10], '*', 'id', ARGV[1])
--- The list's oldest entry goes once its order has expired: each create clears at most
--- one, and orders expire no faster than they are created, so a list holds about the
--- orders that exist (GET /api/orders drops the others it meets).
-local oldest = redis.call('XRANGE', KEYS[10], '-', '+', 'COUNT', 1)[1]
-if oldest and redis.call('EXISTS', ARGV[18] .. oldest[2][2]) == 0 then
-  redis.call('XDEL', KEYS[10], oldest[1])
-end
 redis.call('HINCRBY', KEYS[6], 'pending', 1)
 if ARGV[5] ~= '' then
   redis.call('SET', KEYS[5], ARGV[1] .. '|' .. ARGV[5], 'EX', ARGV[6])
@@ -333,6 +325,10 @@ class RedisClock:
 # most LIST_SCAN_MAX entries for one page (a status filter may skip many).
 LIST_BATCH = 100
 LIST_SCAN_MAX = 1000
+# A key's order list is pruned of expired orders' entries every PRUNE_EVERY creates of
+# a web process, PRUNE_BATCH of its oldest entries at a time (OrderStore.prune_key_orders).
+PRUNE_EVERY = 16
+PRUNE_BATCH = 32
 # Each part of a stream entry id is an unsigned 64-bit number.
 _MAX_ID_PART = 2**64 - 1
 
@@ -500,7 +496,6 @@ class OrderStore:
             *auth_args,
             config.max_queue_lag,
             keys.EXECUTORS_GROUP,
-            keys.order(""),
         ]
         reply = await self._create(keys=script_keys, args=script_args, unanswered=unanswered)
         authorization = accounts.Authorization.from_reply(reply[0], list(reply[2:7]))
@@ -678,6 +673,29 @@ class OrderStore:
         if stale:
             await self.redis.xdel(index, *stale)
         return found, None if exhausted else last
+
+    async def prune_key_orders(self, owner: str, count: int = PRUNE_BATCH) -> int:
+        """Drop the entries of ``owner``'s order list (keys.key_orders) whose order
+        has expired, among its ``count`` oldest; how many went. Not atomic, and need
+        not be: an entry is only dropped once its order is gone for good.
+
+        Outside the create script on purpose: that script must not read another
+        order's keys (DESIGN.md, past one Redis). The POST handler calls this once
+        every PRUNE_EVERY creates, so a key that never lists its orders keeps a list
+        about the size of the orders it has (orders expire no faster than they are
+        created)."""
+        index = keys.key_orders(owner)
+        entries = cast(StreamEntries, await self.redis.xrange(index, "-", "+", count=count))
+        if not entries:
+            return 0
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for _entry_id, fields in entries:
+                pipe.exists(keys.order(fields.get("id", "")))
+            alive = cast(list[int], await pipe.execute())
+        gone = [entry_id for (entry_id, _fields), exists in zip(entries, alive, strict=True) if not exists]
+        if gone:
+            await self.redis.xdel(index, *gone)
+        return len(gone)
 
     async def count_attempt(self, order_id: str) -> int:
         """Count one more execution attempt of an order; the new count."""

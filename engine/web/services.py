@@ -13,7 +13,7 @@ from engine.core.accounts import ApiKeys
 from engine.core.config import Config
 from engine.core.connections import REDIS_DOWN_ERRORS, connect, connect_pipelined, raise_if_cancelled
 from engine.core.pipelined import PipelinedRedis
-from engine.core.store import OrderStore
+from engine.core.store import PRUNE_EVERY, OrderStore
 from engine.web.metrics import Metrics
 from engine.web.schemas import Schemas
 from engine.web.updates import StatusHub
@@ -47,6 +47,8 @@ class Services:
     open_sockets: set[Any] = dataclasses.field(default_factory=set)
     _clock_task: asyncio.Task[None] | None = None
     _feeds_task: asyncio.Task[None] | None = None
+    _creates: int = 0
+    _prunes: set[asyncio.Task[int]] = dataclasses.field(default_factory=set)
 
     @classmethod
     def create(cls, config: Config, redis_url: str, schemas: Schemas | None = None) -> Services:
@@ -74,6 +76,22 @@ class Services:
             self._clock_task = asyncio.create_task(self._keep_clock(), name="redis-clock")
         if self._feeds_task is None:
             self._feeds_task = asyncio.create_task(self._check_feeds(), name="feed-keys")
+
+    def prune_now_and_then(self, owner: str) -> None:
+        """After a create: every PRUNE_EVERY-th one, prune the owner's order list
+        (OrderStore.prune_key_orders) in the background, after the answer; a failure
+        is only logged (the next prune tries again)."""
+        self._creates += 1
+        if self._creates % PRUNE_EVERY:
+            return
+        task = asyncio.ensure_future(self.store.prune_key_orders(owner))
+        self._prunes.add(task)
+        task.add_done_callback(self._pruned)
+
+    def _pruned(self, task: asyncio.Task[int]) -> None:
+        self._prunes.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.debug("pruning an order list failed: %s", task.exception())
 
     async def _check_feeds(self) -> None:
         """Every FEED_RECHECK_SECS: close the account feeds of keys revoked since."""
@@ -112,7 +130,7 @@ class Services:
             await asyncio.sleep(CLOCK_SYNC_SECS if synced else CLOCK_RETRY_SECS)
 
     async def close(self) -> None:
-        for task in (self._clock_task, self._feeds_task):
+        for task in (self._clock_task, self._feeds_task, *self._prunes):
             if task is not None:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
