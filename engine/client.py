@@ -32,9 +32,9 @@ from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 from tornado.websocket import websocket_connect
 
 from engine.core import strict_json
-from engine.core.config import PROJECT_ROOT
+from engine.core.config import Config
 from engine.core.status import HAPPY_PATH, OrderStatus
-from engine.ops.api_keys import DEV_KEY_FILE
+from engine.ops.api_keys import dev_key_path
 
 STEPS = tuple(HAPPY_PATH)
 EXIT_CONFIRMED, EXIT_FAILED, EXIT_REFUSED, EXIT_UNREACHABLE = 0, 1, 2, 3
@@ -79,9 +79,9 @@ def api_key(
         return environ["ORDER_API_KEY"].strip()
     if not _is_loopback(url):
         return None
-    data_dir = Path(environ["DATA_DIR"]) if environ.get("DATA_DIR") else PROJECT_ROOT / "data"
+    data_dir = Path(environ["DATA_DIR"]) if environ.get("DATA_DIR") else Config().data_dir
     try:
-        return (data_dir / DEV_KEY_FILE).read_text().strip() or None
+        return dev_key_path(data_dir).read_text().strip() or None
     except OSError:
         return None
 

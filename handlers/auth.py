@@ -31,6 +31,13 @@ def unauthorized(message: str, error: str | None = None) -> APIError:
     return APIError(401, ErrorCode.UNAUTHORIZED, message, headers={"WWW-Authenticate": challenge})
 
 
+def bearer_credentials(text: str) -> Credentials | None:
+    """The API key in ``Bearer <key>`` (an Authorization value, or the account feed's
+    first message), or None when ``text`` is not that shape."""
+    match = BEARER.fullmatch(text)
+    return Credentials.parse(match.group(1)) if match else None
+
+
 def credentials(request: HTTPServerRequest) -> Credentials:
     """The request's API key; raises APIError 401 when it has none or a malformed one."""
     lines = request.headers.get_list("Authorization")
@@ -38,8 +45,7 @@ def credentials(request: HTTPServerRequest) -> Credentials:
         # No credentials, or another scheme's (Basic...): RFC 6750 section 3.1 says a
         # challenge with no error code.
         raise unauthorized("send your API key: Authorization: Bearer <key>")
-    match = BEARER.fullmatch(lines[0]) if len(lines) == 1 else None
-    parsed = Credentials.parse(match.group(1)) if match else None
+    parsed = bearer_credentials(lines[0]) if len(lines) == 1 else None
     if parsed is None:
         raise unauthorized(
             "the Authorization header must be sent once, as Bearer and an API key (oek_...)",

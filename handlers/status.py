@@ -14,11 +14,11 @@ from tornado.websocket import (
 )
 
 from engine.core import strict_json
-from engine.core.accounts import ANONYMOUS, Credentials
+from engine.core.accounts import ANONYMOUS
 from engine.core.connections import REDIS_DOWN_ERRORS
 from engine.web.services import Services
 from engine.web.updates import Feed, Subscription
-from handlers.auth import BEARER, client_address, refusal
+from handlers.auth import bearer_credentials, client_address, refusal
 from handlers.base import APIError, ErrorCode, JSONErrors, origin_allowed, override
 from handlers.orders import parse_order_id
 from handlers.ws_protocol import StrictWebSocketHandler, shed_handshake_state
@@ -174,8 +174,7 @@ class OrderStatusSocket(StrictWebSocketHandler, JSONErrors):
         the same checks as an HTTP call (engine.core.accounts)."""
         owner = ANONYMOUS
         if self.services.config.auth:
-            match = BEARER.fullmatch(message)
-            credentials = Credentials.parse(match.group(1)) if match else None
+            credentials = bearer_credentials(message)
             if credentials is None:
                 self._fail(CLOSE_UNAUTHORIZED, ErrorCode.UNAUTHORIZED,
                            "send Bearer and an API key (oek_...), or an order id")

@@ -155,12 +155,11 @@ class Credentials:
         """KEYS of the authorize step, for a request from ``address``."""
         return [keys.api_key(self.key_id), keys.rate_limit(self.key_id), keys.auth_failures(address)]
 
-    @staticmethod
-    def script_args(digest: str, config: Config) -> list[str | int]:
+    def script_args(self, config: Config) -> list[str | int]:
         """ARGV of the authorize step: the digest, then the default rate limit and the
         failed-attempt limit, as GCRA intervals (us) and bursts."""
         return [
-            digest,
+            self.digest,
             repr(1_000_000 / config.rate_limit_per_sec),
             config.rate_limit_burst,
             repr(config.auth_failure_interval_secs * 1_000_000),
@@ -339,7 +338,7 @@ class ApiKeys:
         when the key is good. Raises what redis-py raises when Redis is unreachable."""
         reply = await self._authorize(
             keys=credentials.script_keys(address),
-            args=Credentials.script_args(credentials.digest, self.config),
+            args=credentials.script_args(self.config),
         )
         return Authorization.from_reply(reply[0], list(reply[1:6]))
 

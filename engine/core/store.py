@@ -469,7 +469,7 @@ class OrderStore:
             request_hash = hashlib.sha256(request_json.encode()).hexdigest()
         if credentials is not None:
             auth_keys = credentials.script_keys(address)
-            auth_args = accounts.Credentials.script_args(credentials.digest, config)
+            auth_args = credentials.script_args(config)
         else:
             auth_keys, auth_args = [order_key] * 3, ["", 0, 0, 0, 0]
         script_keys = [

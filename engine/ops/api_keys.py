@@ -55,6 +55,12 @@ def shown_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{netloc}"))
 
 
+def _connect(url: str) -> Redis:
+    """A client for one short task (a command, the dev key's check): it waits longer
+    than the service's request path would, a CLI has nobody waiting on it."""
+    return Redis.from_url(url, decode_responses=True, socket_timeout=5.0, socket_connect_timeout=2.0)
+
+
 # Embedded mode's development key: created on the first start, kept in this file
 # under DATA_DIR (mode 0600); engine.client reads it when given no key.
 DEV_KEY_FILE = "dev-api-key"
@@ -71,7 +77,7 @@ async def ensure_dev_key(config: Config, url: str) -> tuple[Path, bool]:
     creating one (named DEV_KEY_NAME) if the file is missing or its key is not live
     (revoked, or Redis's data is gone). Returns the file and whether a key was made."""
     path = dev_key_path(config.data_dir)
-    client = Redis.from_url(url, decode_responses=True, socket_timeout=5.0, socket_connect_timeout=2.0)
+    client = _connect(url)
     api_keys = ApiKeys(client, config)
     try:
         try:
@@ -130,7 +136,7 @@ def format_list(records: list[KeyRecord], config: Config) -> str:
 async def run(args: argparse.Namespace, config: Config, url: str, out: TextIO, err: TextIO) -> int:
     """Do one command (``args``) against the Redis at ``url``: the key or the table on
     ``out``, what was done on ``err``. Returns the exit code; Redis errors propagate."""
-    client = Redis.from_url(url, decode_responses=True, socket_timeout=5.0, socket_connect_timeout=2.0)
+    client = _connect(url)
     api_keys = ApiKeys(client, config)
     try:
         if args.command == "create":

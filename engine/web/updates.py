@@ -190,19 +190,12 @@ class StatusHub:
         """A Feed of every status message of ``owner``'s orders, from now on;
         ``revoked`` is called if the key is revoked meanwhile."""
         feed = Feed(self, owner, sink, revoked)
-        self._joined += 1
-        if not self._watched:
-            self._wake.set()
-        self._by_owner.setdefault(owner, set()).add(feed)
+        self._register(self._by_owner, owner, feed)
         return feed
 
     def unfollow(self, feed: Feed) -> None:
         """Stop delivering to ``feed`` (its socket closed); idempotent."""
-        feeds = self._by_owner.get(feed.owner)
-        if feeds is not None:
-            feeds.discard(feed)
-            if not feeds:
-                del self._by_owner[feed.owner]
+        _unregister(self._by_owner, feed.owner, feed)
 
     def feeds_of(self, owner: str) -> list[Feed]:
         """The Feeds following ``owner`` (e.g. to close them once its key is revoked)."""
@@ -211,18 +204,19 @@ class StatusHub:
     def subscribe(self, order_id: str, sink: Sink) -> Subscription:
         """Register a subscription; the caller then awaits ``sync()`` on it."""
         sub = Subscription(self, order_id, sink)
-        self._joined += 1
-        if not self._watched:
-            self._wake.set()  # an idle poller reads live from now on
-        self._by_order.setdefault(order_id, set()).add(sub)
+        self._register(self._by_order, order_id, sub)
         return sub
 
     def unsubscribe(self, sub: Subscription) -> None:
-        subs = self._by_order.get(sub.order_id)
-        if subs is not None:
-            subs.discard(sub)
-            if not subs:
-                del self._by_order[sub.order_id]
+        _unregister(self._by_order, sub.order_id, sub)
+
+    def _register(self, index: dict[str, set[Any]], key: str, receiver: Any) -> None:
+        """Add a Subscription or a Feed to its index. Counted in ``_joined`` (see
+        _note_newest), and an idle poller is woken to read live from now on."""
+        self._joined += 1
+        if not self._watched:
+            self._wake.set()
+        index.setdefault(key, set()).add(receiver)
 
     def start(self) -> None:
         if self._task is None:
@@ -374,6 +368,15 @@ class StatusHub:
                     for feed in list(feeds):
                         feed.sink(fields["data"])
                         self.delivered += 1
+
+
+def _unregister(index: dict[str, set[Any]], key: str, receiver: Any) -> None:
+    """Remove a Subscription or a Feed from its index (idempotent)."""
+    receivers = index.get(key)
+    if receivers is not None:
+        receivers.discard(receiver)
+        if not receivers:
+            del index[key]
 
 
 def stream_entries(reply: Any) -> StreamEntries:
