@@ -92,10 +92,11 @@ async def test_each_key_sees_and_cancels_only_its_own_orders(
     assert [order["order_id"] for order in listed[bob]["orders"]] == [bobs]
     cancelled, body = await fetch(http_server_client, f"/api/orders/{bobs}", bob, method="DELETE")
     assert cancelled.code == 200 and body["status"] == "failed"
-    assert await redis.hget(keys.order(bobs), "owner") == bobs_owner(bob)
+    assert await redis.hget(keys.order(bobs), "owner") == key_id_of(bob)
 
 
-def bobs_owner(key: str) -> str:
+def key_id_of(key: str) -> str:
+    """The id of an API key: what owns the orders it places."""
     parsed = accounts.Credentials.parse(key)
     assert parsed is not None
     return parsed.key_id
@@ -321,7 +322,7 @@ async def test_the_list_drops_orders_that_expired(
     await redis.delete(keys.order(placed[1]))  # as its TTL would
     page = (await fetch(http_server_client, "/api/orders", key))[1]
     assert [o["order_id"] for o in page["orders"]] == [placed[2], placed[0]]
-    assert await redis.xlen(keys.key_orders(bobs_owner(key))) == 2
+    assert await redis.xlen(keys.key_orders(key_id_of(key))) == 2
 
 
 @pytest.mark.parametrize("cursor", ["0-0", "99999999999999999999-0", "1-99999999999999999999",
@@ -358,7 +359,7 @@ async def test_an_account_feed_streams_all_of_its_keys_orders_and_nothing_else(
     alice, bob = await new_key(services, "alice"), await new_key(services, "bob")
     feed = await account_feed(http_server_client, alice)
     hello = json.loads(await asyncio.wait_for(feed.read_message(), 10) or "{}")
-    assert hello == {"subscribed": "orders", "key_id": bobs_owner(alice)}
+    assert hello == {"subscribed": "orders", "key_id": key_id_of(alice)}
     bobs = await place(http_server_client, bob)
     mine = [await place(http_server_client, alice) for _ in range(2)]
     await drive_to_confirmed(services.store, bobs)
@@ -463,7 +464,7 @@ async def test_the_dev_key_file_is_made_once_and_remade_when_its_key_is_gone(
     assert made and path.stat().st_mode & 0o777 == 0o600 and await services.api_keys.is_live(key)
     assert await ensure_dev_key(config, config.redis_url) == (path, False)
     assert path.read_text().strip() == key
-    await services.api_keys.revoke(bobs_owner(key))
+    await services.api_keys.revoke(key_id_of(key))
     path, made = await ensure_dev_key(config, config.redis_url)
     assert made and path.read_text().strip() != key
 
@@ -474,7 +475,7 @@ async def test_a_confirmed_orders_events_carry_their_owner(
     order_id = await place(http_server_client, TEST_API_KEY)
     await drive_to_confirmed(services.store, order_id)
     entries = await redis.xrange(keys.EVENTS_STREAM)
-    assert {fields["owner"] for _id, fields in entries} == {bobs_owner(TEST_API_KEY)}
+    assert {fields["owner"] for _id, fields in entries} == {key_id_of(TEST_API_KEY)}
     await eventually(lambda: True)
     assert OrderStatus.CONFIRMED in {json.loads(fields["data"])["status"] for _id, fields in entries}
 
@@ -530,11 +531,11 @@ async def test_expired_orders_leave_a_keys_list_even_if_it_never_lists(
     from engine.core.store import PRUNE_EVERY
 
     key = await new_key(services, "leo")
-    index = keys.key_orders(bobs_owner(key))
+    index = keys.key_orders(key_id_of(key))
     placed = [await place(http_server_client, key) for _ in range(3)]
     for gone in (placed[0], placed[2]):
         await redis.delete(keys.order(gone))  # as their TTL would
-    assert await services.store.prune_key_orders(bobs_owner(key)) == 2
+    assert await services.store.prune_key_orders(key_id_of(key)) == 2
     assert [fields["id"] for _id, fields in await redis.xrange(index)] == [placed[1]]
     await redis.delete(keys.order(placed[1]))
     later = [await place(http_server_client, key) for _ in range(PRUNE_EVERY)]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import json
 import signal
 from collections.abc import Iterator
@@ -22,12 +23,13 @@ import pytest
 from redis.asyncio import Redis
 from web3.exceptions import TransactionNotFound
 
+from engine.core.status import Order
 from engine.ops.devnet import Anvil, deploy
 from engine.ops.redis_server import free_port
 from tests.evm_market import DevnetMarket
 from tests.faults import scaled
 from tests.faults.audit import histories, statuses_now, valid_path
-from tests.faults.cluster import Cluster, ServiceProcess, connections, start_web
+from tests.faults.cluster import Cluster, ServiceProcess, WebProcess, connections, start_web
 from tests.helpers import AUTH_HEADERS, eventually
 from tests.test_evm_e2e import SIZES, WALLET, check_against_chain, evm_env, load_orders, orders, submit
 from tests.test_faults import wait_finished
@@ -116,13 +118,9 @@ async def test_a_reorg_before_the_swap_is_deep_enough_resends_it_and_it_executes
     market = DevnetMarket(devnet.url, devnet.doc)
     env = {**evm_env(devnet, cluster.root), "CONFIRMATIONS": "2"}
     async with connections(cluster) as (redis, http):
-        web = await start_web(cluster, http)
-        await cluster.wait_worker_ready(cluster.start_worker(**env), redis)
-        before = {symbol: market.balance(symbol, WALLET) for symbol in SIZES}
-        market.automine(False)
+        held = await _hold_one_swap(cluster, market, env, redis, http, seed=99)
+        order_id, status, order, before = held.order_id, held.status, held.order, held.before
         try:
-            order_id, status = await _one_order_out(http, web.base_url, redis, seed=99)
-            [order] = await load_orders(redis, [order_id])
             first_block = market.w3.eth.block_number + 1
             market.mine()
             receipt = market.w3.eth.get_transaction_receipt(order.tx_hash)  # type: ignore[arg-type]
@@ -195,6 +193,34 @@ async def _one_order_out(http: Any, base_url: str, redis: Redis, seed: int) -> t
     return order_id, status
 
 
+@dataclasses.dataclass
+class HeldSwap:
+    """A web process and a worker, the wallet's balances before, and one order whose
+    swap is out and held unmined (automine off: the test mines, then turns it on)."""
+
+    web: WebProcess
+    before: dict[str, int]
+    order_id: str
+    status: Any  # a coroutine function reading the order's status
+    order: Order
+
+
+async def _hold_one_swap(
+    cluster: Cluster, market: DevnetMarket, env: dict[str, str], redis: Redis, http: Any, *, seed: int
+) -> HeldSwap:
+    web = await start_web(cluster, http)
+    await cluster.wait_worker_ready(cluster.start_worker(**env), redis)
+    before = {symbol: market.balance(symbol, WALLET) for symbol in SIZES}
+    market.automine(False)
+    try:
+        order_id, status = await _one_order_out(http, web.base_url, redis, seed=seed)
+        [order] = await load_orders(redis, [order_id])
+    except BaseException:
+        market.automine(True)
+        raise
+    return HeldSwap(web, before, order_id, status, order)
+
+
 async def readyz(http: Any, base_url: str) -> dict[str, Any]:
     response = await http.fetch(f"{base_url}/readyz", raise_error=False)
     assert response.code == 200, response.body
@@ -231,13 +257,9 @@ async def test_a_stuck_swap_is_replaced_and_lands_once(devnet: Any, cluster: Clu
     market = DevnetMarket(devnet.url, devnet.doc)
     env = {**evm_env(devnet, cluster.root), "TX_STUCK_SECS": "2"}
     async with connections(cluster) as (redis, http):
-        web = await start_web(cluster, http)
-        await cluster.wait_worker_ready(cluster.start_worker(**env), redis)
-        before = {symbol: market.balance(symbol, WALLET) for symbol in SIZES}
-        market.automine(False)
+        held = await _hold_one_swap(cluster, market, env, redis, http, seed=7)
+        web, order_id, sent, before = held.web, held.order_id, held.order, held.before
         try:
-            order_id, status = await _one_order_out(http, web.base_url, redis, seed=7)
-            [sent] = await load_orders(redis, [order_id])
             stuck = market.w3.eth.get_transaction(sent.tx_hash)  # type: ignore[arg-type]
             high = 4 * int(stuck["maxFeePerGas"]) if how == "base_fee_jump" else int(stuck["maxFeePerGas"])
             if how == "base_fee_jump":
