@@ -11,7 +11,6 @@ Also here: reading a process's CPU time, RSS and open files from ``/proc``.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import json
 import os
@@ -25,10 +24,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import IO
 
-from redis.asyncio import Redis
-
-from engine.core.accounts import ApiKeys
-from engine.core.config import PROJECT_ROOT, Config
+from engine.core.config import PROJECT_ROOT
+from engine.ops.api_keys import store_key
 from engine.ops.redis_server import RedisServer, die_with_parent, free_port, stop_process
 
 GC_LOG_DIR = PROJECT_ROOT / "bench" / "gclog"
@@ -65,15 +62,7 @@ BENCH_AUTH_HEADER = f"Authorization: Bearer {BENCH_API_KEY}"
 
 def add_bench_key(url: str) -> None:
     """Store BENCH_API_KEY in the Redis at ``url`` (again after a flush)."""
-
-    async def add() -> None:
-        client = Redis.from_url(url, decode_responses=True)
-        try:
-            await ApiKeys(client, Config()).create("bench", key=BENCH_API_KEY, rate=1e6, burst=10**6)
-        finally:
-            await client.aclose()
-
-    asyncio.run(add())
+    store_key(url, "bench", BENCH_API_KEY, rate=1e6, burst=10**6)
 
 
 def raise_fd_limit() -> int:

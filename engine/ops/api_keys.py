@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import os
 import sys
 import time
@@ -65,6 +66,23 @@ def _connect(url: str) -> Redis:
 # under DATA_DIR (mode 0600); engine.client reads it when given no key.
 DEV_KEY_FILE = "dev-api-key"
 DEV_KEY_NAME = "dev"
+
+
+def store_key(url: str, name: str, key: str, *, rate: float | None = None, burst: int | None = None) -> None:
+    """Store a given ``key`` (made elsewhere: a test's or the bench's fixed key) in the
+    Redis at ``url``, as ApiKeys.create(key=...) does. Blocking; it runs its own event
+    loop in a thread of its own, so a caller inside a running loop may call it too.
+    Raises ApiKeyError, and what redis-py raises."""
+
+    async def store() -> None:
+        client = _connect(url)
+        try:
+            await ApiKeys(client, Config()).create(name, key=key, rate=rate, burst=burst)
+        finally:
+            await client.aclose()
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        pool.submit(asyncio.run, store()).result()
 
 
 def dev_key_path(data_dir: Path) -> Path:

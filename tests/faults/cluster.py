@@ -8,8 +8,6 @@ SIGTERM if pytest itself dies (``die_with_parent``).
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 import contextlib
 import dataclasses
 import json
@@ -28,8 +26,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from tornado.httpclient import AsyncHTTPClient
 
 from engine.core import keys
-from engine.core.accounts import ApiKeys
 from engine.core.config import PROJECT_ROOT, Config
+from engine.ops.api_keys import store_key
 from engine.ops.redis_server import RedisServer, die_with_parent, free_port
 from tests.faults.clients import http_client
 from tests.helpers import TEST_API_KEY, eventually
@@ -145,19 +143,7 @@ class WebProcess(ServiceProcess):
 def add_test_key(redis_url: str, **limits: Any) -> None:
     """Store TEST_API_KEY in the Redis at ``redis_url`` (as `make api-key` would store
     a new key), with a rate limit high enough for load tests unless ``limits`` say."""
-
-    async def add() -> None:
-        client = Redis.from_url(redis_url, decode_responses=True)
-        try:
-            await ApiKeys(client, Config()).create(
-                "test", key=TEST_API_KEY, **({"rate": 100_000.0, "burst": 100_000} | limits)
-            )
-        finally:
-            await client.aclose()
-
-    # A thread of its own: the caller may be inside a running event loop.
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        pool.submit(asyncio.run, add()).result()
+    store_key(redis_url, "test", TEST_API_KEY, **({"rate": 100_000.0, "burst": 100_000} | limits))
 
 
 class Cluster:
