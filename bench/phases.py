@@ -17,6 +17,7 @@ import math
 import selectors
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections import Counter
@@ -102,6 +103,60 @@ def redis_command_calls(url: str) -> dict[str, int]:
     finally:
         client.close()
     return {name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in stats.items()}
+
+
+class SentCommands:
+    """Counts, with MONITOR, the commands Redis's clients send (a script's EVALSHA once)
+    apart from those the scripts run, while it is open: a context manager.
+
+    INFO commandstats counts both kinds alike, so it cannot say how many round trips
+    an order costs; MONITOR tags every command a script runs with ``lua``. MONITOR
+    slows Redis down, so the bench counts over a run of its own, not a timed one."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.sent: Counter[str] = Counter()
+        self.in_scripts: Counter[str] = Counter()
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._listen, name="monitor", daemon=True)
+
+    def __enter__(self) -> SentCommands:
+        self._thread.start()
+        if not self._ready.wait(10):
+            raise RuntimeError("MONITOR did not start")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        poke = redis_sync.Redis.from_url(self.url)
+        try:  # one more command, so the listener wakes up and sees the stop
+            poke.ping()
+        finally:
+            poke.close()
+        self._thread.join(10)
+
+    def _listen(self) -> None:
+        client = redis_sync.Redis.from_url(self.url, decode_responses=True)
+        try:
+            with client.monitor() as monitor:
+                self._ready.set()
+                for command in monitor.listen():
+                    if self._stop.is_set():
+                        return
+                    name = command["command"].split(" ", 1)[0].upper()
+                    counter = self.in_scripts if command.get("client_type") == "lua" else self.sent
+                    counter[name] += 1
+        finally:
+            client.close()
+
+    def per_unit(self, units: int) -> dict[str, dict[str, float]]:
+        """{"sent": {command: per unit}, "in_scripts": {...}}, largest first."""
+        return {
+            "sent": {k: round(v / units, 3) for k, v in self.sent.most_common()} if units else {},
+            "in_scripts": {k: round(v / units, 3) for k, v in self.in_scripts.most_common()}
+            if units else {},
+        }
 
 
 def redis_forks(url: str) -> int:

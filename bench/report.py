@@ -378,6 +378,13 @@ def render_markdown(results: dict[str, Any], rows: list[dict[str, Any]], plot: s
             out.append("")
             out.append(f"Redis commands per order ({best['label']}; commands inside Lua scripts "
                        "count besides the EVALSHA): " + _commands(best["redis_commands_per_order"]) + ".")
+        sent = results.get("e2e_sent_commands")
+        if sent:
+            out.append("")
+            out.append(f"Commands the clients send per order (round trips' worth: a script's "
+                       f"EVALSHA counts once; MONITOR over {sent['orders']} orders of a run of "
+                       "their own): " + _commands(sent["sent"]) + f"; run inside scripts: "
+                       f"{_f(sum(sent['in_scripts'].values()), 1)}.")
         out.append("")
 
     fans = results.get("fanout") or []

@@ -63,6 +63,8 @@ from engine.ops.redis_server import find_redis_server
 
 DEFAULT_OUT = PROJECT_ROOT / "bench" / "out"
 REFERENCE_RATE = 1000.0
+# Orders of the end-to-end run under MONITOR that counts the commands sent per order.
+SENT_COMMANDS_ORDERS = 300
 PHASES = ("submit", "as-run", "profile", "variants", "e2e", "fanout", "scale")
 # Scale-out shapes: (web processes under one port via WEB_CONCURRENCY, worker processes).
 SCALE_SHAPES = ((1, 1), (2, 1), (1, 2), (2, 2))
@@ -517,11 +519,27 @@ class Run:
                     f"{e2e['post_to_terminal_ms']['p50']:.1f} ms p99 "
                     f"{e2e['post_to_terminal_ms']['p99']:.1f} ms, final {e2e['final_status']}, "
                     f"errors {e2e['errors']}")
+            self.results["e2e_sent_commands"] = self.count_sent_commands(web, watch)
             if (plan.profile or args.profile) and self.wanted("profile"):
                 log("  py-spy on web and worker during an end-to-end run")
                 self.results["profile_e2e"] = run_profile_e2e(system, web, worker, args, watch, self.tmp)
         finally:
             system.stop(worker)
+
+    def count_sent_commands(self, web: Service, watch: dict[str, int]) -> dict[str, Any]:
+        """The commands Redis's clients send per order (not those scripts run), over
+        an untimed run of its own under MONITOR (phases.SentCommands)."""
+        procs, concurrency, _orders = self.plan.e2e_levels[0]
+        orders = SENT_COMMANDS_ORDERS
+        with phases.SentCommands(self.system.redis_url) as counted:
+            run = phases.e2e_run(self.system, web, "counted", orders, procs=procs,
+                                 concurrency=concurrency, watch=watch, tmp=self.tmp, samples=None,
+                                 deadline_secs=60)
+        figures = {"orders": run["finished"], **counted.per_unit(run["finished"])}
+        log(f"  commands sent per order: {sum(figures['sent'].values()):.1f} "
+            f"(and {sum(figures['in_scripts'].values()):.1f} run inside scripts), "
+            f"{run['finished']} orders under MONITOR")
+        return figures
 
     def e2e_beside_sockets(self, web: Service, orders: int) -> dict[str, Any]:
         """End-to-end orders (with their own short-lived sockets) while the fan-out
