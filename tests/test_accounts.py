@@ -523,7 +523,7 @@ async def test_the_last_full_page_has_no_next_cursor(http_server_client: Any, se
 
 
 async def test_expired_orders_leave_a_keys_list_even_if_it_never_lists(
-    http_server_client: Any, services: Services, redis: Redis
+    http_server_client: Any, services: Services, redis: Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Orders that never finish stay listed however old (no trim by age: an unfinished
     # order never expires); expired ones leave the list, found by a prune that the
@@ -535,6 +535,12 @@ async def test_expired_orders_leave_a_keys_list_even_if_it_never_lists(
     placed = [await place(http_server_client, key) for _ in range(3)]
     for gone in (placed[0], placed[2]):
         await redis.delete(keys.order(gone))  # as their TTL would
+    # An order younger than the TTL cannot have expired: the prune does not look.
+    assert await services.store.prune_key_orders(key_id_of(key)) == 0
+    assert len(await redis.xrange(index)) == 3
+    # Past the TTL (here: none), it does.
+    store = services.store
+    monkeypatch.setattr(store, "config", dataclasses.replace(store.config, order_ttl_secs=0))
     assert await services.store.prune_key_orders(key_id_of(key)) == 2
     assert [fields["id"] for _id, fields in await redis.xrange(index)] == [placed[1]]
     await redis.delete(keys.order(placed[1]))

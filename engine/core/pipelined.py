@@ -10,9 +10,10 @@ connection in the order they were sent, so a connection can carry many callers'
 commands at once: each caller writes its command and waits on a future, and the
 replies resolve the futures in order. No pool, no lock, no timer per command.
 
-Only the order store's scripts go this way (EVALSHA of create, transition and
-record_tx: a POST's one command, and most of the worker's per order); every other
-command uses redis-py. ``redis://`` and ``unix://`` URLs are supported, with ACL
+The commands of an order's hot path go this way (``HotPath``): the order store's
+scripts (a POST's one command, the worker's transitions), the reads of one order, and
+the worker's per-order steps (its ownership checks, its venue's ledger). Everything
+else (stream reads that block, administration) uses redis-py. ``redis://`` and ``unix://`` URLs are supported, with ACL
 user, password and database; for ``rediss://`` (TLS) the store keeps using redis-py
 (``for_url`` returns None).
 
@@ -43,9 +44,10 @@ from typing import Any, cast
 
 import hiredis
 from redis._parsers.base import BaseParser
+from redis.asyncio import Redis
 from redis.asyncio.connection import SSLConnection, parse_url
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, ResponseError
 
 logger = logging.getLogger(__name__)
 
@@ -234,15 +236,21 @@ class PipelinedRedis:
         safe to run twice (a command's fate is unknown when its connection dies)."""
         command = ("EVALSHA", script.sha, len(keys), *keys, *args)
         try:
-            try:
-                return await self.execute(*command, unanswered=unanswered)
-            except RedisConnectionError:
-                if self._closed:
-                    raise
-                return await self.execute(*command, unanswered=unanswered)
+            return await self.execute_idempotent(*command, unanswered=unanswered)
         except NoScriptError:
             await self.execute("SCRIPT", "LOAD", script.text)
             return await self.execute(*command, unanswered=unanswered)
+
+    async def execute_idempotent(self, *args: Arg, unanswered: Unanswered | None = None) -> Any:
+        """``execute`` a command that is safe to run twice (a read, or a script
+        written to be): sent once more after a lost connection, as redis-py's own
+        retry would."""
+        try:
+            return await self.execute(*args, unanswered=unanswered)
+        except RedisConnectionError:
+            if self._closed:
+                raise
+            return await self.execute(*args, unanswered=unanswered)
 
     async def _connected(self) -> _Connection:
         if self._closed:
@@ -309,3 +317,75 @@ class PipelinedRedis:
         if connection is not None and connection.transport is not None:
             connection.transport.abort()
         await asyncio.sleep(0)  # let connection_lost run
+
+
+class HotPath:
+    """The commands of an order's hot path, over the pipelined connection ``pipe``
+    when there is one, else over redis-py's ``redis`` (a client that decodes
+    replies): replies come back shaped as that client shapes them.
+
+    Reads and scripts are sent once more after a lost connection (a script must
+    therefore be safe to run twice: see ``PipelinedRedis.evalsha``)."""
+
+    def __init__(self, redis: Redis, pipe: PipelinedRedis | None) -> None:
+        self.redis = redis
+        self.pipe = pipe
+
+    def script(self, text: str) -> HotScript:
+        """``text`` as a script to run on this path."""
+        return HotScript(self, text)
+
+    async def hgetall(self, key: str) -> dict[str, str]:
+        """HGETALL: the hash's fields and values ({} for no hash)."""
+        if self.pipe is None:
+            return cast(dict[str, str], await self.redis.hgetall(key))
+        flat = await self.pipe.execute_idempotent("HGETALL", key)
+        return dict(zip(flat[::2], flat[1::2], strict=True))
+
+    async def exists(self, key: str) -> bool:
+        """EXISTS of one key."""
+        if self.pipe is None:
+            return bool(await self.redis.exists(key))
+        return bool(await self.pipe.execute_idempotent("EXISTS", key))
+
+    async def xrange(self, key: str) -> list[tuple[str, dict[str, str]]]:
+        """XRANGE key - +: every entry, oldest first, as (id, {field: value})."""
+        if self.pipe is None:
+            return cast(list[tuple[str, dict[str, str]]], await self.redis.xrange(key))
+        entries = await self.pipe.execute_idempotent("XRANGE", key, "-", "+")
+        return [(entry_id, dict(zip(flat[::2], flat[1::2], strict=True))) for entry_id, flat in entries]
+
+
+class HotScript:
+    """A script run on a HotPath: EVALSHA over its pipelined connection, or redis-py's
+    registered script."""
+
+    def __init__(self, path: HotPath, text: str) -> None:
+        self._path = path
+        self._piped = Script(text)
+        self._registered = path.redis.register_script(text)
+
+    async def __call__(
+        self, *, keys: Sequence[str], args: Sequence[Arg], unanswered: Unanswered | None = None
+    ) -> Any:
+        """The script's reply. ``unanswered`` counts the call while Redis may have
+        run it with no reply back yet (see Unanswered)."""
+        pipe = self._path.pipe
+        if pipe is not None:
+            return await pipe.evalsha(self._piped, keys, args, unanswered)
+        if unanswered is None:
+            return await self._registered(keys=keys, args=args)
+        # redis-py does not say whether it wrote the command (or re-sent it): counted
+        # as unanswered until a reply, an error reply included, comes back; but only
+        # once a connection is up (the pool connects it), so a Redis that cannot be
+        # reached at all is a failure that certainly sent nothing.
+        pool = self._path.redis.connection_pool
+        await pool.release(await pool.get_connection())  # type: ignore[no-untyped-call]
+        unanswered.count += 1
+        try:
+            result = await self._registered(keys=keys, args=args)
+        except ResponseError:
+            unanswered.count -= 1
+            raise
+        unanswered.count -= 1
+        return result

@@ -21,11 +21,10 @@ from datetime import UTC, datetime
 from typing import Any, Literal, cast
 
 from redis.asyncio import Redis
-from redis.exceptions import ResponseError
 
 from engine.core import accounts, keys, strict_json
 from engine.core.config import Config
-from engine.core.pipelined import PipelinedRedis, Script, Unanswered
+from engine.core.pipelined import HotPath, PipelinedRedis, Unanswered
 from engine.core.status import ALLOWED, Order, OrderStatus
 
 logger = logging.getLogger(__name__)
@@ -171,6 +170,27 @@ return {1, data}
 )
 
 
+# KEYS: order hash. ARGV: the attempts after which none is counted (the driver's
+# MAX_ATTEMPTS). Counts an attempt of an order that is not finished and has attempts
+# left, then reads it. Reply: {1 if counted else 0, the hash as HGETALL gives it
+# ({} for an unknown order)}.
+_BEGIN_ATTEMPT_LUA = (
+    "local allowed = "
+    + _lua_allowed_table()
+    + """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return {0, {}} end
+local counted = 0
+if allowed[status] and next(allowed[status]) ~= nil
+   and tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0') < tonumber(ARGV[1]) then
+  redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+  counted = 1
+end
+return {counted, redis.call('HGETALL', KEYS[1])}
+"""
+)
+
+
 # The nonce rule (EIP-155 nonces, one account): a transaction may take nonce N only
 # if N is the account's next free nonce, which then becomes N + 1. Taking exactly the
 # next one leaves no gap; the key only moves forward, inside the step that records
@@ -250,38 +270,6 @@ class Recorded(enum.IntEnum):
     NOT_BUILDING = 0
     # The nonce is already held by a recorded transaction: build again with a new one.
     NONCE_TAKEN = -1
-
-
-class _StoreScript:
-    """A script run over the pipelined connection when there is one, else redis-py."""
-
-    def __init__(self, redis: Redis, pipe: PipelinedRedis | None, text: str) -> None:
-        self._redis = redis
-        self._pipe = pipe
-        self._piped = Script(text)
-        self._registered = redis.register_script(text)
-
-    async def __call__(
-        self, *, keys: list[str], args: list[str | int], unanswered: Unanswered | None = None
-    ) -> Any:
-        if self._pipe is not None:
-            return await self._pipe.evalsha(self._piped, keys, args, unanswered)
-        if unanswered is None:
-            return await self._registered(keys=keys, args=args)
-        # redis-py does not say whether it wrote the command (or re-sent it): counted
-        # as unanswered until a reply, an error reply included, comes back; but only
-        # once a connection is up (the pool connects it), so a Redis that cannot be
-        # reached at all is a failure that certainly sent nothing.
-        pool = self._redis.connection_pool
-        await pool.release(await pool.get_connection())  # type: ignore[no-untyped-call]
-        unanswered.count += 1
-        try:
-            result = await self._registered(keys=keys, args=args)
-        except ResponseError:
-            unanswered.count -= 1
-            raise
-        unanswered.count -= 1
-        return result
 
 
 class RedisClock:
@@ -404,9 +392,10 @@ def event_body(order_id: str, status: str, epoch: float, fields: Mapping[str, An
 class OrderStore:
     """Owns every order key; handlers and the worker go through it.
 
-    With ``pipe``, the scripts (create, transition, record_tx) go over that pipelined
-    connection instead of redis-py (see engine.core.pipelined); everything else uses
-    ``redis``. Each script is safe to run twice, as the pipe may re-send one.
+    With ``pipe``, the hot path (``hot``: the scripts, and the reads of one order) goes
+    over that pipelined connection instead of redis-py (see engine.core.pipelined);
+    everything else uses ``redis``. Each script is safe to run twice, as either
+    client may re-send one.
     """
 
     def __init__(self, redis: Redis, config: Config, pipe: PipelinedRedis | None = None) -> None:
@@ -414,10 +403,12 @@ class OrderStore:
         self.config = config
         self.clock = RedisClock()
         self._pipe = pipe
-        self._create = _StoreScript(redis, pipe, _CREATE_LUA)
-        self._transition = _StoreScript(redis, pipe, _TRANSITION_LUA)
-        self._record_tx = _StoreScript(redis, pipe, _RECORD_TX_LUA)
-        self._record_replacement = _StoreScript(redis, pipe, _RECORD_REPLACEMENT_LUA)
+        self.hot = HotPath(redis, pipe)
+        self._create = self.hot.script(_CREATE_LUA)
+        self._transition = self.hot.script(_TRANSITION_LUA)
+        self._record_tx = self.hot.script(_RECORD_TX_LUA)
+        self._record_replacement = self.hot.script(_RECORD_REPLACEMENT_LUA)
+        self._begin_attempt = self.hot.script(_BEGIN_ATTEMPT_LUA)
 
     async def sync_clock(self) -> bool:
         """Measure Redis's clock (RedisClock.sync) over the connection the create
@@ -571,12 +562,12 @@ class OrderStore:
 
     async def get(self, order_id: str) -> Order | None:
         """The order, or None for an unknown order."""
-        # The client decodes responses, so every key and value is a str.
-        data = cast(dict[str, str], await self.redis.hgetall(keys.order(order_id)))
+        data = await self.hot.hgetall(keys.order(order_id))
         return Order.from_hash(data) if data else None
 
     async def exists(self, order_id: str) -> bool:
-        return bool(await self.redis.exists(keys.order(order_id)))
+        """Whether the order is known (and not expired)."""
+        return await self.hot.exists(keys.order(order_id))
 
     async def record_tx(
         self,
@@ -676,7 +667,8 @@ class OrderStore:
 
     async def prune_key_orders(self, owner: str, count: int = PRUNE_BATCH) -> int:
         """Drop the entries of ``owner``'s order list (keys.key_orders) whose order
-        has expired, among its ``count`` oldest; how many went. Not atomic, and need
+        has expired, among its ``count`` oldest older than ``config.order_ttl_secs``
+        (no younger order can have expired); how many went. Not atomic, and need
         not be: an entry is only dropped once its order is gone for good.
 
         Outside the create script on purpose: that script must not read another
@@ -685,7 +677,13 @@ class OrderStore:
         about the size of the orders it has (orders expire no faster than they are
         created)."""
         index = keys.key_orders(owner)
-        entries = cast(StreamEntries, await self.redis.xrange(index, "-", "+", count=count))
+        # An order expires order_ttl_secs after it finished, so no later than that
+        # after its creation, which its entry's id records (Redis's clock, in ms):
+        # younger entries need no look.
+        newest = self.clock.redis_micros(time.time()) // 1000 - self.config.order_ttl_secs * 1000
+        if newest < 0:
+            return 0
+        entries = cast(StreamEntries, await self.redis.xrange(index, "-", newest, count=count))
         if not entries:
             return 0
         async with self.redis.pipeline(transaction=False) as pipe:
@@ -701,9 +699,20 @@ class OrderStore:
         """Count one more execution attempt of an order; the new count."""
         return int(await self.redis.hincrby(keys.order(order_id), "attempts", 1))
 
+    async def begin_attempt(self, order_id: str, max_attempts: int) -> tuple[Order | None, bool]:
+        """Count an execution attempt of the order, unless it is finished or has had
+        ``max_attempts`` already, and read it, in one step: (the order as it now is,
+        or None for an unknown one; whether the attempt was counted). Like any hot
+        path script it may be sent twice after a lost connection, and then counts
+        twice: an attempt count is a budget, never a promise."""
+        counted, flat = await self._begin_attempt(keys=[keys.order(order_id)], args=[max_attempts])
+        if not flat:
+            return None, False
+        return Order.from_hash(dict(zip(flat[::2], flat[1::2], strict=True))), bool(counted)
+
     async def history(self, order_id: str, after_seq: int = 0) -> list[tuple[int, str]]:
         """Every status message of an order with seq > ``after_seq``: (seq, JSON text)."""
-        entries = cast(StreamEntries, await self.redis.xrange(keys.order_events(order_id)))
+        entries = await self.hot.xrange(keys.order_events(order_id))
         out = []
         for _entry_id, fields in entries:
             seq = int(fields["seq"])

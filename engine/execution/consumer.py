@@ -73,8 +73,10 @@ class Consumer:
         self.config = config
         self.driver = driver
         self.consumer = consumer or config.worker_name or consumer_name()
-        self.lease = ConsumerLease(redis, config, self.consumer)
-        self.group = OrderGroup(redis, self.consumer)
+        # The per-order commands (ownership checks, acknowledgements) take the
+        # store's hot path: the pipelined connection, when the worker has one.
+        self.lease = ConsumerLease(redis, config, self.consumer, driver.store.hot)
+        self.group = OrderGroup(redis, self.consumer, driver.store.hot)
         self.concurrency = config.worker_concurrency
         self._claim_interval_secs = min(config.claim_idle_ms / 2000, CLAIM_INTERVAL_MAX_SECS)
         self._block_ms = max(1, min(READ_BLOCK_MS, int(self._claim_interval_secs * 1000)))

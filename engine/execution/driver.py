@@ -188,16 +188,10 @@ class OrderDriver:
         Raises PoisonEntry for an unknown order, what the store raises when Redis is
         unreachable (the caller retries: every step resumes from the stored status),
         and what the owner check raises (see ``owner_check``)."""
-        order = await self._load(order_id)
+        order = await self._begin_attempt(order_id)
         last_error: TransientVenueError | None = None
         while not order.terminal:
             attempts = order.attempts
-            if attempts >= MAX_ATTEMPTS and await self._may_fail(order):
-                # Used up here (failing was not safe until now), or by a worker
-                # before us that then died.
-                order = await self._fail_exhausted(order, attempts, last_error)
-                break
-            attempts = await self.store.count_attempt(order_id)
             try:
                 order = await self._drive(order)
             except (InvalidOrderError, RejectedSwapError) as exc:
@@ -208,6 +202,8 @@ class OrderDriver:
                     else:
                         reason = _rejection_reason(exc)
                     order = await self._advance(order, FAILED, reason=reason)
+                if not order.terminal:
+                    order = await self._begin_attempt(order_id)
             except TransientVenueError as exc:
                 last_error = exc
                 order = await self._load(order_id)
@@ -221,7 +217,22 @@ class OrderDriver:
                 logger.warning("order %s: attempt %s of %s failed (%s); retrying in %.2f s",
                                order_id, attempts, MAX_ATTEMPTS, exc, delay)
                 await asyncio.sleep(delay)
-                order = await self._load(order_id)
+                order = await self._begin_attempt(order_id, last_error)
+
+    async def _begin_attempt(self, order_id: str, last_error: TransientVenueError | None = None) -> Order:
+        """The order, with one more attempt counted (OrderStore.begin_attempt) if it
+        is not finished. With its attempts used up (here, or by a worker before us
+        that then died), it fails if failing is safe (``_may_fail``); otherwise it
+        goes on all the same, for its transaction may be out."""
+        order, counted = await self.store.begin_attempt(order_id, MAX_ATTEMPTS)
+        if order is None:
+            raise PoisonEntry(f"unknown order id {order_id!r}")
+        if counted or order.terminal:
+            return order
+        if await self._may_fail(order):
+            return await self._fail_exhausted(order, order.attempts, last_error)
+        attempts = await self.store.count_attempt(order_id)
+        return dataclasses.replace(order, attempts=attempts)
 
     async def _drive(self, order: Order) -> Order:
         """Take the steps from the order's stored status up to a terminal one."""

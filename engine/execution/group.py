@@ -13,6 +13,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from engine.core import keys
+from engine.core.pipelined import HotPath
 
 logger = logging.getLogger(__name__)
 
@@ -24,12 +25,22 @@ DEAD_LETTER_MAXLEN = 100_000
 Entry = tuple[Any, dict[str, str] | None]
 
 
-class OrderGroup:
-    """``keys.EXECUTORS_GROUP`` on ``keys.ORDERS_STREAM``, for consumer ``consumer``."""
+# Acknowledge and delete an entry in one step. KEYS: the stream; ARGV: group, entry id.
+_ACK_LUA = """
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+return redis.call('XDEL', KEYS[1], ARGV[2])
+"""
 
-    def __init__(self, redis: Redis, consumer: str) -> None:
+
+class OrderGroup:
+    """``keys.EXECUTORS_GROUP`` on ``keys.ORDERS_STREAM``, for consumer ``consumer``;
+    the acknowledgement of each order's entry goes over ``hot`` (default: redis-py's
+    ``redis``), the rest over ``redis``."""
+
+    def __init__(self, redis: Redis, consumer: str, hot: HotPath | None = None) -> None:
         self.redis = redis
         self.consumer = consumer
+        self._ack = (hot or HotPath(redis, None)).script(_ACK_LUA)
 
     async def ensure(self) -> None:
         """Create the group (and the stream) unless it exists."""
@@ -84,10 +95,7 @@ class OrderGroup:
         """Acknowledge and delete the entry (its order is finished)."""
         # Deleting the entry with its acknowledgement keeps orders:new short without
         # ever trimming an entry that is still pending.
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.xack(keys.ORDERS_STREAM, keys.EXECUTORS_GROUP, entry_id)
-            pipe.xdel(keys.ORDERS_STREAM, entry_id)
-            await pipe.execute()
+        await self._ack(keys=[keys.ORDERS_STREAM], args=[keys.EXECUTORS_GROUP, entry_id])
 
     async def dead_letter(
         self, entry_id: str, fields: Mapping[str, str], reason: str, deliveries: int

@@ -21,6 +21,7 @@ from redis.exceptions import ResponseError
 from engine.core import keys
 from engine.core.config import Config
 from engine.core.connections import REDIS_DOWN_ERRORS, raise_if_cancelled
+from engine.core.pipelined import HotPath
 
 logger = logging.getLogger(__name__)
 
@@ -56,16 +57,18 @@ return lost
 
 class ConsumerLease:
     """The consumer name ``name`` held by this process (a record under
-    ``keys.worker(name)``, with a TTL), and the freshness of its entries."""
+    ``keys.worker(name)``, with a TTL), and the freshness of its entries. ``hot``:
+    the path of the per-order ownership check (default: redis-py's ``redis``)."""
 
-    def __init__(self, redis: Redis, config: Config, name: str) -> None:
+    def __init__(self, redis: Redis, config: Config, name: str, hot: HotPath | None = None) -> None:
         self.redis = redis
         self.config = config
         self.name = name
         # Marks this process's record: a restarted worker of the same name tells its
         # predecessor's record from its own.
         self._token = secrets.token_hex(8)
-        self._keep_owned = redis.register_script(_KEEP_OWNED_LUA)
+        # Run for every order (``owns``): over the pipelined connection when given.
+        self._keep_owned = (hot or HotPath(redis, None)).script(_KEEP_OWNED_LUA)
         self._release = redis.register_script(_RELEASE_NAME_LUA)
 
     def record(self, in_flight: int) -> str:

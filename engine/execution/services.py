@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from redis.asyncio import Redis
 
 from engine.core.config import Config
+from engine.core.pipelined import HotPath
 from engine.core.store import OrderStore
 from engine.execution.consumer import Consumer
 from engine.execution.driver import RETRY_BACKOFF_SECS, STATUS_POLL_SECS, OrderDriver
@@ -25,15 +26,15 @@ from engine.execution.venues.simulated import make_simulated_venues
 
 
 def venues_for(
-    redis: Redis, config: Config, market: SimulatedMarket | None = None
+    redis: Redis, config: Config, market: SimulatedMarket | None = None, hot: HotPath | None = None
 ) -> dict[str, Venue]:
     """The venues a worker trades on, by name. MARKET=simulated: the simulated
     market's (with ``market`` given, that market: tests pass one with a manual
-    clock). MARKET=evm: a Uniswap V2 router per venue of the chain file, on the node
+    clock), their ledger's commands on ``hot`` (default: redis-py's ``redis``). MARKET=evm: a Uniswap V2 router per venue of the chain file, on the node
     (engine.execution.venues.evm); raises EvmSetupError when that cannot be set up."""
     if config.market == "evm":
         return dict(make_evm_venues(EvmChain.from_config(config, redis)))
-    return dict(make_simulated_venues(redis, config, market))
+    return dict(make_simulated_venues(redis, config, market, hot=hot))
 
 
 async def prepare_venues(venues: Mapping[str, Venue]) -> None:
@@ -73,7 +74,7 @@ def build_worker(
     ``store`` (default: an OrderStore on ``redis``). ``consumer`` is its name in the
     group; the two intervals are for tests."""
     store = store or OrderStore(redis, config)
-    chosen = dict(venues) if venues is not None else venues_for(redis, config, market)
+    chosen = dict(venues) if venues is not None else venues_for(redis, config, market, store.hot)
     # A venue that has not quoted by then is treated as down for this order; a slow
     # simulated market (QUOTE_LATENCY_MS) gets three round trips.
     quote_timeout = max(QUOTE_TIMEOUT_SECS, 3 * config.quote_latency_ms / 1000)

@@ -13,12 +13,12 @@ import asyncio
 import logging
 import random
 from collections.abc import Mapping
-from typing import cast
 
 from redis.asyncio import Redis
 
 from engine.core import amounts, keys
 from engine.core.config import Config
+from engine.core.pipelined import HotPath
 from engine.core.store import Recorded
 from engine.execution.venues.base import (
     SLIPPAGE,
@@ -84,17 +84,20 @@ class SimulatedVenue:
         failure_rate: float = 0.0,
         ledger_ttl_secs: int = 7 * 24 * 3600,
         rng: random.Random | None = None,
+        hot: HotPath | None = None,
     ) -> None:
         self.profile = profile
         self.market = market
         self.redis = redis
+        # The ledger's commands: over the worker's pipelined connection when given.
+        self.hot = hot or HotPath(redis, None)
         self.latency_secs = latency_secs
         self.confirm_latency_secs = confirm_latency_secs
         self.failure_rate = failure_rate
         self.ledger_ttl_secs = ledger_ttl_secs
         self._rng = rng or random.Random()
-        self._send = redis.register_script(_SEND_LUA)
-        self._settle = redis.register_script(_SETTLE_LUA)
+        self._send = self.hot.script(_SEND_LUA)
+        self._settle = self.hot.script(_SETTLE_LUA)
 
     @property
     def name(self) -> str:
@@ -204,8 +207,7 @@ class SimulatedVenue:
         return _status_from_record(record)
 
     async def _record(self, tx_hash: str) -> dict[str, str]:
-        # decode_responses=True: every key and value is a str.
-        return cast("dict[str, str]", await self.redis.hgetall(keys.ledger(tx_hash)))
+        return await self.hot.hgetall(keys.ledger(tx_hash))
 
     def _execute(self, record: Mapping[str, str], at: float) -> dict[str, str]:
         """Run the swap on the pool as it is at ``at``: the outcome to record."""
@@ -245,8 +247,11 @@ def make_simulated_venues(
     config: Config,
     market: SimulatedMarket | None = None,
     profiles: tuple[VenueProfile, ...] = DEFAULT_PROFILES,
+    *,
+    hot: HotPath | None = None,
 ) -> dict[str, SimulatedVenue]:
-    """The default venues, configured from ``config``, by name."""
+    """The default venues, configured from ``config``, by name; their ledger's
+    commands go over ``hot`` (default: redis-py's ``redis``)."""
     market = market or SimulatedMarket(config.price_seed)
     return {
         profile.name: SimulatedVenue(
@@ -262,6 +267,7 @@ def make_simulated_venues(
             failure_rate=config.venue_failure_rate,
             # The ledger answers "did this land?" for as long as an order is kept.
             ledger_ttl_secs=config.order_ttl_secs,
+            hot=hot,
         )
         for profile in profiles
     }
