@@ -20,7 +20,7 @@ from tornado.ioloop import IOLoop
 from engine.core import keys
 from engine.core.config import Config
 from engine.core.connections import connect_pipelined
-from engine.core.pipelined import PipelinedRedis, Script
+from engine.core.pipelined import PipelinedRedis, Script, Unanswered
 from engine.core.store import OrderStore
 from engine.ops.redis_server import RedisServer, free_port
 from tests.helpers import VALID_ORDER, eventually
@@ -254,3 +254,46 @@ def test_tls_urls_are_left_to_redis_py() -> None:
         assert PipelinedRedis.for_url(url, connect_timeout=1, stall_secs=1) is None
     unix = PipelinedRedis.for_url("unix:///tmp/redis.sock?db=2", connect_timeout=1, stall_secs=1)
     assert unix is not None and (unix.path, unix.db) == ("/tmp/redis.sock", 2)
+
+
+async def test_commands_queued_in_one_pass_of_the_loop_go_out_in_one_write(
+    pipe: PipelinedRedis,
+) -> None:
+    await pipe.execute("PING")  # connected
+    connection = pipe._connection
+    assert connection is not None and connection.transport is not None
+    writes: list[bytes] = []
+
+    class Counted:  # the transport, its writes recorded (uvloop's own cannot be patched)
+        def __init__(self, real: Any) -> None:
+            self.real = real
+
+        def write(self, data: bytes) -> None:
+            writes.append(data)
+            self.real.write(data)
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.real, name)
+
+    connection.transport = Counted(connection.transport)  # type: ignore[assignment]
+    replies = await asyncio.gather(*(pipe.execute("ECHO", str(i)) for i in range(50)))
+    assert replies == [str(i) for i in range(50)]  # each caller its own reply, in order
+    assert len(writes) == 1 and writes[0].count(b"ECHO") == 50
+
+
+async def test_a_command_lost_before_its_write_is_known_not_to_have_run(
+    pipe: PipelinedRedis, redis: Redis
+) -> None:
+    # The connection dies in the same pass of the loop as the command is queued:
+    # it was never written, so its caller learns it certainly did not run.
+    await pipe.execute("PING")
+    connection = pipe._connection
+    assert connection is not None and connection.transport is not None
+    unanswered = Unanswered()
+    sent = asyncio.ensure_future(pipe.execute("SET", "unsent", "1", unanswered=unanswered))
+    await asyncio.sleep(0)  # queued, not yet written
+    connection.transport.abort()
+    with pytest.raises(RedisConnectionError):
+        await sent
+    assert unanswered.count == 0
+    assert await redis.get("unsent") is None

@@ -7,8 +7,10 @@ then sends the command and reads the reply under a second timer. In the web proc
 under load that path cost about 125 µs of CPU per POST, a quarter of the POST's
 whole cost (interleaved A/B, docs/benchmarks.md). Redis answers the commands of one
 connection in the order they were sent, so a connection can carry many callers'
-commands at once: each caller writes its command and waits on a future, and the
-replies resolve the futures in order. No pool, no lock, no timer per command.
+commands at once: each caller queues its command and waits on a future, the
+commands queued in one pass of the event loop go out in one write, and the replies
+resolve the futures in order. No pool, no lock, no timer, and no system call per
+command.
 
 The commands of an order's hot path go this way (``HotPath``): the order store's
 scripts (a POST's one command, the worker's transitions), the reads of one order, and
@@ -82,6 +84,9 @@ class _Connection(asyncio.Protocol):
         # A future per command written, in order, and the caller's Unanswered if any.
         self._waiting: deque[tuple[asyncio.Future[Any], Unanswered | None]] = deque()
         self._replies = 0
+        # Commands sent since the last write: one write (one system call) per pass of
+        # the event loop, however many callers sent one in it.
+        self._outbox: list[bytes] = []
         self._watchdog: asyncio.TimerHandle | None = None
         self.transport: asyncio.Transport | None = None
         self.lost = False
@@ -93,19 +98,28 @@ class _Connection(asyncio.Protocol):
     def send(self, args: Sequence[Arg], unanswered: Unanswered | None = None) -> asyncio.Future[Any]:
         """Write one command; the future resolves with its reply. ``unanswered``
         counts it from now until its reply arrives."""
-        if self.lost or self.transport is None:
+        if self.lost or self.transport is None or self.transport.is_closing():
             raise RedisConnectionError("the Redis connection is closed")
         # Packed first: an argument it refuses must not leave a future in the queue
         # with no command sent for it, or every later reply would go to the wrong caller.
         packed = hiredis.pack_command(tuple(args))  # type: ignore[arg-type]
-        future = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
         self._waiting.append((future, unanswered))
-        self.transport.write(packed)
+        if not self._outbox:
+            loop.call_soon(self._flush)
+        self._outbox.append(packed)
         if unanswered is not None:
             unanswered.count += 1
         if self._watchdog is None:
             self._arm_watchdog()
         return future
+
+    def _flush(self) -> None:
+        if self.lost or self.transport is None or self.transport.is_closing():
+            return  # connection_lost() counts what the outbox holds as never written
+        outbox, self._outbox = self._outbox, []
+        self.transport.write(b"".join(outbox))
 
     def data_received(self, data: bytes) -> None:
         reader = self._reader
@@ -139,8 +153,12 @@ class _Connection(asyncio.Protocol):
             self._watchdog.cancel()
             self._watchdog = None
         why = f"the Redis connection was lost: {exc or 'closed'}"
+        # The last ones were never written (still in the outbox): certainly not run.
+        unsent, self._outbox = len(self._outbox), []
         while self._waiting:
-            future, _unanswered = self._waiting.popleft()  # stays counted: fate unknown
+            future, unanswered = self._waiting.popleft()  # written ones stay counted: fate unknown
+            if unanswered is not None and len(self._waiting) < unsent:
+                unanswered.count -= 1
             if not future.done():  # one exception each: a raise adds to its traceback
                 future.set_exception(RedisConnectionError(why))
         self._owner._forget(self)
