@@ -54,9 +54,14 @@ class Watcher:
             if not self.subscribed.done():
                 self.subscribed.set_exception(ConnectionError("closed before subscribing"))
             return
-        self.messages.append((now, message if isinstance(message, str) else message.decode()))
+        text = message if isinstance(message, str) else message.decode()
+        self.messages.append((now, text))
         if not self.subscribed.done():
-            self.subscribed.set_result(None)
+            # Subscribed once the first status arrived; an error (then a close) is not.
+            if '"seq"' in text:
+                self.subscribed.set_result(None)
+            else:
+                self.subscribed.set_exception(ConnectionError(f"refused: {text[:200]}"))
 
     async def open(self, url: str) -> None:
         self.ws = await websocket_connect(url, on_message_callback=self.on_message)

@@ -388,19 +388,29 @@ def create_orders(redis_url: str, count: int) -> list[str]:
     redis = Redis.from_url(redis_url, decode_responses=True, max_connections=1000)
     loop = asyncio.new_event_loop()
     try:
-        return loop.run_until_complete(_create_orders(OrderStore(redis, Config(redis_url=redis_url)), count))
+        return loop.run_until_complete(_create_orders(OrderStore(redis, _driver_config(redis_url)), count))
     finally:
         loop.run_until_complete(redis.aclose())
         loop.close()
 
 
+def _driver_config(redis_url: str) -> Config:
+    """The configuration of the bench's own OrderStore: like the services' (see
+    SERVICE_ENV), no backpressure limit, as the orders it creates are never executed."""
+    return Config(redis_url=redis_url, max_queue_lag=0)
+
+
 async def _create_orders(store: OrderStore, count: int) -> list[str]:
+    """``count`` new pending orders; raises if any was not created."""
     order = {"token_in": "SOL", "token_out": "USDC", "amount": 1.0, "order_type": "market",
              "max_slippage": 0.05}
     ids = [str(uuid.uuid4()) for _ in range(count)]
     batch = 200
     for i in range(0, count, batch):
-        await asyncio.gather(*(store.create(oid, order) for oid in ids[i : i + batch]))
+        results = await asyncio.gather(*(store.create(oid, order) for oid in ids[i : i + batch]))
+        refused = [r.outcome for r in results if r.outcome != "created"]
+        if refused:
+            raise RuntimeError(f"the bench's orders were refused: {Counter(refused)}")
     return ids
 
 
@@ -484,7 +494,7 @@ def fanout_run(
     ``while_open`` runs last, with every socket still open (its result is kept)."""
     # redis-py's asyncio pool refuses a 101st concurrent command by default.
     redis = Redis.from_url(system.redis_url, decode_responses=True, max_connections=1000)
-    store = OrderStore(redis, Config(redis_url=system.redis_url))
+    store = OrderStore(redis, _driver_config(system.redis_url))
     loop = asyncio.new_event_loop()
     try:
         order_ids = loop.run_until_complete(_create_orders(store, sockets))
