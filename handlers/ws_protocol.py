@@ -5,8 +5,14 @@ handlers/http1.py holds the same for the HTTP/1.1 connection.
 
 from __future__ import annotations
 
+import asyncio
+import heapq
+import itertools
+import math
+import weakref
 from asyncio import Future
 from collections.abc import Callable
+from typing import Any
 
 from tornado.httputil import HTTPHeaders
 from tornado.iostream import StreamClosedError
@@ -67,7 +73,47 @@ class StrictWebSocketProtocol(WebSocketProtocol13):
     tests/test_fuzz.py checks each code.
     """
 
-    _at_frame_header = False
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Set here, with Tornado's own attributes, not first on the first frame: an
+        # attribute added later, or a 30th, makes Python give the object a dict of its
+        # own (1.6 KiB) instead of the one its class's instances share keys through.
+        self._at_frame_header = False
+
+    # The service speaks no subprotocol (the handlers keep Tornado's
+    # select_subprotocol, which picks none): a constant, so that Tornado's handshake
+    # does not add the protocol's 30th attribute (see __init__).
+    @property
+    def selected_subprotocol(self) -> str | None:
+        return None
+
+    @selected_subprotocol.setter
+    def selected_subprotocol(self, value: str | None) -> None:
+        if value is not None:
+            raise ValueError(f"subprotocol {value!r} selected; none is spoken here")
+
+    @override
+    def start_pinging(self) -> None:
+        # One timer for every socket of the loop instead of a task each (Pinger).
+        if self.ping_interval > 0:
+            Pinger.of_running_loop().add(self)
+
+    @override
+    async def _receive_frame_loop(self) -> None:
+        # Tornado awaits the frame loop from the handshake, so the request's whole
+        # chain of coroutines (RequestHandler._execute, get, accept_connection, ...)
+        # lasts as long as the socket: ~1.5 KiB each. The loop runs as a task of its
+        # own instead, and the handshake's chain ends.
+        task = asyncio.ensure_future(self._frame_loop())
+        _frame_loops.add(task)
+        task.add_done_callback(_frame_loops.discard)
+
+    async def _frame_loop(self) -> None:
+        try:
+            await WebSocketProtocol13._receive_frame_loop(self)
+        except asyncio.CancelledError:
+            self._abort()  # as Tornado's accept_connection does on a cancel
+            raise
 
     @override
     async def _receive_frame(self) -> None:
@@ -111,6 +157,113 @@ class StrictWebSocketProtocol(WebSocketProtocol13):
         raise StreamClosedError()  # _receive_frame_loop takes this as a closed stream
 
 
+# The sockets' frame loops (StrictWebSocketProtocol._receive_frame_loop): the event
+# loop keeps only weak references to tasks.
+_frame_loops: set[asyncio.Task[None]] = set()
+
+
+class Pinger:
+    """The keep-alive of every WebSocket of one event loop, as Tornado's
+    ``WebSocketProtocol13.periodic_ping`` does it for each (a ping every
+    ``ping_interval`` seconds; the socket closed with "ping timed out" when no pong
+    came within ``ping_timeout``), from one timer instead of a task, a coroutine and
+    a sleeping future per socket (~1.2 KiB each).
+
+    The schedule is a heap of (due time, sequence, weak reference to the protocol,
+    whether the step checks for the pong, when the ping went); due times are rounded
+    up to ``ping_interval / 20`` (at most 1 s), so the timer wakes at most once per
+    such step, however many sockets are due. A closed socket's entry is dropped
+    when it comes due."""
+
+    _current: Pinger | None = None
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._heap: list[tuple[float, int, weakref.ref[WebSocketProtocol13], bool, float]] = []
+        self._sequence = itertools.count()
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_due = math.inf
+
+    @classmethod
+    def of_running_loop(cls) -> Pinger:
+        """The running event loop's pinger (made on first use)."""
+        loop = asyncio.get_running_loop()
+        current = cls._current
+        if current is None or current.loop is not loop:
+            current = cls._current = cls(loop)
+        return current
+
+    def add(self, protocol: WebSocketProtocol13) -> None:
+        """Ping ``protocol`` every ``protocol.ping_interval`` seconds from now on."""
+        self._schedule(protocol.ping_interval, weakref.ref(protocol), False, 0.0)
+
+    def __len__(self) -> int:
+        return len(self._heap)
+
+    def _schedule(
+        self, delay: float, ref: weakref.ref[WebSocketProtocol13], checking: bool, pinged_at: float
+    ) -> None:
+        protocol = ref()
+        if protocol is None:
+            return
+        grain = min(1.0, protocol.ping_interval / 20)
+        due = math.ceil((self.loop.time() + delay) / grain) * grain
+        heapq.heappush(self._heap, (due, next(self._sequence), ref, checking, pinged_at))
+        self._arm()
+
+    def _arm(self) -> None:
+        """Have the timer fire when the first entry is due."""
+        if not self._heap or self._heap[0][0] >= self._timer_due:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_due = self._heap[0][0]
+        self._timer = self.loop.call_at(self._timer_due, self._run)
+
+    def _run(self) -> None:
+        # The timer stays marked as set while the due entries are handled, so their
+        # new entries do not each set it again; it is set once, at the end.
+        self._timer, self._timer_due = None, -math.inf
+        now = self.loop.time()
+        heap = self._heap
+        while heap and heap[0][0] <= now:
+            _due, _seq, ref, checking, pinged_at = heapq.heappop(heap)
+            protocol = ref()
+            if protocol is None or protocol.stream is None or protocol.is_closing():
+                continue
+            if checking:
+                if not protocol._received_pong:
+                    protocol.close(reason="ping timed out")
+                    continue
+                self._schedule(pinged_at + protocol.ping_interval - now, ref, False, 0.0)
+                continue
+            protocol._received_pong = False
+            try:
+                protocol.write_ping(b"")
+            except StreamClosedError:
+                protocol._abort()
+                continue
+            timeout = protocol.ping_timeout
+            if timeout > 0:
+                self._schedule(timeout, ref, True, now)
+            else:
+                self._schedule(protocol.ping_interval, ref, False, 0.0)
+        self._timer_due = math.inf
+        self._arm()
+
+
+class ShortDeque(list[Any]):
+    """The part of ``collections.deque``'s interface Tornado's IOStream uses (append,
+    popleft, clear, indexing, iteration), on a list: for its write queues, which on a
+    status socket hold a few entries at most. An empty deque takes 624 bytes (one
+    64-slot block), an empty list 56."""
+
+    __slots__ = ()
+
+    def popleft(self) -> Any:
+        return self.pop(0)
+
+
 # What a socket's request and response headers become once the handshake is done
 # (never written: a detached handler's header methods raise).
 _NO_HEADERS = HTTPHeaders()
@@ -119,15 +272,30 @@ _NO_HEADERS = HTTPHeaders()
 def shed_handshake_state(handler: WebSocketHandler) -> None:
     """Drop what a WebSocket handler holds only for its handshake, once the 101 is
     answered and the stream detached (``open`` runs then): the answer's headers, the
-    template namespace, and the request's headers (emptied in place: Tornado's ``get``
-    frame, which lasts as long as the socket, and its HTTP/1.1 connection refer to the
-    same object). The request keeps its method, path and address (the access log, the
-    account feed's client address)."""
-    request_headers = handler.request.headers
+    template namespace, the request's headers (emptied in place, as other objects of
+    the handshake may refer to them) and its HTTP/1.1 connection objects. The request
+    keeps its method, path and address (the access log, the account feed's client
+    address)."""
+    request = handler.request
+    request_headers = request.headers
     for name in list(request_headers):  # emptied in place: Tornado's frames refer to it
         del request_headers[name]
     handler._headers = _NO_HEADERS
     handler.__dict__.pop("ui", None)
+    # The HTTP/1.1 connection gave its stream away (detach), and the server's
+    # connection object is only for routing a request: neither serves the socket,
+    # and the latter holds the finished task of its request loop (~1.5 KiB together).
+    request.connection = None
+    request.server_connection = None
+    # Tornado internals (tornado==6.6.1): the IOStream's two write queues.
+    stream = handler.ws_connection.stream if handler.ws_connection is not None else None
+    if stream is not None:
+        stream._write_futures = ShortDeque(stream._write_futures)  # type: ignore[assignment]
+        buffer = stream._write_buffer
+        buffer._buffers = ShortDeque(buffer._buffers)  # type: ignore[assignment]
+    # A handler has more attributes than Python shares keys for, so its dict is its
+    # own, grown by doubling while the handshake added to it: a copy is half the size.
+    handler.__dict__ = dict(handler.__dict__)
 
 
 class StrictWebSocketHandler(WebSocketHandler):
