@@ -27,6 +27,7 @@ from engine.web import updates
 from engine.web.schemas import Schemas
 from engine.web.services import Services
 from engine.web.updates import Subscription
+from handlers.ws_protocol import Pinger
 from server import make_app
 from tests.contract import check_message
 from tests.faults.clients import RawWebSocket
@@ -480,10 +481,47 @@ async def test_a_client_that_stops_answering_pings_is_dropped(
                          message="the silent socket dropped")
         await asyncio.sleep(0.6)  # three more ping rounds
         assert len(services.open_sockets) == 1 and alive.close_code is None
+        # One timer pings every socket (ws_protocol.Pinger); a closed socket's turn
+        # in it goes when it comes due.
+        pinger = Pinger.of_running_loop()
+        assert len(pinger) == 1
         alive.close()
         await silent.aclose()
+        await eventually(lambda: len(pinger) == 0, timeout=5, message="closed sockets unscheduled")
     finally:
         http_server.stop()
+
+
+async def test_an_open_status_socket_keeps_one_task_and_none_of_its_handshake(
+    http_server_client: Any, services: Services, store: OrderStore
+) -> None:
+    # What an idle subscribed socket holds (issue 17: memory per socket): one task,
+    # its frame loop; no ping task (Pinger pings them all), no coroutine chain of the
+    # handshake (Tornado's RequestHandler._execute, get, accept_connection), and no
+    # HTTP/1.1 connection objects.
+    order_id = str(uuid.uuid4())
+    await store.create(order_id, VALID_ORDER)
+    sockets = []
+    for _ in range(5):
+        ws = await subscribe(http_server_client, order_id)
+        assert check_message(await ws.read_message() or "")["status"] == "pending"
+        sockets.append(ws)
+    await eventually(lambda: len(services.open_sockets) == 5, message="five open")
+
+    def running(name: str) -> int:
+        return sum(1 for t in asyncio.all_tasks() if t.get_coro().__qualname__ == name)  # type: ignore[union-attr]
+
+    assert running("StrictWebSocketProtocol._frame_loop") == 5
+    assert running("WebSocketProtocol13.periodic_ping") == 0
+    assert running("RequestHandler._execute") == 0
+    assert len(Pinger.of_running_loop()) == 5
+    for handler in services.open_sockets:
+        assert handler.request.connection is None and handler.request.server_connection is None
+    # And each still works: a status reaches all five.
+    await store.transition(order_id, "routing")
+    for ws in sockets:
+        assert check_message(await ws.read_message() or "")["status"] == "routing"
+        ws.close()
 
 
 async def test_the_poller_survives_an_error_reply(
