@@ -142,3 +142,34 @@ async def test_a_transition_owned_by_an_entry_is_refused_once_another_consumer_h
     # Acknowledged (finished by its owner): nobody's.
     await redis.xack(keys.ORDERS_STREAM, keys.EXECUTORS_GROUP, entry_id)
     assert (await store.transition(order_id, "building", owned_by=(entry_id, "other"))).lost
+
+
+async def test_the_owners_terminal_transition_acknowledges_its_entry_in_the_same_step(
+    store: OrderStore, redis: Redis
+) -> None:
+    # The worker's last status change and its acknowledgement are one step: no window
+    # in which the order is finished and its entry still pending (and one round trip).
+    await redis.xgroup_create(keys.ORDERS_STREAM, keys.EXECUTORS_GROUP, id="0", mkstream=True)
+    entries = {}
+    for name in ("owned", "unowned"):
+        order_id = str(uuid.uuid4())
+        await store.create(order_id, VALID_ORDER)
+        [[_stream, [(entry_id, _fields)]]] = await redis.xreadgroup(
+            keys.EXECUTORS_GROUP, "worker", {keys.ORDERS_STREAM: ">"}, count=1)
+        entries[name] = (order_id, entry_id)
+    order_id, entry_id = entries["owned"]
+    routing = await store.transition(order_id, "routing", owned_by=(entry_id, "worker"))
+    assert routing.applied and not routing.acknowledged  # not finished: still pending
+    failed = await store.transition(order_id, "failed", reason="x", owned_by=(entry_id, "worker"))
+    assert failed.applied and failed.acknowledged
+    pending = await redis.xpending(keys.ORDERS_STREAM, keys.EXECUTORS_GROUP)
+    assert pending["pending"] == 1  # the other order's entry only
+    assert [i for i, _f in await redis.xrange(keys.ORDERS_STREAM)] == [entries["unowned"][1]]
+    # A re-sent copy of that step changes nothing and acknowledges nothing.
+    again = await store.transition(order_id, "failed", reason="x", owned_by=(entry_id, "worker"))
+    assert not again.applied and again.current == "failed" and not again.acknowledged
+    # Without an owning entry (a client's cancel), the entry is the worker's to acknowledge.
+    other_id, other_entry = entries["unowned"]
+    cancelled = await store.transition(other_id, "failed", reason="cancelled")
+    assert cancelled.applied and not cancelled.acknowledged
+    assert (await redis.xpending(keys.ORDERS_STREAM, keys.EXECUTORS_GROUP))["pending"] == 1

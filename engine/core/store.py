@@ -123,13 +123,16 @@ end
 return {'created', ARGV[1], unpack(limit)}
 """
 
-# KEYS: order hash, order events, all events, status counters
+# KEYS: order hash, order events, all events, status counters, orders stream
 # ARGV: new status, event body (JSON object without seq), now, events maxlen,
 #       TTL for a finished order, statuses the order must be in (comma-separated,
 #       "" = any it may leave), a field the order must not have ("" = none), the
 #       orders-stream entry and consumer that must own it ("" = any) and the group,
 #       the API key that must own the order ("" = any; another's is answered as an
 #       unknown order), then field/value pairs to store on the hash
+# Reply: {1, the event, 1 if the orders-stream entry was acknowledged (a terminal
+#         status with an owning entry) else 0}, or {0 (refused) or -1 (the entry is
+#         another's), the current status ("" for an unknown order)}.
 _TRANSITION_LUA = (
     "local allowed = "
     + _lua_allowed_table()
@@ -164,8 +167,14 @@ redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[4], '*', 'id', who[1], 'seq', se
 if next(allowed[ARGV[1]]) == nil then
   redis.call('EXPIRE', KEYS[1], ARGV[5])
   redis.call('EXPIRE', KEYS[2], ARGV[5])
+  if ARGV[8] ~= '' then
+    -- Finished by its entry's owner: the entry is acknowledged and deleted with it.
+    redis.call('XACK', KEYS[5], ARGV[10], ARGV[8])
+    redis.call('XDEL', KEYS[5], ARGV[8])
+    return {1, data, 1}
+  end
 end
-return {1, data}
+return {1, data, 0}
 """
 )
 
@@ -353,6 +362,9 @@ class TransitionResult:
     # Refused because the orders-stream entry is no longer the caller's (``owned_by``).
     lost: bool = False
     event: str | None = None
+    # A terminal status set with ``owned_by``: the entry was acknowledged (XACK) and
+    # deleted in the same step.
+    acknowledged: bool = False
 
 
 def utc_timestamp(epoch: float) -> str:
@@ -511,7 +523,8 @@ class OrderStore:
         that consumer's in the executors group, checked in the same atomic step:
         else ``lost``, and a worker that lost the order to another changes nothing;
         with ``owner``, only an order that API key owns: another's is answered as an
-        unknown one, ``current`` "").
+        unknown one, ``current`` ""). A terminal status set with ``owned_by``
+        acknowledges and deletes the entry in the same step (``acknowledged``).
 
         ``fields`` go both into the message and onto the order hash (``None`` values
         are left out). ``unanswered``: as for ``create``.
@@ -523,7 +536,7 @@ class OrderStore:
         pairs: list[Any] = []
         for name, value in clean.items():
             pairs.extend((name, stored_field(value)))
-        applied, data = await self._transition(
+        reply = await self._transition(
             keys=[
                 keys.order(order_id),
                 keys.order_events(order_id),
@@ -547,8 +560,9 @@ class OrderStore:
             ],
             unanswered=unanswered,
         )
+        applied, data = reply[0], reply[1]
         if applied == 1:
-            return TransitionResult(applied=True, current=status, event=data)
+            return TransitionResult(applied=True, current=status, event=data, acknowledged=reply[2] == 1)
         return TransitionResult(applied=False, current=data, lost=applied == -1)
 
     async def counters(self) -> dict[str, int]:

@@ -1,7 +1,8 @@
 """The orders stream's consumer: lease, read, claim, heartbeat, dispatch, ack, dead letters.
 
 The orders-stream entry is acknowledged (and deleted) only after its order reached a
-terminal status. Until then it sits in the group's pending list: a worker's own
+terminal status: in the same atomic step when this worker set that status
+(OrderStore.transition with ``owned_by``), else just after. Until then it sits in the group's pending list: a worker's own
 entries are resumed when it starts, entries of a dead worker are taken over with
 XAUTOCLAIM once idle for ``claim_idle_ms``, and a live worker keeps its entries fresh
 (XCLAIM JUSTID) so they are not taken from it while it waits for a slow confirmation.
@@ -29,7 +30,13 @@ from engine.core import keys
 from engine.core.config import Config
 from engine.core.connections import REDIS_DOWN_ERRORS, raise_if_cancelled
 from engine.core.store import OrderStore
-from engine.execution.driver import OrderDriver, PoisonEntry, owner_check, owner_entry
+from engine.execution.driver import (
+    OrderDriver,
+    PoisonEntry,
+    entry_acknowledged,
+    owner_check,
+    owner_entry,
+)
 from engine.execution.group import OrderGroup
 from engine.execution.lease import REDIS_RETRY_SECS, ConsumerLease
 
@@ -322,8 +329,10 @@ class Consumer:
                     if deliveries > self.config.max_deliveries:
                         await self._give_up(entry_id, order_id, fields, deliveries)
                         return
+                    entry_acknowledged.set(False)
                     await self.driver.execute(order_id)
-                    await self.group.ack(entry_id)
+                    if not entry_acknowledged.get():  # else done with the terminal status
+                        await self.group.ack(entry_id)
                     return
                 except PoisonEntry as exc:
                     await self.group.dead_letter(entry_id, fields, str(exc), deliveries)

@@ -96,6 +96,14 @@ owner_entry: contextvars.ContextVar[tuple[str, str] | None] = contextvars.Contex
 )
 
 
+# Set by the driver when the status change that finished the current task's order
+# also acknowledged its orders-stream entry (OrderStore.transition with owned_by): the
+# consumer then has nothing left to acknowledge.
+entry_acknowledged: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "entry_acknowledged", default=False
+)
+
+
 async def _ensure_owner() -> None:
     check = owner_check.get()
     if check is not None:
@@ -529,6 +537,8 @@ class OrderDriver:
             await _ensure_owner()  # raises what the owner check raises (LostEntry)
             raise RuntimeError(f"order {order_id}: {status} refused: its entry is another worker's")
         if result.applied:
+            if result.acknowledged:
+                entry_acknowledged.set(True)
             details = "".join(f" {k}={v}" for k, v in fields.items() if v is not None)
             logger.info("order %s: %s -> %s%s", order_id, order.status, status, details)
             return order.moved(status, fields)
