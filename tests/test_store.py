@@ -173,3 +173,25 @@ async def test_the_owners_terminal_transition_acknowledges_its_entry_in_the_same
     cancelled = await store.transition(other_id, "failed", reason="cancelled")
     assert cancelled.applied and not cancelled.acknowledged
     assert (await redis.xpending(keys.ORDERS_STREAM, keys.EXECUTORS_GROUP))["pending"] == 1
+
+
+async def test_a_re_sent_begin_attempt_counts_nothing_more_and_answers_as_the_first(
+    store: OrderStore, redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The script's first run counted the order's last attempt and its reply was lost
+    # with the connection; the copy sent again must not find the attempts used up (the
+    # driver would fail the order without that attempt: found by review).
+    import engine.core.store as store_module
+
+    order_id = str(uuid.uuid4())
+    await store.create(order_id, VALID_ORDER)
+    await redis.hset(keys.order(order_id), "attempts", 2)
+    monkeypatch.setattr(store_module.secrets, "token_hex", lambda _n: "same-call")
+    first, counted = await store.begin_attempt(order_id, 3)
+    again, counted_again = await store.begin_attempt(order_id, 3)
+    assert counted and counted_again
+    assert first is not None and again is not None and first.attempts == again.attempts == 3
+    monkeypatch.setattr(store_module.secrets, "token_hex", lambda _n: "a-new-call")
+    later, counted_later = await store.begin_attempt(order_id, 3)  # a real next attempt
+    assert later is not None and later.attempts == 3 and not counted_later
+    assert await store.begin_attempt(str(uuid.uuid4()), 3) == (None, False)

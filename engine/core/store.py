@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import math
+import secrets
 import time
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from datetime import UTC, datetime
@@ -180,9 +181,12 @@ return {1, data, 0}
 
 
 # KEYS: order hash. ARGV: the attempts after which none is counted (the driver's
-# MAX_ATTEMPTS). Counts an attempt of an order that is not finished and has attempts
-# left, then reads it. Reply: {1 if counted else 0, the hash as HGETALL gives it
-# ({} for an unknown order)}.
+# MAX_ATTEMPTS), a token new to this call. Counts an attempt of an order that is not
+# finished and has attempts left, then reads it. Reply: {1 if counted else 0, the
+# hash as HGETALL gives it ({} for an unknown order)}. The token makes a re-sent copy
+# of the call (its first reply lost with the connection) answer as the first did,
+# without counting again: else the copy could find the attempts used up by its own
+# first run, and the order would fail without that attempt.
 _BEGIN_ATTEMPT_LUA = (
     "local allowed = "
     + _lua_allowed_table()
@@ -190,9 +194,12 @@ _BEGIN_ATTEMPT_LUA = (
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return {0, {}} end
 local counted = 0
-if allowed[status] and next(allowed[status]) ~= nil
+if redis.call('HGET', KEYS[1], 'attempt_token') == ARGV[2] then
+  counted = 1
+elseif allowed[status] and next(allowed[status]) ~= nil
    and tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0') < tonumber(ARGV[1]) then
   redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+  redis.call('HSET', KEYS[1], 'attempt_token', ARGV[2])
   counted = 1
 end
 return {counted, redis.call('HGETALL', KEYS[1])}
@@ -691,7 +698,7 @@ class OrderStore:
         about the size of the orders it has (orders expire no faster than they are
         created)."""
         index = keys.key_orders(owner)
-        # An order expires order_ttl_secs after it finished, so no later than that
+        # An order expires order_ttl_secs after it finished, so no sooner than that
         # after its creation, which its entry's id records (Redis's clock, in ms):
         # younger entries need no look.
         newest = self.clock.redis_micros(time.time()) // 1000 - self.config.order_ttl_secs * 1000
@@ -716,10 +723,12 @@ class OrderStore:
     async def begin_attempt(self, order_id: str, max_attempts: int) -> tuple[Order | None, bool]:
         """Count an execution attempt of the order, unless it is finished or has had
         ``max_attempts`` already, and read it, in one step: (the order as it now is,
-        or None for an unknown one; whether the attempt was counted). Like any hot
-        path script it may be sent twice after a lost connection, and then counts
-        twice: an attempt count is a budget, never a promise."""
-        counted, flat = await self._begin_attempt(keys=[keys.order(order_id)], args=[max_attempts])
+        or None for an unknown one; whether the attempt was counted). Safe to run
+        twice like every hot path script: a copy re-sent after a lost connection
+        counts nothing more and answers as the first run did."""
+        counted, flat = await self._begin_attempt(
+            keys=[keys.order(order_id)], args=[max_attempts, secrets.token_hex(8)]
+        )
         if not flat:
             return None, False
         return Order.from_hash(dict(zip(flat[::2], flat[1::2], strict=True))), bool(counted)
