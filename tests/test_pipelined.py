@@ -297,3 +297,17 @@ async def test_a_command_lost_before_its_write_is_known_not_to_have_run(
         await sent
     assert unanswered.count == 0
     assert await redis.get("unsent") is None
+
+
+async def test_a_command_sent_while_the_connection_closes_goes_over_a_new_one(
+    pipe: PipelinedRedis,
+) -> None:
+    # Between an abort (the watchdog's, a protocol error's) and connection_lost() the
+    # old connection is closing: a command then must not fail on it (found by review).
+    await pipe.execute("PING")
+    connection = pipe._connection
+    assert connection is not None and connection.transport is not None
+    connection.transport.abort()
+    async with asyncio.timeout(2):  # not wait_for: its task would start after connection_lost()
+        assert await pipe.execute_idempotent("PING") == "PONG"
+    assert pipe._connection is not connection

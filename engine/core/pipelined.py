@@ -1,5 +1,5 @@
-"""One pipelined Redis connection per process for the order store's scripts: the
-web's creates and cancels, the worker's transitions.
+"""One pipelined Redis connection per process for an order's hot path: the web's
+creates, cancels and reads of one order, the worker's transitions and per-order steps.
 
 redis-py's asyncio client takes a connection from its pool for every command (a
 condition, a lock, a timer, observability hooks and an event dispatch around it),
@@ -76,12 +76,14 @@ class Unanswered:
 
 
 class _Connection(asyncio.Protocol):
-    """One socket: commands written as they come, replies matched in order."""
+    """One socket: commands queued as they come and written once per pass of the
+    event loop, replies matched in order."""
 
     def __init__(self, owner: PipelinedRedis) -> None:
         self._owner = owner
         self._reader = hiredis.Reader(encoding="utf-8")  # str replies, like decode_responses
-        # A future per command written, in order, and the caller's Unanswered if any.
+        # A future per command sent (written, or queued in the outbox), in order, and
+        # the caller's Unanswered if any.
         self._waiting: deque[tuple[asyncio.Future[Any], Unanswered | None]] = deque()
         self._replies = 0
         # Commands sent since the last write: one write (one system call) per pass of
@@ -96,9 +98,10 @@ class _Connection(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
 
     def send(self, args: Sequence[Arg], unanswered: Unanswered | None = None) -> asyncio.Future[Any]:
-        """Write one command; the future resolves with its reply. ``unanswered``
-        counts it from now until its reply arrives."""
-        if self.lost or self.transport is None or self.transport.is_closing():
+        """Queue one command for this pass's write; the future resolves with its
+        reply. ``unanswered`` counts it from now until its reply arrives (or until
+        the connection is lost before it was written)."""
+        if self.closing:
             raise RedisConnectionError("the Redis connection is closed")
         # Packed first: an argument it refuses must not leave a future in the queue
         # with no command sent for it, or every later reply would go to the wrong caller.
@@ -115,11 +118,17 @@ class _Connection(asyncio.Protocol):
             self._arm_watchdog()
         return future
 
+    @property
+    def closing(self) -> bool:
+        """Lost, or about to be (aborted: connection_lost() comes a pass later)."""
+        return self.lost or self.transport is None or self.transport.is_closing()
+
     def _flush(self) -> None:
-        if self.lost or self.transport is None or self.transport.is_closing():
+        transport = self.transport
+        if transport is None or self.closing:
             return  # connection_lost() counts what the outbox holds as never written
         outbox, self._outbox = self._outbox, []
-        self.transport.write(b"".join(outbox))
+        transport.write(b"".join(outbox))
 
     def data_received(self, data: bytes) -> None:
         reader = self._reader
@@ -237,7 +246,7 @@ class PipelinedRedis:
     async def execute(self, *args: Arg, unanswered: Unanswered | None = None) -> Any:
         """Send one command and return its reply (decoded to str)."""
         connection = self._connection
-        if connection is None or connection.lost:
+        if connection is None or connection.closing:
             connection = await self._connected()
         return await connection.send(args, unanswered)
 
@@ -250,14 +259,15 @@ class PipelinedRedis:
     ) -> Any:
         """Run ``script`` (loading it first if Redis does not have it).
 
-        Sent at most twice: once more after a lost connection, so a script must be
-        safe to run twice (a command's fate is unknown when its connection dies)."""
+        Sent once more after a lost connection, so a script must be safe to run
+        twice (a command's fate is unknown when its connection dies); after a
+        NOSCRIPT it is loaded and sent again, with the same once-more rule."""
         command = ("EVALSHA", script.sha, len(keys), *keys, *args)
         try:
             return await self.execute_idempotent(*command, unanswered=unanswered)
         except NoScriptError:
-            await self.execute("SCRIPT", "LOAD", script.text)
-            return await self.execute(*command, unanswered=unanswered)
+            await self.execute_idempotent("SCRIPT", "LOAD", script.text)
+            return await self.execute_idempotent(*command, unanswered=unanswered)
 
     async def execute_idempotent(self, *args: Arg, unanswered: Unanswered | None = None) -> Any:
         """``execute`` a command that is safe to run twice (a read, or a script
