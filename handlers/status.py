@@ -21,7 +21,7 @@ from engine.web.updates import Feed, Subscription
 from handlers.auth import bearer_credentials, client_address, refusal
 from handlers.base import APIError, ErrorCode, JSONErrors, origin_allowed, override
 from handlers.orders import parse_order_id
-from handlers.ws_protocol import StrictWebSocketHandler, shed_handshake_state
+from handlers.ws_protocol import StrictWebSocketHandler, restore_write_queues, shed_handshake_state
 
 logger = logging.getLogger(__name__)
 
@@ -195,6 +195,7 @@ class OrderStatusSocket(StrictWebSocketHandler, JSONErrors):
             owner = credentials.key_id
         if self.ws_connection is None:
             return  # the client left while we looked
+        restore_write_queues(self)  # a feed may queue many messages for a slow client
         self.feed = self.services.hub.follow(owner, self._send_feed, self._key_revoked)
         self._write(strict_json.dumps({"subscribed": "orders", "key_id": owner}))
 

@@ -6,9 +6,12 @@ handlers/http1.py holds the same for the HTTP/1.1 connection.
 from __future__ import annotations
 
 import asyncio
+import collections
 import heapq
 import itertools
+import logging
 import math
+import sys
 import weakref
 from asyncio import Future
 from collections.abc import Callable
@@ -19,6 +22,8 @@ from tornado.iostream import StreamClosedError
 from tornado.websocket import WebSocketHandler, WebSocketProtocol, WebSocketProtocol13
 
 from handlers.base import override
+
+logger = logging.getLogger(__name__)
 
 
 def _valid_close_payload(data: bytes) -> bool:
@@ -114,6 +119,11 @@ class StrictWebSocketProtocol(WebSocketProtocol13):
         except asyncio.CancelledError:
             self._abort()  # as Tornado's accept_connection does on a cancel
             raise
+        except Exception:
+            # Tornado's handshake chain would have logged it with the request (its
+            # RequestHandler._execute); this task is nobody's to await.
+            self.handler.log_exception(*sys.exc_info())
+            self._abort()
 
     @override
     async def _receive_frame(self) -> None:
@@ -222,41 +232,55 @@ class Pinger:
 
     def _run(self) -> None:
         # The timer stays marked as set while the due entries are handled, so their
-        # new entries do not each set it again; it is set once, at the end.
+        # new entries do not each set it again; it is set once, at the end (also
+        # after an error: one socket's fault must not end every socket's pings).
         self._timer, self._timer_due = None, -math.inf
         now = self.loop.time()
         heap = self._heap
-        while heap and heap[0][0] <= now:
-            _due, _seq, ref, checking, pinged_at = heapq.heappop(heap)
-            protocol = ref()
-            if protocol is None or protocol.stream is None or protocol.is_closing():
-                continue
-            if checking:
-                if not protocol._received_pong:
-                    protocol.close(reason="ping timed out")
+        try:
+            while heap and heap[0][0] <= now:
+                _due, _seq, ref, checking, pinged_at = heapq.heappop(heap)
+                protocol = ref()
+                if protocol is None or protocol.stream is None or protocol.is_closing():
                     continue
-                self._schedule(pinged_at + protocol.ping_interval - now, ref, False, 0.0)
-                continue
-            protocol._received_pong = False
-            try:
-                protocol.write_ping(b"")
-            except StreamClosedError:
-                protocol._abort()
-                continue
-            timeout = protocol.ping_timeout
-            if timeout > 0:
-                self._schedule(timeout, ref, True, now)
-            else:
-                self._schedule(protocol.ping_interval, ref, False, 0.0)
-        self._timer_due = math.inf
-        self._arm()
+                try:
+                    self._step(protocol, ref, checking, pinged_at, now)
+                except StreamClosedError:
+                    protocol._abort()
+                except Exception:
+                    logger.exception("keep-alive of a WebSocket failed; dropping it")
+                    protocol._abort()
+        finally:
+            self._timer_due = math.inf
+            self._arm()
+
+    def _step(
+        self, protocol: WebSocketProtocol13, ref: weakref.ref[WebSocketProtocol13],
+        checking: bool, pinged_at: float, now: float,
+    ) -> None:
+        """One socket's turn: check for the pong of its last ping, or ping it."""
+        if checking:
+            if not protocol._received_pong:
+                protocol.close(reason="ping timed out")
+                return
+            self._schedule(pinged_at + protocol.ping_interval - now, ref, False, 0.0)
+            return
+        protocol._received_pong = False
+        protocol.write_ping(b"")
+        timeout = protocol.ping_timeout
+        if timeout > 0:
+            self._schedule(timeout, ref, True, now)
+        else:
+            self._schedule(protocol.ping_interval, ref, False, 0.0)
 
 
 class ShortDeque(list[Any]):
     """The part of ``collections.deque``'s interface Tornado's IOStream uses (append,
     popleft, clear, indexing, iteration), on a list: for its write queues, which on a
-    status socket hold a few entries at most. An empty deque takes 624 bytes (one
-    64-slot block), an empty list 56."""
+    socket that follows one order hold a few entries at most (its statuses and the
+    close). An empty deque takes 624 bytes (one 64-slot block), an empty list 56.
+    ``popleft`` is O(n): a socket that may queue many messages (an account feed)
+    gets its deques back (``restore_write_queues``)."""
 
     __slots__ = ()
 
@@ -278,7 +302,7 @@ def shed_handshake_state(handler: WebSocketHandler) -> None:
     address)."""
     request = handler.request
     request_headers = request.headers
-    for name in list(request_headers):  # emptied in place: Tornado's frames refer to it
+    for name in list(request_headers):  # emptied in place: other objects may refer to it
         del request_headers[name]
     handler._headers = _NO_HEADERS
     handler.__dict__.pop("ui", None)
@@ -287,12 +311,22 @@ def shed_handshake_state(handler: WebSocketHandler) -> None:
     # and the latter holds the finished task of its request loop (~1.5 KiB together).
     request.connection = None
     request.server_connection = None
+    _set_write_queues(handler, ShortDeque)
+
+
+def restore_write_queues(handler: WebSocketHandler) -> None:
+    """Give the socket's IOStream its deques back (see ShortDeque): for a socket
+    that may queue many messages."""
+    _set_write_queues(handler, collections.deque)
+
+
+def _set_write_queues(handler: WebSocketHandler, kind: Callable[[Any], Any]) -> None:
     # Tornado internals (tornado==6.6.1): the IOStream's two write queues.
     stream = handler.ws_connection.stream if handler.ws_connection is not None else None
     if stream is not None:
-        stream._write_futures = ShortDeque(stream._write_futures)  # type: ignore[assignment]
+        stream._write_futures = kind(stream._write_futures)
         buffer = stream._write_buffer
-        buffer._buffers = ShortDeque(buffer._buffers)  # type: ignore[assignment]
+        buffer._buffers = kind(buffer._buffers)
     # A handler has more attributes than Python shares keys for, so its dict is its
     # own, grown by doubling while the handshake added to it: a copy is half the size.
     handler.__dict__ = dict(handler.__dict__)

@@ -584,3 +584,26 @@ async def test_a_malformed_header_never_puts_a_key_in_the_log(
         status, _head, body = await raw_http("127.0.0.1", port, request, api_key=None)
         assert status == 400 and secret.encode() not in body
     assert "malformed request" in caplog.text and secret not in caplog.text
+
+
+async def test_an_account_feed_keeps_deques_for_its_write_queues(
+    http_server_client: Any, services: Services
+) -> None:
+    # An order's socket queues a few messages at most (lists: ws_protocol.ShortDeque);
+    # an account feed may queue many for a slow client, and a list's popleft would make
+    # draining them quadratic (found by review).
+    import collections
+
+    from handlers.ws_protocol import ShortDeque
+
+    key = await new_key(services, "nia")
+    feed = await account_feed(http_server_client, key)
+    assert "subscribed" in json.loads(await asyncio.wait_for(feed.read_message(), 10) or "{}")
+    (handler,) = [h for h in services.open_sockets if h.feed is not None]
+    stream = handler.ws_connection.stream
+    assert isinstance(stream._write_futures, collections.deque)
+    assert isinstance(stream._write_buffer._buffers, collections.deque)
+    order_socket = [h for h in services.open_sockets if h.feed is None]
+    for other in order_socket:
+        assert isinstance(other.ws_connection.stream._write_futures, ShortDeque)
+    feed.close()

@@ -543,3 +543,71 @@ async def test_the_poller_survives_an_error_reply(
     await eventually(lambda: not failures, timeout=5, message="the poller met the error")
     await drive_to_confirmed(services.store, accepted["order_id"])
     assert statuses(await read_until_closed(ws), schemas)[-1] == "confirmed"
+
+
+class _FakeProtocol:
+    """What Pinger uses of a WebSocketProtocol13."""
+
+    def __init__(self, fails: bool = False) -> None:
+        self.ping_interval, self.ping_timeout = 0.05, 0.05
+        self.stream = object()
+        self.pings = 0
+        self.aborted = False
+        self._received_pong = False
+        self.fails = fails
+
+    def is_closing(self) -> bool:
+        return self.aborted
+
+    def write_ping(self, data: bytes) -> None:
+        if self.fails:
+            raise RuntimeError("a write that fails")
+        self.pings += 1
+        self._received_pong = True  # as if the pong came at once
+
+    def close(self, reason: str | None = None) -> None:
+        self.aborted = True
+
+    def _abort(self) -> None:
+        self.aborted = True
+
+
+async def test_one_sockets_failing_ping_does_not_stop_the_others(caplog: pytest.LogCaptureFixture) -> None:
+    # Found by review: an exception in the Pinger's timer callback left it disarmed for
+    # good, and no socket of the process was pinged again.
+    pinger = Pinger(asyncio.get_running_loop())
+    healthy, failing = _FakeProtocol(), _FakeProtocol(fails=True)
+    pinger.add(healthy)  # type: ignore[arg-type]
+    pinger.add(failing)  # type: ignore[arg-type]
+    await eventually(lambda: healthy.pings >= 3, timeout=5, message="pings go on")
+    assert failing.aborted and "keep-alive of a WebSocket failed" in caplog.text
+    later = _FakeProtocol()
+    pinger.add(later)  # type: ignore[arg-type]
+    await eventually(lambda: later.pings >= 1, timeout=5, message="a later socket is pinged")
+
+
+async def test_an_error_in_a_sockets_frame_loop_is_logged_and_drops_it(
+    http_server_client: Any, store: OrderStore, caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The frame loop is a task of its own (ws_protocol): its errors must still be
+    # logged, with the request, and end the socket (found by review).
+    from handlers.ws_protocol import StrictWebSocketProtocol
+
+    order_id = str(uuid.uuid4())
+    await store.create(order_id, VALID_ORDER)
+    ws = await subscribe(http_server_client, order_id)
+    assert check_message(await ws.read_message() or "")["status"] == "pending"
+
+    async def broken(self: Any, n: int) -> bytes:
+        raise RuntimeError("a bug in the frame loop")
+
+    monkeypatch.setattr(StrictWebSocketProtocol, "_read_bytes", broken)
+    # The server waits in a read begun before the patch: a frame completes it, and
+    # the next read raises.
+    ws.write_message("anything")
+    assert await asyncio.wait_for(ws.read_message(), 5) is None  # dropped
+    await eventually(lambda: "a bug in the frame loop" in caplog.text, timeout=5,
+                     message="the error logged")
+    assert "Uncaught exception GET /api/orders/status" in caplog.text
+    ws.close()
