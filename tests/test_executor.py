@@ -1017,3 +1017,25 @@ async def test_a_worker_frozen_before_sending_does_not_send_after_a_takeover(
     assert len(records) == 1
     assert records[0].get("duplicate_sends", "0") == "0"  # A did not send again
     assert await statuses(store, order_id) == ["pending", "routing", "building", "submitted", "confirmed"]
+
+
+async def test_the_heartbeat_does_not_take_a_finished_tasks_entry_for_a_lost_one(
+    redis: Redis, config: Config, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A terminal status acknowledges its entry in the same step, and the task is
+    # forgotten a pass after it ends: a heartbeat in between finds the entry gone.
+    # That is not "taken over by another worker" (found by review).
+    executor = executor_for(redis, dataclasses.replace(config, claim_idle_ms=300))
+    await executor._ensure_group()
+
+    async def finished() -> None:
+        return None
+
+    done = asyncio.ensure_future(finished())
+    await done
+    executor._tasks["1-0"] = done  # its entry is nobody's pending entry any more
+    heartbeat = asyncio.ensure_future(executor._heartbeat())
+    await asyncio.sleep(0.35)  # three beats
+    executor._heartbeat_stop.set()
+    await asyncio.wait_for(heartbeat, 2)
+    assert "taken over" not in caplog.text

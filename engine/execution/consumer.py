@@ -281,7 +281,9 @@ class Consumer:
                 lost = await self.lease.beat(list(self._tasks), max(int(interval * 3000), 1000))
                 for entry_id in lost:
                     task = self._tasks.get(entry_id)
-                    if task is not None:
+                    # A finished task's entry went with its terminal status (it is
+                    # forgotten a pass later): not taken over.
+                    if task is not None and not task.done():
                         logger.warning("worker %s: entry %s was taken over by another worker; "
                                        "dropping it", self.consumer, entry_id)
                         task.cancel()
