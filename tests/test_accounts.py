@@ -65,6 +65,13 @@ async def account_feed(client: Any, key: str) -> WebSocketClientConnection:
     return ws
 
 
+async def subscribed_feed(client: Any, services: Services, name: str) -> WebSocketClientConnection:
+    """A new key's account feed, past its ``subscribed`` answer."""
+    feed = await account_feed(client, await new_key(services, name))
+    assert "subscribed" in json.loads(await asyncio.wait_for(feed.read_message(), 10) or "{}")
+    return feed
+
+
 # -- ownership -----------------------------------------------------------------------------
 
 
@@ -395,9 +402,7 @@ async def test_an_account_feed_needs_a_live_key(http_server_client: Any, message
 async def test_an_account_feed_closes_when_its_key_is_revoked(
     http_server_client: Any, services: Services
 ) -> None:
-    key = await new_key(services, "ivan")
-    feed = await account_feed(http_server_client, key)
-    assert "subscribed" in json.loads(await asyncio.wait_for(feed.read_message(), 10) or "{}")
+    feed = await subscribed_feed(http_server_client, services, "ivan")
     await services.api_keys.revoke("ivan")
     rest = await read_until_closed(feed, timeout=10)
     assert json.loads(rest[-1])["error"] == "unauthorized"
@@ -555,9 +560,7 @@ async def test_expired_orders_leave_a_keys_list_even_if_it_never_lists(
 async def test_the_feed_check_survives_an_error_reply(
     http_server_client: Any, services: Services, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    key = await new_key(services, "mia")
-    feed = await account_feed(http_server_client, key)
-    assert "subscribed" in json.loads(await asyncio.wait_for(feed.read_message(), 10) or "{}")
+    feed = await subscribed_feed(http_server_client, services, "mia")
     real = services.api_keys.live_ids
     failures = [ResponseError("BUSY Redis is busy running a script")]
 
@@ -596,9 +599,7 @@ async def test_an_account_feed_keeps_deques_for_its_write_queues(
 
     from handlers.ws_protocol import ShortDeque
 
-    key = await new_key(services, "nia")
-    feed = await account_feed(http_server_client, key)
-    assert "subscribed" in json.loads(await asyncio.wait_for(feed.read_message(), 10) or "{}")
+    feed = await subscribed_feed(http_server_client, services, "nia")
     (handler,) = [h for h in services.open_sockets if h.feed is not None]
     stream = handler.ws_connection.stream
     assert isinstance(stream._write_futures, collections.deque)
