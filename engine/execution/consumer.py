@@ -2,10 +2,11 @@
 
 The orders-stream entry is acknowledged (and deleted) only after its order reached a
 terminal status: in the same atomic step when this worker set that status
-(OrderStore.transition with ``owned_by``), else just after. Until then it sits in the group's pending list: a worker's own
-entries are resumed when it starts, entries of a dead worker are taken over with
-XAUTOCLAIM once idle for ``claim_idle_ms``, and a live worker keeps its entries fresh
-(XCLAIM JUSTID) so they are not taken from it while it waits for a slow confirmation.
+(OrderStore.transition with ``owned_by``), else just after. Until then it sits in
+the group's pending list: a worker's own entries are resumed when it starts, entries
+of a dead worker are taken over with XAUTOCLAIM once idle for ``claim_idle_ms``, and
+a live worker keeps its entries fresh (XCLAIM JUSTID) so they are not taken from it
+while it waits for a slow confirmation.
 An entry delivered more than ``max_deliveries`` times, or one that names no order,
 goes to the dead-letter stream; its order (if any) is failed with a reason. What
 happens to the order itself is the driver's business (engine.execution.driver).
