@@ -195,3 +195,25 @@ async def test_a_re_sent_begin_attempt_counts_nothing_more_and_answers_as_the_fi
     later, counted_later = await store.begin_attempt(order_id, 3)  # a real next attempt
     assert later is not None and later.attempts == 3 and not counted_later
     assert await store.begin_attempt(str(uuid.uuid4()), 3) == (None, False)
+
+
+async def test_a_transaction_is_recorded_only_by_the_worker_whose_entry_it_is(
+    store: OrderStore, redis: Redis
+) -> None:
+    # A worker frozen past the claim time and thawed must not record its transaction:
+    # the one that took the order over may be recording its own. Checked in the
+    # recording step itself (no separate ownership round trip).
+    from engine.core.store import Recorded
+
+    order_id = str(uuid.uuid4())
+    await store.create(order_id, VALID_ORDER)
+    await redis.xgroup_create(keys.ORDERS_STREAM, keys.EXECUTORS_GROUP, id="0")
+    [[_stream, [(entry_id, _fields)]]] = await redis.xreadgroup(
+        keys.EXECUTORS_GROUP, "frozen", {keys.ORDERS_STREAM: ">"})
+    for status in ("routing", "building"):
+        assert (await store.transition(order_id, status, owned_by=(entry_id, "frozen"))).applied
+    await redis.xclaim(keys.ORDERS_STREAM, keys.EXECUTORS_GROUP, "other", 0, [entry_id])
+    assert await store.record_tx(order_id, "0xaa", owned_by=(entry_id, "frozen")) is Recorded.LOST
+    assert await redis.hget(keys.order(order_id), "tx_hash") is None
+    assert await store.record_tx(order_id, "0xbb", owned_by=(entry_id, "other")) is Recorded.RECORDED
+    assert await redis.hget(keys.order(order_id), "tx_hash") == "0xbb"

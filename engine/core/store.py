@@ -124,6 +124,15 @@ end
 return {'created', ARGV[1], unpack(limit)}
 """
 
+# Lua: whether orders-stream ``entry`` is pending in ``group`` for ``consumer`` (a
+# worker frozen past the claim time and thawed finds it another's, or acknowledged).
+OWNED_BY_LUA = """
+local function owned_by(stream, group, entry, consumer)
+  local row = redis.call('XPENDING', stream, group, entry, entry, 1)
+  return row[1] ~= nil and row[1][2] == consumer
+end
+"""
+
 # KEYS: order hash, order events, all events, status counters, orders stream
 # ARGV: new status, event body (JSON object without seq), now, events maxlen,
 #       TTL for a finished order, statuses the order must be in (comma-separated,
@@ -135,7 +144,8 @@ return {'created', ARGV[1], unpack(limit)}
 #         status with an owning entry) else 0}, or {0 (refused) or -1 (the entry is
 #         another's), the current status ("" for an unknown order)}.
 _TRANSITION_LUA = (
-    "local allowed = "
+    OWNED_BY_LUA
+    + "local allowed = "
     + _lua_allowed_table()
     + """
 local cur = redis.call('HGET', KEYS[1], 'status')
@@ -150,9 +160,8 @@ end
 if ARGV[11] ~= '' and redis.call('HGET', KEYS[1], 'owner') ~= ARGV[11] then
   return {0, ''}
 end
-if ARGV[8] ~= '' then
-  local entry = redis.call('XPENDING', KEYS[5], ARGV[10], ARGV[8], ARGV[8], 1)
-  if entry[1] == nil or entry[1][2] ~= ARGV[9] then return {-1, cur} end
+if ARGV[8] ~= '' and not owned_by(KEYS[5], ARGV[10], ARGV[8], ARGV[9]) then
+  return {-1, cur}
 end
 local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
 local data = '{"seq":' .. seq .. ',' .. string.sub(ARGV[2], 2)
@@ -226,11 +235,15 @@ end
 """
 
 # KEYS: order hash, next-free-nonce key, the account's ledger (the order hash again
-# for both when the transaction has no nonce). ARGV: tx_hash, the transaction's
-# record, its nonce or "", the signed transaction.
-# Recorded only while the order is building and has no transaction yet.
+# for both when the transaction has no nonce), the orders stream. ARGV: tx_hash, the
+# transaction's record, its nonce or "", the signed transaction, the orders-stream
+# entry and consumer that must own the order ("" = any) and the group.
+# Recorded only while the order is building and has no transaction yet, and (with an
+# entry) only by the worker whose entry it still is.
 _RECORD_TX_LUA = (
-    """
+    OWNED_BY_LUA
+    + """
+if ARGV[5] ~= '' and not owned_by(KEYS[4], ARGV[7], ARGV[5], ARGV[6]) then return -2 end
 if redis.call('HGET', KEYS[1], 'status') ~= 'building' then return 0 end
 if redis.call('HEXISTS', KEYS[1], 'tx_hash') == 1 then return 0 end
 """
@@ -286,6 +299,8 @@ class Recorded(enum.IntEnum):
     NOT_BUILDING = 0
     # The nonce is already held by a recorded transaction: build again with a new one.
     NONCE_TAKEN = -1
+    # The orders-stream entry is no longer the caller's (``owned_by``): stop.
+    LOST = -2
 
 
 class RedisClock:
@@ -600,6 +615,7 @@ class OrderStore:
         nonce: int | None = None,
         ledger_key: str | None = None,
         raw: str = "",
+        owned_by: tuple[str, str] | None = None,
     ) -> Recorded:
         """Record the transaction about to be sent (its hash, and ``record``: what
         resending it takes), in one atomic step, if the order is still ``building``
@@ -608,13 +624,17 @@ class OrderStore:
         ``nonce``, the account's next free nonce in ``nonce_key`` moves past it in
         the same step, and ``raw`` (the signed transaction) goes into the account's
         ledger (``ledger_key``); or NONCE_TAKEN if it is not the next free one.
+        With ``owned_by`` = (orders-stream entry id, consumer), only while that
+        entry is that consumer's, checked in the same step (else LOST).
         Once recorded, a cancel is refused: the trade may go out."""
         if not ((nonce is None) == (nonce_key is None) == (ledger_key is None)):
             raise ValueError("a nonce needs its account's key and ledger, and they a nonce")
         order_key = keys.order(order_id)
         outcome = await self._record_tx(
-            keys=[order_key, nonce_key or order_key, ledger_key or order_key],
-            args=[tx_hash, record, "" if nonce is None else str(nonce), raw],
+            keys=[order_key, nonce_key or order_key, ledger_key or order_key, keys.ORDERS_STREAM],
+            args=[tx_hash, record, "" if nonce is None else str(nonce), raw,
+                  owned_by[0] if owned_by else "", owned_by[1] if owned_by else "",
+                  keys.EXECUTORS_GROUP],
         )
         return Recorded(int(outcome))
 

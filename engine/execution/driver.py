@@ -328,10 +328,9 @@ class OrderDriver:
 
         async def record(tx: SwapTx) -> Recorded:
             # A worker frozen past the claim time must not record: the one that took
-            # the order over may be recording its own.
-            await _ensure_owner()
+            # the order over may be recording its own. Checked in the recording step.
             claim = tx.nonce
-            return await self.store.record_tx(
+            recorded = await self.store.record_tx(
                 order.id,
                 tx.tx_hash,
                 tx.record(),
@@ -339,7 +338,12 @@ class OrderDriver:
                 nonce=claim.nonce if claim else None,
                 ledger_key=claim.ledger if claim else None,
                 raw=tx.raw,
+                owned_by=owner_entry.get(),
             )
+            if recorded is Recorded.LOST:
+                await _ensure_owner()  # raises what the owner check raises (LostEntry)
+                raise RuntimeError(f"order {order.id}: its entry is another worker's; not recording")
+            return recorded
 
         return await venue.build(self._swap(order, venue), record)
 

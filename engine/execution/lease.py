@@ -22,6 +22,7 @@ from engine.core import keys
 from engine.core.config import Config
 from engine.core.connections import REDIS_DOWN_ERRORS, raise_if_cancelled
 from engine.core.pipelined import HotPath
+from engine.core.store import OWNED_BY_LUA
 
 logger = logging.getLogger(__name__)
 
@@ -41,11 +42,10 @@ return 0
 # entry another worker has claimed (this one was frozen or partitioned past
 # claim_idle_ms) is not taken back. Returns the ids this consumer no longer owns.
 # KEYS: orders stream; ARGV: group, consumer, entry ids...
-_KEEP_OWNED_LUA = """
+_KEEP_OWNED_LUA = OWNED_BY_LUA + """
 local lost = {}
 for i = 3, #ARGV do
-  local row = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
-  if row[1] and row[1][2] == ARGV[2] then
+  if owned_by(KEYS[1], ARGV[1], ARGV[i], ARGV[2]) then
     redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'JUSTID')
   else
     table.insert(lost, ARGV[i])
