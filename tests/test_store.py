@@ -123,16 +123,22 @@ def test_timestamps_are_the_datetime_isoformat_text(epoch: float) -> None:
     assert utc_timestamp(epoch) == expected[:-6] + "Z"
 
 
+async def order_read_by(store: OrderStore, redis: Redis, consumer: str) -> tuple[str, str]:
+    """A new order whose orders-stream entry ``consumer`` has read: (order id, entry id)."""
+    order_id = str(uuid.uuid4())
+    await store.create(order_id, VALID_ORDER)
+    await redis.xgroup_create(keys.ORDERS_STREAM, keys.EXECUTORS_GROUP, id="0")
+    [[_stream, [(entry_id, _fields)]]] = await redis.xreadgroup(
+        keys.EXECUTORS_GROUP, consumer, {keys.ORDERS_STREAM: ">"})
+    return order_id, entry_id
+
+
 async def test_a_transition_owned_by_an_entry_is_refused_once_another_consumer_has_it(
     store: OrderStore, redis: Redis
 ) -> None:
     # A worker frozen past the claim time and thawed: its status change is checked
     # against the consumer group in the same atomic step, so it changes nothing.
-    order_id = str(uuid.uuid4())
-    await store.create(order_id, VALID_ORDER)
-    await redis.xgroup_create(keys.ORDERS_STREAM, keys.EXECUTORS_GROUP, id="0")
-    [[_stream, [(entry_id, _fields)]]] = await redis.xreadgroup(
-        keys.EXECUTORS_GROUP, "frozen", {keys.ORDERS_STREAM: ">"})
+    order_id, entry_id = await order_read_by(store, redis, "frozen")
     await redis.xclaim(keys.ORDERS_STREAM, keys.EXECUTORS_GROUP, "other", 0, [entry_id])
     refused = await store.transition(order_id, "routing", owned_by=(entry_id, "frozen"))
     assert refused.lost and not refused.applied and refused.current == "pending"
@@ -205,11 +211,7 @@ async def test_a_transaction_is_recorded_only_by_the_worker_whose_entry_it_is(
     # recording step itself (no separate ownership round trip).
     from engine.core.store import Recorded
 
-    order_id = str(uuid.uuid4())
-    await store.create(order_id, VALID_ORDER)
-    await redis.xgroup_create(keys.ORDERS_STREAM, keys.EXECUTORS_GROUP, id="0")
-    [[_stream, [(entry_id, _fields)]]] = await redis.xreadgroup(
-        keys.EXECUTORS_GROUP, "frozen", {keys.ORDERS_STREAM: ">"})
+    order_id, entry_id = await order_read_by(store, redis, "frozen")
     for status in ("routing", "building"):
         assert (await store.transition(order_id, status, owned_by=(entry_id, "frozen"))).applied
     await redis.xclaim(keys.ORDERS_STREAM, keys.EXECUTORS_GROUP, "other", 0, [entry_id])
