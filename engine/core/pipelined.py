@@ -15,9 +15,9 @@ command.
 The commands of an order's hot path go this way (``HotPath``): the order store's
 scripts (a POST's one command, the worker's transitions), the reads of one order, and
 the worker's per-order steps (its ownership checks, its venue's ledger). Everything
-else (stream reads that block, administration) uses redis-py. ``redis://`` and ``unix://`` URLs are supported, with ACL
-user, password and database; for ``rediss://`` (TLS) the store keeps using redis-py
-(``for_url`` returns None).
+else (stream reads that block, administration) uses redis-py. ``redis://`` and
+``unix://`` URLs are supported, with ACL user, password and database; for
+``rediss://`` (TLS) the store keeps using redis-py (``for_url`` returns None).
 
 Faults, each tested against a real Redis (tests/test_pipelined.py):
 
@@ -347,6 +347,13 @@ class PipelinedRedis:
         await asyncio.sleep(0)  # let connection_lost run
 
 
+def field_values(flat: Sequence[str]) -> dict[str, str]:
+    """A hash or stream entry as RESP2 replies carry it, ``[field, value, ...]``, as a
+    dict (what redis-py's decoding client makes of it). Raises ValueError for an odd
+    length."""
+    return dict(zip(flat[::2], flat[1::2], strict=True))
+
+
 class HotPath:
     """The commands of an order's hot path, over the pipelined connection ``pipe``
     when there is one, else over redis-py's ``redis`` (a client that decodes
@@ -367,8 +374,7 @@ class HotPath:
         """HGETALL: the hash's fields and values ({} for no hash)."""
         if self.pipe is None:
             return cast(dict[str, str], await self.redis.hgetall(key))
-        flat = await self.pipe.execute_idempotent("HGETALL", key)
-        return dict(zip(flat[::2], flat[1::2], strict=True))
+        return field_values(await self.pipe.execute_idempotent("HGETALL", key))
 
     async def exists(self, key: str) -> bool:
         """EXISTS of one key."""
@@ -381,7 +387,7 @@ class HotPath:
         if self.pipe is None:
             return cast(list[tuple[str, dict[str, str]]], await self.redis.xrange(key))
         entries = await self.pipe.execute_idempotent("XRANGE", key, "-", "+")
-        return [(entry_id, dict(zip(flat[::2], flat[1::2], strict=True))) for entry_id, flat in entries]
+        return [(entry_id, field_values(flat)) for entry_id, flat in entries]
 
 
 class HotScript:

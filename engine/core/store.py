@@ -25,7 +25,7 @@ from redis.asyncio import Redis
 
 from engine.core import accounts, keys, strict_json
 from engine.core.config import Config
-from engine.core.pipelined import HotPath, PipelinedRedis, Unanswered
+from engine.core.pipelined import HotPath, PipelinedRedis, Unanswered, field_values
 from engine.core.status import ALLOWED, Order, OrderStatus
 
 logger = logging.getLogger(__name__)
@@ -751,7 +751,7 @@ class OrderStore:
         )
         if not flat:
             return None, False
-        return Order.from_hash(dict(zip(flat[::2], flat[1::2], strict=True))), bool(counted)
+        return Order.from_hash(field_values(flat)), bool(counted)
 
     async def history(self, order_id: str, after_seq: int = 0) -> list[tuple[int, str]]:
         """Every status message of an order with seq > ``after_seq``: (seq, JSON text)."""

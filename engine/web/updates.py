@@ -30,6 +30,7 @@ from redis.exceptions import ResponseError
 from engine.core import keys
 from engine.core.config import Config
 from engine.core.connections import REDIS_DOWN_ERRORS, raise_if_cancelled
+from engine.core.pipelined import field_values
 from engine.core.status import TERMINAL
 from engine.core.store import OrderStore, StreamEntries
 
@@ -388,9 +389,7 @@ def stream_entries(reply: Any) -> StreamEntries:
     streams = reply.values() if isinstance(reply, dict) else (pair[1] for pair in reply)
     out: StreamEntries = []
     for entries in streams:
-        for entry_id, fields in entries:
-            pairs = iter(fields)
-            out.append((entry_id, dict(zip(pairs, pairs, strict=True))))
+        out.extend((entry_id, field_values(fields)) for entry_id, fields in entries)
     return out
 
 
