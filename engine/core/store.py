@@ -93,10 +93,10 @@ if ARGV[5] ~= '' then
   end
 end
 local max_lag = tonumber(ARGV[16])
-if max_lag > 0 and redis.call('XLEN', KEYS[4]) >= max_lag then
+local waiting = max_lag > 0 and redis.call('XLEN', KEYS[4]) or 0
+if max_lag > 0 and waiting >= max_lag then
   -- Entries leave the stream once a worker is done with them: those still in it are
   -- waiting, or being worked on (pending in the group).
-  local waiting = redis.call('XLEN', KEYS[4])
   local pending = redis.pcall('XPENDING', KEYS[4], ARGV[17])
   if type(pending) == 'table' and not pending.err then waiting = waiting - pending[1] end
   if waiting >= max_lag then return {'overloaded', '', unpack(limit)} end
