@@ -317,6 +317,9 @@ def shed_handshake_state(handler: WebSocketHandler) -> None:
     request.connection = None
     request.server_connection = None
     _set_write_queues(handler, ShortDeque)
+    # A handler has more attributes than Python shares keys for, so its dict is its
+    # own, grown by doubling while the handshake added to it: a copy is half the size.
+    handler.__dict__ = dict(handler.__dict__)
 
 
 def restore_write_queues(handler: WebSocketHandler) -> None:
@@ -332,9 +335,6 @@ def _set_write_queues(handler: WebSocketHandler, kind: Callable[[Any], Any]) -> 
         stream._write_futures = kind(stream._write_futures)
         buffer = stream._write_buffer
         buffer._buffers = kind(buffer._buffers)
-    # A handler has more attributes than Python shares keys for, so its dict is its
-    # own, grown by doubling while the handshake added to it: a copy is half the size.
-    handler.__dict__ = dict(handler.__dict__)
 
 
 class StrictWebSocketHandler(WebSocketHandler):
