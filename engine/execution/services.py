@@ -30,7 +30,8 @@ def venues_for(
 ) -> dict[str, Venue]:
     """The venues a worker trades on, by name. MARKET=simulated: the simulated
     market's (with ``market`` given, that market: tests pass one with a manual
-    clock), their ledger's commands on ``hot`` (default: redis-py's ``redis``). MARKET=evm: a Uniswap V2 router per venue of the chain file, on the node
+    clock), their ledger's commands on ``hot`` (default: redis-py's ``redis``).
+    MARKET=evm: a Uniswap V2 router per venue of the chain file, on the node
     (engine.execution.venues.evm); raises EvmSetupError when that cannot be set up."""
     if config.market == "evm":
         return dict(make_evm_venues(EvmChain.from_config(config, redis)))

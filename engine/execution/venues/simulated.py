@@ -88,7 +88,6 @@ class SimulatedVenue:
     ) -> None:
         self.profile = profile
         self.market = market
-        self.redis = redis
         # The ledger's commands: over the worker's pipelined connection when given.
         self.hot = hot or HotPath(redis, None)
         self.latency_secs = latency_secs
