@@ -152,11 +152,8 @@ class SentCommands:
 
     def per_unit(self, units: int) -> dict[str, dict[str, float]]:
         """{"sent": {command: per unit}, "in_scripts": {...}}, largest first."""
-        return {
-            "sent": {k: round(v / units, 3) for k, v in self.sent.most_common()} if units else {},
-            "in_scripts": {k: round(v / units, 3) for k, v in self.in_scripts.most_common()}
-            if units else {},
-        }
+        return {"sent": commands_per_unit({}, self.sent, units),
+                "in_scripts": commands_per_unit({}, self.in_scripts, units)}
 
 
 def redis_forks(url: str) -> int:
