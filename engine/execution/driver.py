@@ -28,7 +28,7 @@ import math
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from decimal import ROUND_HALF_UP, Decimal
-from typing import Any
+from typing import Any, NoReturn
 
 from engine.core import amounts
 from engine.core.status import InvalidOrderError, Order, OrderStatus
@@ -108,6 +108,14 @@ async def _ensure_owner() -> None:
     check = owner_check.get()
     if check is not None:
         await check()
+
+
+async def _entry_lost(what: str) -> NoReturn:
+    """A step refused because the order's orders-stream entry is another worker's:
+    raise what the owner check raises (the consumer's LostEntry), else RuntimeError
+    (``what``, and why)."""
+    await _ensure_owner()
+    raise RuntimeError(f"{what}: its entry is another worker's")
 
 
 class PoisonEntry(Exception):
@@ -341,8 +349,7 @@ class OrderDriver:
                 owned_by=owner_entry.get(),
             )
             if recorded is Recorded.LOST:
-                await _ensure_owner()  # raises what the owner check raises (LostEntry)
-                raise RuntimeError(f"order {order.id}: its entry is another worker's; not recording")
+                await _entry_lost(f"order {order.id}: not recorded")
             return recorded
 
         return await venue.build(self._swap(order, venue), record)
@@ -538,8 +545,7 @@ class OrderDriver:
         # still ours in the same atomic step.
         result = await self.store.transition(order_id, status, owned_by=owner_entry.get(), **fields)
         if result.lost:
-            await _ensure_owner()  # raises what the owner check raises (LostEntry)
-            raise RuntimeError(f"order {order_id}: {status} refused: its entry is another worker's")
+            await _entry_lost(f"order {order_id}: {status} refused")
         if result.applied:
             if result.acknowledged:
                 entry_acknowledged.set(True)
